@@ -1,0 +1,49 @@
+"""``rho bench``: benchmarks that print numbers (targets live here, not in timed tests).
+
+CPU:
+
+    rho bench tokenize data/train.jsonl --tokenizer tokenizer.model --workers 2
+    rho bench tokenize big.jsonl -t tokenizer.model -w 2 --json-key text --megatron-lm ~/src/Megatron-LM
+
+On one GPU / under torchrun: tokenization runs on CPU cores only; the GPU benchmarks (kernel, score,
+train) arrive with their stages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
+
+
+@bench_app.command("tokenize")
+def bench_tokenize_command(
+    inputs: Annotated[list[str], typer.Argument(help="Input files or globs, as for rho tokenize.")],
+    tokenizer: Annotated[str, typer.Option("--tokenizer", "-t", help="Tokenizer, as for rho tokenize.")],
+    workers: Annotated[int, typer.Option("--workers", "-w", help="Worker processes (0 = one per core).")] = 1,
+    json_key: Annotated[Optional[list[str]], typer.Option("--json-key", help="JSON key(s).  \\[default: text]")] = None,
+    megatron_lm: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="A Megatron-LM checkout: also time its tools/preprocess_data.py on the same input "
+            "(jsonl, one key, SentencePiece) and check the documents are token-identical."
+        ),
+    ] = None,
+    keep: Annotated[Optional[Path], typer.Option(help="Keep outputs in this directory instead of a temp dir.")] = None,
+) -> None:
+    """Documents/s, MB/s, tokens/s of rho tokenize: whole process and steady state."""
+    from rhocli.bench_tokenize import run_bench_tokenize
+    from rhocli.console import out
+
+    report = run_bench_tokenize(
+        inputs=inputs,
+        tokenizer=tokenizer,
+        workers=workers,
+        json_keys=tuple(json_key or ("text",)),
+        megatron_lm=megatron_lm,
+        keep=keep,
+    )
+    out.print(report.table())

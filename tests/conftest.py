@@ -1,0 +1,68 @@
+"""Shared fixtures. Tests that need ../shared (real data, the Llama-2 tokenizer) skip when it is absent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+LLAMA2_SP = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
+GSM8K = SHARED / "data" / "gsm8k" / "train.jsonl"
+WIKITEXT_VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
+
+
+@pytest.fixture(scope="session")
+def llama2_sp() -> Path:
+    if not LLAMA2_SP.is_file():
+        pytest.skip("../shared/tokenizers/llama2/tokenizer.model is absent")
+    return LLAMA2_SP
+
+
+@pytest.fixture(scope="session")
+def gsm8k() -> Path:
+    if not GSM8K.is_file():
+        pytest.skip("../shared/data/gsm8k is absent")
+    return GSM8K
+
+
+# A small corpus the project owns, so tokenizer tests do not depend on ../shared.
+CORPUS = [
+    "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?",
+    "She sold 48 / 2 = 24 clips in May, so 48 + 24 = 72 clips in total.",
+    "The European lobster is a species of clawed lobster from the eastern Atlantic Ocean.",
+    "Unicode survives tokenization: café, naïve, 東京, emoji 🙂 and tabs\tand spaces.",
+    "Weng earns $12 an hour for babysitting; 50 minutes earns her 0.2 x 50 = $10.",
+    "A second line\nwith an embedded newline and    runs of spaces.",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer_dir(tmp_path_factory) -> Path:
+    """A HF fast tokenizer (byte-level BPE) trained here on CORPUS, saved as a tokenizer directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|begin|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    out = tmp_path_factory.mktemp("hf_tok")
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|begin|>", "eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
+    return path
