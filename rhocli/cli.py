@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from rhocli import __version__
+from rhocli.commands import stage
 from rhocli.commands.bench import bench_app
 from rhocli.commands.tokenize import tokenize_command
 
@@ -45,7 +46,7 @@ def _root(
 
 
 app.command("tokenize", help="Tokenize text files into a Megatron token dataset (.bin/.idx) + manifest.")(
-    tokenize_command
+    stage(tokenize_command)
 )
 
 # Stages whose issue has not landed yet: listed so `rho --help` shows the whole pipeline, but they
@@ -81,7 +82,7 @@ app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers: toke
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``rho`` console script."""
-    from rhocli.errors import INTERNAL_ERROR_EXIT_CODE, INTERRUPTED_EXIT_CODE, RhoError
+    from rhocli.errors import INTERNAL_ERROR_EXIT_CODE, Interrupted, RhoError
 
     debug = os.environ.get("RHO_DEBUG", "") not in ("", "0")
     try:
@@ -93,11 +94,8 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print_exception()
         err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        from rhocli.console import err as err_console
-
-        err_console.print("[bold red]interrupted[/] (nothing was written under the output name)")
-        sys.exit(INTERRUPTED_EXIT_CODE)
+    except KeyboardInterrupt:  # outside a stage (e.g. while parsing arguments)
+        sys.exit(Interrupted.exit_code)
     except Exception:
         from rhocli.console import err as err_console
 

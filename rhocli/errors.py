@@ -62,8 +62,19 @@ class LoadError(RhoError):
     exit_code = 9
 
 
-#: exit code 130 is used for Ctrl-C (KeyboardInterrupt), the shell convention; 1 for internal errors.
-INTERRUPTED_EXIT_CODE = 130
+class WorkerError(RhoError):
+    """A worker process died (killed, out of memory) or a distributed run failed on another rank."""
+
+    exit_code = 10
+
+
+class Interrupted(RhoError):
+    """Ctrl-C / SIGINT: the shell convention 128 + 2. Outputs are only published when complete."""
+
+    exit_code = 130
+
+
+#: 1 is reserved for internal errors (bugs): anything that is not a RhoError.
 INTERNAL_ERROR_EXIT_CODE = 1
 
 EXIT_CODES: dict[str, int] = {
@@ -77,5 +88,7 @@ EXIT_CODES: dict[str, int] = {
         NotAvailableError,
         ConfigError,
         LoadError,
+        WorkerError,
+        Interrupted,
     )
 }

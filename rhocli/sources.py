@@ -38,7 +38,7 @@ EXTENSIONS: dict[str, tuple[SourceKind, str | None]] = {
 }
 
 #: a job is cut when its raw bytes reach this size (or JOB_MAX_ITEMS items)
-JOB_BYTES = 256 * 1024
+JOB_BYTES = 1048576
 JOB_MAX_ITEMS = 2048
 
 

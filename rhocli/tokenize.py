@@ -1,9 +1,9 @@
 """``rho tokenize`` as a library: text files in, a Megatron token dataset + manifest out.
 
-The main process reads and cuts inputs into jobs (``rhocli.sources``), ``workers`` spawned processes
+The main process reads and cuts inputs into jobs (``rhocli.sources``), ``workers`` forked processes
 decode, parse and tokenize them (``rhocli.tokenize_worker``), and the main process writes the results
 in job order with megatron-core's ``IndexedDatasetBuilder``. megatron-core is imported on a background
-thread meanwhile; results that arrive before it is ready are held in memory. Outputs are staged in a
+thread meanwhile (seconds of start-up that overlap the tokenization); results that arrive before it is ready are held in memory. Outputs are staged in a
 hidden temporary directory and moved into place only when complete.
 """
 
@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from rhocli import __version__
 from rhocli.config import write_resolved_config
-from rhocli.errors import BadInputError, LoadError, UsageError
+from rhocli.errors import BadInputError, LoadError, UsageError, WorkerError
 from rhocli.formats import tokens as token_format
 from rhocli.formats.atomic import StagedOutput, check_outputs_free
 from rhocli.sources import ReadState, Source, expand_inputs, iter_jobs
@@ -144,6 +145,23 @@ class _DatasetWriter:
         self._builder.finalize(str(idx_file))
 
 
+def _start_workers(workers: int, options: EncodeOptions) -> ProcessPoolExecutor:
+    """Fork ``workers`` tokenizer processes now, before the caller starts any thread.
+
+    fork (not spawn) because spawn re-imports the caller's ``__main__`` (breaking scripts without a
+    ``__main__`` guard, stdin, notebooks) and costs ~0.3 s per worker; forking is safe here because
+    this process has no other thread yet, and the workers only tokenize.
+    """
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=init_worker,
+        initargs=(options,),
+    )
+    pool.submit(os.getpid).result()  # a fork context launches every worker on the first submit
+    return pool
+
+
 def run_tokenize(
     cfg: TokenizeConfig,
     on_progress: Callable[[TokenizeProgress], None] | None = None,
@@ -179,8 +197,6 @@ def run_tokenize(
         eod_id=info.eod_id if cfg.append_eod else None,
         dtype=dtype,
     )
-    megatron = BackgroundImport()
-
     bytes_total = sum(s.size for s in sources)
     states = [ReadState() for _ in sources]
     docs_per_source = [0] * len(sources)
@@ -189,15 +205,13 @@ def run_tokenize(
     steady = {"t0": None, "t1": None, "documents": 0, "tokens": 0, "text_bytes": 0}
 
     with StagedOutput(outputs, force=cfg.force) as stage:
+        pool = _start_workers(workers, options)
+        # Only now start the thread importing megatron-core: the workers are forked from a process
+        # that has no other thread yet, and they never import torch.
+        megatron = BackgroundImport()
         writer = _DatasetWriter(stage.path(outputs[0]), dtype, megatron)
-        pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,
-            initargs=(options,),
-        )
         window: collections.deque[tuple[int, Future]] = collections.deque()
-        max_in_flight = 2 * workers + 2
+        max_in_flight = 4 * workers + 4
 
         def handle(source_index: int, future: Future) -> None:
             result: JobResult = future.result()
@@ -241,6 +255,11 @@ def run_tokenize(
                         handle(*window.popleft())
             while window:
                 handle(*window.popleft())
+        except BrokenProcessPool as err:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise WorkerError(
+                "a tokenizer worker process died (out of memory, or killed); nothing was written"
+            ) from err
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -1,7 +1,7 @@
 """The worker side of ``rho tokenize``: decode, parse, check and tokenize one job.
 
-Runs in worker processes started with the ``spawn`` method, so it imports only light modules (no
-torch, no megatron). Returns tokens already in the dataset's dtype so the main process only copies
+Runs in worker processes forked before the main process imports torch or megatron-core, and imports
+only light modules itself. Returns tokens already in the dataset's dtype so the main process only copies
 bytes.
 
 Error categories (the names users see in the summary and with ``--on-error skip``):

@@ -59,6 +59,7 @@ class Tokenizer:
     info: TokenizerInfo
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text, on one thread (callers parallelise with processes)."""
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
@@ -93,7 +94,8 @@ class SentencePieceTokenizer(Tokenizer):
         )
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(texts)
+        # num_threads defaults to every core in sentencepiece; rho's workers are the parallelism.
+        return self._sp.encode(texts, num_threads=1)
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
@@ -133,6 +135,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch runs on the Rust pool; tokenize workers pin it to one thread (RAYON_NUM_THREADS).
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:

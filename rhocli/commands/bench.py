@@ -16,10 +16,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from rhocli.commands import stage
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
 
 
 @bench_app.command("tokenize")
+@stage
 def bench_tokenize_command(
     inputs: Annotated[list[str], typer.Argument(help="Input files or globs, as for rho tokenize.")],
     tokenizer: Annotated[str, typer.Option("--tokenizer", "-t", help="Tokenizer, as for rho tokenize.")],
