@@ -1,0 +1,85 @@
+"""The CLI surface: stages listed, version, lazy imports, the error model and its documented codes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rho_cli import run_rho
+from rhocli import __version__
+from rhocli.errors import EXIT_CODES, NotAvailableError
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["tokenize", "train", "score", "select", "convert-hf", "demo", "bench"]
+
+
+def test_help_lists_every_stage(capsys):
+    r = run_rho(capsys, "--help")
+    assert r.exit_code == 0
+    for stage in STAGES:
+        assert re.search(rf"│ {re.escape(stage)}\s", r.stdout), stage
+
+
+def test_version(capsys):
+    r = run_rho(capsys, "--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"rho {__version__}"
+
+
+@pytest.mark.parametrize("stage", ["train", "score", "select", "convert-hf", "demo"])
+def test_pending_stages_refuse_to_run(capsys, stage):
+    r = run_rho(capsys, stage, "whatever", "--tp", "2")
+    assert r.exit_code == NotAvailableError.exit_code
+    assert "not yet available" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_import_is_light():
+    """`rho --help` must not pay for torch / megatron-core (seconds): they are imported lazily."""
+    code = "import sys, rhocli.cli; print(sorted(m for m in ('torch', 'megatron', 'numpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_unknown_flag_is_a_usage_error(capsys):
+    r = run_rho(capsys, "tokenize", "--no-such-flag")
+    assert r.exit_code == 2
+
+
+def test_tokenize_cli_surface_is_frozen(capsys):
+    """Renaming or dropping a flag breaks users' scripts: change this list only on purpose."""
+    r = run_rho(capsys, "tokenize", "--help")
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", r.stdout))
+    assert flags == {
+        "--tokenizer", "--output", "--json-key", "--key-separator", "--txt-mode", "--workers",
+        "--append-eod", "--no-append-eod", "--prepend-bos", "--no-prepend-bos", "--on-error",
+        "--force", "--config", "--help",
+    }
+
+
+def test_debug_env_shows_traceback(tmp_path):
+    env = dict(os.environ, RHO_DEBUG="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rhocli", "tokenize", str(tmp_path / "missing.jsonl"), "-t", "x.model", "-o", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 3
+    assert "Traceback" in proc.stderr and "missing.jsonl: input file not found" in proc.stderr
+    env.pop("RHO_DEBUG")
+    proc = subprocess.run(
+        [sys.executable, "-m", "rhocli", "tokenize", str(tmp_path / "missing.jsonl"), "-t", "x.model", "-o", str(tmp_path / "o")],
+        capture_output=True, text=True, env=env,
+    )
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("error:")
+
+
+def test_errors_doc_matches_exit_codes():
+    """docs/errors.md documents every error class with its exit code, and nothing else."""
+    text = (ROOT / "docs" / "errors.md").read_text()
+    documented = {name: int(code) for name, code in re.findall(r"^\|\s*`(\w+)`\s*\|\s*(\d+)\s*\|", text, re.M)}
+    assert documented == EXIT_CODES
+    assert len(set(EXIT_CODES.values())) == len(EXIT_CODES), "exit codes must be distinct"
