@@ -17,6 +17,7 @@ from rhocli import __version__
 from rhocli.commands import stage
 from rhocli.commands.bench import bench_app
 from rhocli.commands.tokenize import tokenize_command
+from rhocli.commands.train import train_command
 
 app = typer.Typer(
     name="rho",
@@ -51,8 +52,11 @@ app.command("tokenize", help="Tokenize text files into a Megatron token dataset 
 
 # Stages whose issue has not landed yet: listed so `rho --help` shows the whole pipeline, but they
 # refuse to run (exit code of NotAvailableError) instead of pretending to work.
+app.command("train", help="Train a causal LM on megatron-core with TP/PP/DP; checkpoints and exact resume.")(
+    stage(train_command)
+)
+
 _PENDING_STAGES = {
-    "train": "Train a causal LM, or a selective (SLM) one with --scores, on megatron-core with TP/PP/DP.",
     "score": "Score a token dataset with a reference model: per-token losses aligned to its documents.",
     "select": "Offline token selection from scores (excess or reference loss), with an HTML report.",
     "convert-hf": "Convert a rho checkpoint to a Hugging Face model directory, or import one.",

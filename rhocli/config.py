@@ -100,26 +100,33 @@ def resolve_config(
     section: str | None = None,
 ) -> C:
     """Build ``cls`` from its defaults, then ``yaml_path`` (if given), then non-None ``overrides``."""
+    values = load_yaml_mapping(Path(yaml_path), section) if yaml_path is not None else {}
+    return config_from_mapping(cls, values, str(yaml_path), overrides)
+
+
+def config_from_mapping(
+    cls: type[C], values: dict[str, Any], where: str, overrides: dict[str, Any] | None = None
+) -> C:
+    """Build ``cls`` from a YAML-style mapping (validated; ``where`` names it in errors), then overrides."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    if yaml_path is not None:
-        for key, value in load_yaml_mapping(Path(yaml_path), section).items():
-            name = str(key).replace("-", "_")
-            if name not in fields:
-                known = ", ".join(sorted(fields))
-                raise ConfigError(f"{yaml_path}: unknown option '{key}' (known: {known})")
-            values[name] = _coerce(value, hints[name], f"{yaml_path}: option '{key}'")
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{where}: unknown option '{key}' (known: {known})")
+        checked[name] = _coerce(value, hints[name], f"{where}: option '{key}'")
     for name, value in (overrides or {}).items():
         if value is None:
             continue
         if name not in fields:
             raise TypeError(f"{cls.__name__} has no field {name!r}")  # programming error
-        values[name] = value
+        checked[name] = value
     missing = [
         name
         for name, f in fields.items()
-        if name not in values
+        if name not in checked
         and f.default is dataclasses.MISSING
         and f.default_factory is dataclasses.MISSING
     ]
@@ -128,7 +135,7 @@ def resolve_config(
 
         flags = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise UsageError(f"missing required option(s): {flags} (on the command line or in a config file)")
-    return cls(**values)
+    return cls(**checked)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

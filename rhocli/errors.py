@@ -92,3 +92,18 @@ EXIT_CODES: dict[str, int] = {
         Interrupted,
     )
 }
+
+
+class NonFiniteError(RhoError):
+    """Training produced a NaN/Inf loss or gradient norm; stopped before the optimizer step."""
+
+    exit_code = 11
+
+
+class Preempted(RhoError):
+    """SIGTERM during training: a checkpoint was saved; rerun with --resume to continue."""
+
+    exit_code = 12
+
+
+EXIT_CODES.update({NonFiniteError.__name__: NonFiniteError.exit_code, Preempted.__name__: Preempted.exit_code})

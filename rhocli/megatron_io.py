@@ -15,12 +15,19 @@ from types import ModuleType
 _lock = threading.Lock()
 
 
+def quiet_megatron() -> None:
+    """Silence megatron-core's import-time warnings that are expected here (no TE/Apex on CPU,
+    deprecations of options rho does not use) and its INFO logging."""
+    for pattern in (r".*Transformer Engine and Apex.*", r".*apex.*", r".*full scope is deprecated.*",
+                    r".*torch.jit.script.* is deprecated.*", r".*dynamic_context.py.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
 def indexed_dataset() -> ModuleType:
     """``megatron.core.datasets.indexed_dataset``, imported quietly."""
     with _lock:
-        warnings.filterwarnings("ignore", message=r".*Transformer Engine and Apex.*")
-        warnings.filterwarnings("ignore", message=r".*apex.*", category=UserWarning)
-        logging.getLogger("megatron").setLevel(logging.WARNING)
+        quiet_megatron()
         from megatron.core.datasets import indexed_dataset as module
 
         return module

@@ -1,0 +1,91 @@
+"""Plain frozen dataclasses for the engine: the model's shape and a training run's options.
+
+``rhocli`` fills them from YAML + flags (``rhocli.config.resolve_config``); ``parallel`` only reads
+them. Field docstrings are the documentation of the YAML keys (docs/train.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama / Mistral-style decoder (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no biases)."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    """Key/value heads (GQA); equal to num_attention_heads for plain multi-head attention."""
+    max_position_embeddings: int
+    vocab_size: int | None = None
+    """True vocabulary size; null takes it from the training data's tokenizer."""
+    architecture: Literal["llama", "mistral"] = "llama"
+    """Which Hugging Face architecture this shape exports to."""
+    rope_theta: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this; the TP size must divide it (see padded_vocab_size)."""
+    sliding_window: int | None = None
+    """Mistral's attention window; recorded for export. Training sequences must not exceed it."""
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int) -> int:
+    """Round the vocabulary up to a multiple of ``multiple``, which ``tp`` must divide.
+
+    Megatron-LM pads to a multiple of ``multiple * tp``, so the padded size (and the embedding's shape
+    in a checkpoint) changes with TP and a checkpoint cannot always be resharded. rho pads
+    independently of TP, and requires TP to divide ``multiple`` (128: TP 1, 2, 4, ... 128).
+    """
+    if multiple % tp:
+        raise ValueError(f"--tp {tp} must divide make_vocab_size_divisible_by={multiple}")
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One ``rho train`` run (the YAML ``train:`` section, overridden by flags)."""
+
+    data: tuple[str, ...] = ()
+    """Token dataset prefixes, each optionally PREFIX:WEIGHT (weights are normalised)."""
+    save: str | None = None
+    """Run directory: checkpoints, metrics.jsonl, the resolved config."""
+    steps: int = 100
+    seq_length: int = 128
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    """Sequences per optimizer step: micro_batch_size x micro-batches x data-parallel ranks."""
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    optimizer: Literal["adam", "sgd"] = "adam"
+    clip_grad: float = 1.0
+    seed: int = 1234
+    split: str = "98,2,0"
+    """train,valid,test weights for splitting documents (Megatron's --split)."""
+    eval_interval: int = 50
+    eval_iters: int = 5
+    save_interval: int = 0
+    """Checkpoint every N steps (0: only at the end)."""
+    log_interval: int = 1
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    tp: int = 1
+    pp: int = 1
+    dp: int | None = None
+    """Data-parallel size; null: world size / (tp x pp)."""
+    init: str | None = None
+    """Start from this checkpoint's weights (a run dir or a step dir); new optimizer, step 0."""
+    resume: bool = False
+    """Continue the run in ``save`` exactly from its latest checkpoint."""
+    data_cache: str | None = None
+    """Where GPTDataset caches its sample indices (default: SAVE/data_cache)."""

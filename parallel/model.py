@@ -1,0 +1,111 @@
+"""Build the Llama/Mistral flavour of megatron-core's ``GPTModel`` for this rank's pipeline stage.
+
+RMSNorm, SwiGLU (gated linear unit with SiLU), RoPE with the configured theta, grouped-query
+attention, untied input/output embeddings, no biases. Parallelism is applied by megatron-core's layers
+from ``parallel_state`` (tensor-parallel linears, vocab-parallel embedding and output, the pipeline
+stage's slice of layers). ``use_cpu_initialization`` makes the full (unsharded) initial weights the same
+for any TP size, so layouts can be compared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from parallel.config import ModelConfig, padded_vocab_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """What a built model needs beyond its config: the true and padded vocab, and precision."""
+
+    vocab_size: int
+    padded_vocab_size: int
+    params_dtype: torch.dtype
+
+
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.dtype):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if cfg.num_attention_heads % tp:
+        raise ValueError(f"--tp {tp} must divide num_attention_heads={cfg.num_attention_heads}")
+    if cfg.num_query_groups % tp:
+        raise ValueError(f"--tp {tp} must divide num_query_groups={cfg.num_query_groups}")
+    if cfg.num_layers % pp:
+        raise ValueError(f"--pp {pp} must divide num_layers={cfg.num_layers}")
+    bf16 = params_dtype == torch.bfloat16
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        use_cpu_initialization=True,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=bf16,
+        # The (loss_sum, num_tokens) convention: schedules sum token counts over micro-batches and
+        # finalize_model_grads divides gradients by the global count (exact across DP and PP).
+        calculate_per_token_loss=True,
+        batch_p2p_sync=False,
+        # On a GPU, activations are recomputed nowhere and the defaults of megatron-core apply.
+    )
+
+
+def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_process: bool, post_process: bool):
+    """This pipeline stage's ``GPTModel`` (on CPU; the caller moves it to the GPU)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    config = transformer_config(cfg, tp, pp, shape.params_dtype)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=shape.padded_vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=False,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+    )
+
+
+def model_shape(cfg: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.dtype) -> ModelShape:
+    return ModelShape(
+        vocab_size=vocab_size,
+        padded_vocab_size=padded_vocab_size(vocab_size, tp, cfg.make_vocab_size_divisible_by),
+        params_dtype=params_dtype,
+    )
+
+
+def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters of the whole (unsharded, unpadded) model, for banners and MFU."""
+    h, f, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
+    head_dim = h // cfg.num_attention_heads
+    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * head_dim
+    attn_out = cfg.num_attention_heads * head_dim * h
+    mlp = 3 * h * f
+    norms = 2 * h
+    return L * (qkv + attn_out + mlp + norms) + h + 2 * vocab_size * h

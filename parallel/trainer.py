@@ -1,0 +1,439 @@
+"""The training loop over megatron-core: one process per rank, any TP x PP x DP layout.
+
+``run_training`` builds this rank's pipeline stage of the model, wraps it in megatron's
+DistributedDataParallel, builds megatron's optimizer and LR scheduler, feeds GPTDataset micro-batches
+through ``get_forward_backward_func()`` (1F1B under PP), and checkpoints with dist_checkpointing.
+
+The loss follows megatron's ``(loss_sum, num_tokens)`` convention (``calculate_per_token_loss``): each
+micro-batch returns the *sum* of its token losses and its token count, the schedule adds counts over
+micro-batches and ``finalize_model_grads`` divides the gradients by the global count after the DP
+all-reduce, so normalisation is exact whatever the split into micro-batches and DP ranks. The selective
+loss plugs in at ``loss_fn``.
+
+Library code: it raises, and reports progress through ``on_event``; it never prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from parallel import checkpoint as ckpt
+from parallel.config import ModelConfig, TrainConfig
+from parallel.data import DataSpec, MicroBatches, build_datasets
+from parallel.distributed import Layout
+from parallel.model import build_model, count_parameters, model_shape
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradient norm is NaN/Inf; raised before the optimizer step, nothing is saved."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived; a checkpoint was saved at ``step``."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRef:
+    prefix: str
+    weight: float | None
+    fingerprint: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything a rank needs, validated by the CLI before workers start."""
+
+    model: ModelConfig
+    train: TrainConfig
+    vocab_size: int
+    eod_id: int
+    tokenizer_fingerprint: str | None
+    datasets: tuple[DatasetRef, ...]
+    run_dir: str
+    config_snapshot: dict[str, Any]
+
+    def config_hash(self) -> str:
+        text = json.dumps(self.config_snapshot, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _params_dtype(precision: str) -> torch.dtype:
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def loss_fn(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Plain causal-LM loss as (sum of token losses, token count, report)."""
+    losses = output_tensor.float().reshape(-1)  # [micro_batch * seq] per-token cross-entropy
+    mask = loss_mask.float().reshape(-1)
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm": report}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    # With labels, the last stage returns per-token losses [b, s] from megatron's vocab-parallel CE.
+    output = model(tokens, position_ids, attention_mask=None, labels=labels)
+    return output, partial(loss_fn, loss_mask)
+
+
+class _SigtermFlag:
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    def __init__(self, spec: RunSpec, layout: Layout, on_event: Event | None = None):
+        from megatron.core import parallel_state as ps
+
+        self.spec = spec
+        self.cfg = spec.train
+        self.layout = layout
+        self.on_event = on_event or (lambda kind, payload: None)
+        self.run_dir = Path(spec.run_dir)
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.params_dtype = _params_dtype(self.cfg.precision)
+        self.shape = model_shape(spec.model, spec.vocab_size, layout.tp, self.params_dtype)
+        if self.cfg.global_batch_size % (self.cfg.micro_batch_size * layout.dp):
+            raise ValueError(
+                f"global_batch_size {self.cfg.global_batch_size} must be a multiple of "
+                f"micro_batch_size {self.cfg.micro_batch_size} x data-parallel size {layout.dp}"
+            )
+        self.num_microbatches = self.cfg.global_batch_size // (self.cfg.micro_batch_size * layout.dp)
+        self._build_model_and_optimizer()
+        self.step = 0
+        self.consumed_samples = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ------------------------------------------------------------------ setup
+    def _build_model_and_optimizer(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg = self.cfg
+        module = build_model(
+            self.spec.model, self.shape, self.layout.tp, self.layout.pp,
+            pre_process=ps.is_pipeline_first_stage(), post_process=self.is_last_stage,
+        )
+        if torch.cuda.is_available():
+            module.cuda(torch.cuda.current_device())
+        # Distributed optimizer shards optimizer state over DP on GPU; its state cannot be reloaded
+        # on CPU in megatron-core 0.16 (shared/notes), so CPU runs use the plain FP32 optimizer.
+        use_dist_opt = torch.cuda.is_available() and self.layout.dp > 1
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=use_dist_opt,
+        )
+        self.model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
+        bf16 = self.params_dtype == torch.bfloat16
+        opt_config = OptimizerConfig(
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_eps=cfg.adam_eps,
+            sgd_momentum=0.0,
+            clip_grad=cfg.clip_grad,
+            bf16=bf16,
+            params_dtype=self.params_dtype,
+            use_distributed_optimizer=use_dist_opt,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.warmup_steps,
+            lr_decay_steps=max(cfg.steps, 1),
+            lr_decay_style=cfg.lr_decay_style,
+            start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay,
+            wd_incr_steps=max(cfg.steps, 1),
+            wd_incr_style="constant",
+        )
+        config = module.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.use_dist_opt = use_dist_opt
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        weights = [d.weight for d in self.spec.datasets]
+        spec = DataSpec(
+            prefixes=tuple(d.prefix for d in self.spec.datasets),
+            weights=tuple(weights) if all(w is not None for w in weights) and len(weights) > 1 else None,
+            seq_length=cfg.seq_length,
+            seed=cfg.seed,
+            split=cfg.split,
+            token_ids=_token_ids(self.spec),
+            cache_dir=cfg.data_cache or str(self.run_dir / "data_cache"),
+        )
+        valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_iters > 0 else 0
+        self.train_ds, self.valid_ds = build_datasets(spec, cfg.steps * cfg.global_batch_size, valid_samples)
+        self.train_iter = MicroBatches(
+            self.train_ds, self.consumed_samples, cfg.micro_batch_size, self.dp_rank, self.layout.dp
+        )
+
+    # ------------------------------------------------------------ checkpoints
+    def _manifest(self) -> dict[str, Any]:
+        return {
+            "consumed_samples": self.consumed_samples,
+            "scheduler": self.scheduler.state_dict(),
+            "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
+            "vocab_size": self.shape.vocab_size,
+            "padded_vocab_size": self.shape.padded_vocab_size,
+            "params_dtype": str(self.params_dtype).replace("torch.", ""),
+            "tokenizer_fingerprint": self.spec.tokenizer_fingerprint,
+            "eod_id": self.spec.eod_id,
+            "datasets": [dataclasses.asdict(d) for d in self.spec.datasets],
+            "model": dataclasses.asdict(self.spec.model),
+            "config": self.spec.config_snapshot,
+            "config_hash": self.spec.config_hash(),
+            "optimizer": "distributed" if self.use_dist_opt else "fp32",
+        }
+
+    def save(self) -> Path:
+        self._check_finite_params()
+        path = ckpt.save_checkpoint(self.run_dir, self.step, [self.model], self.optimizer, self._manifest())
+        self.on_event("checkpoint", {"step": self.step, "path": str(path)})
+        return path
+
+    def restore(self) -> None:
+        """--resume: continue from RUN/latest exactly. --init: weights only, step 0."""
+        import torch.distributed as dist
+
+        if self.layout.rank == 0:
+            ckpt.clean_stale_temporaries(self.run_dir)
+        dist.barrier()
+        if self.cfg.resume:
+            step_dir = ckpt.latest_step_dir(self.run_dir)
+            if step_dir is None:
+                return  # nothing saved yet: a fresh start
+            manifest = ckpt.load_checkpoint(step_dir, [self.model], self.optimizer, load_rng=True)
+            self.step = int(manifest["step"])
+            self.consumed_samples = int(manifest["consumed_samples"])
+            self.scheduler.load_state_dict(manifest["scheduler"])
+            self._truncate_metrics(self.step)
+            self.on_event("resumed", {"step": self.step, "path": str(step_dir)})
+        elif self.cfg.init:
+            step_dir = ckpt.resolve_checkpoint(self.cfg.init)
+            ckpt.load_checkpoint(step_dir, [self.model], optimizer=None)
+            self.on_event("initialized", {"path": str(step_dir)})
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metrics a killed run logged after the checkpoint we resume from."""
+        if self.layout.rank != 0 or not self.metrics_path.exists():
+            return
+        kept = [
+            line for line in self.metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _check_finite_params(self) -> None:
+        for name, param in self.model.module.named_parameters():
+            if not torch.isfinite(param).all():
+                raise NonFiniteError(f"step {self.step}, rank {self.layout.rank}: parameter {name} is not finite; not saving")
+
+    # ------------------------------------------------------------------ steps
+    def _reduce_report(self, outputs: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        """(mean token loss, tokens) over the global batch, known on every rank."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        if self.is_last_stage:
+            for out in outputs:
+                total += out["lm"].to(torch.float64)
+            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        if self.layout.pp > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
+        loss_sum, tokens = total.tolist()
+        return (loss_sum / tokens if tokens else float("nan")), tokens
+
+    def _forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=data_iterator,
+            model=[self.model],
+            num_microbatches=num_microbatches,
+            seq_length=self.cfg.seq_length,
+            micro_batch_size=self.cfg.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _optimizer_step(self, loss: float) -> float:
+        """Megatron's ChainedOptimizer.step, with a finiteness check before any parameter changes."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        if not math.isfinite(loss) or not math.isfinite(grad_norm):
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            raise NonFiniteError(
+                f"step {self.step + 1}, rank {self.layout.rank}: {what} is not finite "
+                f"(loss {loss}, grad norm {grad_norm}); stopped before the optimizer step"
+            )
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            params = opt.get_parameters()
+            if opt.config.clip_grad > 0.0 and params:
+                clip_grad_by_total_norm_fp32(
+                    params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                    use_decoupled_grad=getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False),
+                )
+        self.optimizer.step_with_ready_grads()
+        return grad_norm
+
+    def train_step(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._forward_backward(self.train_iter, self.num_microbatches, forward_only=False)
+        loss, tokens = self._reduce_report(outputs)
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = self._optimizer_step(loss)
+        self.scheduler.step(increment=1)
+        self.step += 1
+        self.consumed_samples += self.cfg.global_batch_size
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        return {
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": tokens,
+            "step_time_s": dt,
+            "tokens_per_s": self.cfg.global_batch_size * self.cfg.seq_length / dt,
+            "consumed_samples": self.consumed_samples,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.cfg.eval_iters <= 0 or self.valid_ds is None or len(self.valid_ds) == 0:
+            return None
+        self.model.eval()
+        try:
+            # Always the same first eval_iters global batches: curves compare across evaluations.
+            data = MicroBatches(self.valid_ds, 0, self.cfg.micro_batch_size, self.dp_rank, self.layout.dp)
+            total_loss, total_tokens = 0.0, 0.0
+            for _ in range(self.cfg.eval_iters):
+                outputs = self._forward_backward(data, self.num_microbatches, forward_only=True)
+                loss, tokens = self._reduce_report(outputs)
+                total_loss += loss * tokens
+                total_tokens += tokens
+        finally:
+            self.model.train()
+        return total_loss / total_tokens if total_tokens else None
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.layout.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _sigterm_agreed(self, flag: _SigtermFlag) -> bool:
+        import torch.distributed as dist
+
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        t = torch.tensor([1 if flag.raised else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        self.restore()
+        self._build_data()
+        self.on_event("start", self.banner())
+        flag = _SigtermFlag()
+        last_valid = None
+        try:
+            while self.step < cfg.steps:
+                metrics = self.train_step()
+                if cfg.eval_interval > 0 and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
+                    last_valid = self.evaluate()
+                    metrics["valid_loss"] = last_valid
+                if self.step % cfg.log_interval == 0 or "valid_loss" in metrics or self.step == cfg.steps:
+                    self._log(metrics)
+                self.on_event("step", metrics)
+                if self._sigterm_agreed(flag):
+                    path = self.save()
+                    raise Preempted(f"SIGTERM: saved checkpoint {path} at step {self.step}", self.step)
+                if cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and self.step < cfg.steps:
+                    self.save()
+            self.save()
+        finally:
+            flag.restore()
+        summary = {"step": self.step, "valid_loss": last_valid, "run_dir": str(self.run_dir)}
+        self.on_event("done", summary)
+        return summary
+
+    def banner(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "layout": self.layout.describe(),
+            "backend": self.layout.backend,
+            "parameters": count_parameters(self.spec.model, self.spec.vocab_size),
+            "vocab": f"{self.shape.vocab_size} (padded {self.shape.padded_vocab_size})",
+            "precision": str(self.params_dtype).replace("torch.", ""),
+            "data": ", ".join(d.prefix + (f":{d.weight}" if d.weight is not None else "") for d in self.spec.datasets),
+            "batch": f"{cfg.global_batch_size} x {cfg.seq_length} tokens = {self.num_microbatches} micro-batches of "
+                     f"{cfg.micro_batch_size} per DP rank",
+            "optimizer": f"{cfg.optimizer} ({'distributed' if self.use_dist_opt else 'fp32'}), lr {cfg.lr} "
+                         f"warmup {cfg.warmup_steps} {cfg.lr_decay_style} to {cfg.min_lr}, clip {cfg.clip_grad}",
+            "steps": f"{self.step} -> {cfg.steps}",
+            "start_step": self.step,
+            "total_steps": cfg.steps,
+            "config_hash": self.spec.config_hash(),
+            "run_dir": str(self.run_dir),
+        }
+
+
+def _token_ids(spec: RunSpec):
+    from parallel.data import TokenIds
+
+    return TokenIds(vocab_size=spec.vocab_size, eod=spec.eod_id)

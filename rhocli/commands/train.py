@@ -1,0 +1,163 @@
+"""``rho train``: causal-LM training on megatron-core with TP / PP / DP, checkpoints, exact resume.
+
+CPU (gloo; rho starts tp x pp x dp worker processes itself):
+
+    rho train configs/tiny.yaml --data out/gsm8k --save runs/ref --steps 200
+    rho train configs/tiny.yaml --data out/gsm8k --save runs/ref --tp 2 --pp 2
+    rho train configs/tiny.yaml --data out/gsm8k --save runs/ref --resume      # continue exactly
+
+One GPU (NCCL, bf16):
+
+    rho train configs/tinyllama-1.1b.yaml --data data/owm:0.9 --data data/gsm8k:0.1 --save runs/ref
+
+Multi-node: plain torchrun, one agent per node; each process runs as a worker directly:
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+        -m rhocli train configs/mistral-7b.yaml --tp 4 --pp 2 --data ... --save /shared/runs/x
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rhocli.console import out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(
+    config: Annotated[Path, typer.Argument(help="Run YAML with model: and train: sections (e.g. configs/tiny.yaml).")],
+    tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel size.")] = None,
+    pp: Annotated[Optional[int], typer.Option("--pp", help="Pipeline-parallel size.")] = None,
+    dp: Annotated[Optional[int], typer.Option("--dp", help="Data-parallel size (default: world / (tp x pp); 1 when rho launches).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", help="Token dataset PREFIX or PREFIX:WEIGHT; repeat to blend.")] = None,
+    save: Annotated[Optional[str], typer.Option("--save", help="Run directory (checkpoints, metrics.jsonl).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps in total.")] = None,
+    resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --save exactly from its latest checkpoint.")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Start from this checkpoint's weights only (new optimizer, step 0).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
+    seq_length: Annotated[Optional[int], typer.Option("--seq-length", help="Tokens per sequence.")] = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Sequences per micro-batch.")] = None,
+    global_batch_size: Annotated[Optional[int], typer.Option("--global-batch-size", help="Sequences per optimizer step.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for initialisation and data order.")] = None,
+    save_interval: Annotated[Optional[int], typer.Option("--save-interval", help="Checkpoint every N steps (0: at the end).")] = None,
+    eval_interval: Annotated[Optional[int], typer.Option("--eval-interval", help="Validation loss every N steps.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any option: train.KEY=VALUE or model.KEY=VALUE.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Reuse a run directory that holds checkpoints (start over).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No banner or progress (errors still print).")] = False,
+) -> None:
+    """Train a causal LM on megatron-core with TP / PP / DP."""
+    from rhocli.config import write_resolved_config
+    from rhocli.errors import WorkerError
+    from rhocli.megatron_io import quiet_megatron
+
+    quiet_megatron()
+    from rhocli.train_spec import build_run_spec, load_run_configs, spec_to_dict, world_from_env
+
+    flags = {
+        "tp": tp, "pp": pp, "dp": dp, "data": tuple(data) if data else None, "save": save, "steps": steps,
+        "resume": resume, "init": init, "lr": lr, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
+        "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
+        "eval_interval": eval_interval,
+    }
+    model_cfg, train_cfg = load_run_configs(config, flags, list(set_ or []))
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    spec, world = build_run_spec(model_cfg, train_cfg, config, force=force,
+                                 world_size=world_from_env() if under_torchrun else None)
+    if dry_run:
+        _print_plan(spec, world)
+        return
+    run_dir = Path(spec.run_dir)
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(spec.train, run_dir / "train.config.yaml", stage="train")
+        if force and not spec.train.resume:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    spec_dict = spec_to_dict(spec)
+
+    from rhocli.commands.train_render import TrainRenderer
+    from rhocli.train_worker import first_reported_error, launched_worker, run_rank
+
+    if under_torchrun or world == 1:
+        if not under_torchrun:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        renderer = None if quiet else TrainRenderer()
+        try:
+            run_rank(spec_dict, on_event=renderer)
+        finally:
+            if renderer is not None:
+                renderer.close()
+        return
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    error_dir = tempfile.mkdtemp(prefix="rho-train-errors-")
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
+        start_method="spawn", monitor_interval=0.5, shutdown_timeout=600,
+    )
+    try:
+        elastic_launch(launch, launched_worker)(spec_dict, error_dir, quiet)
+    except ChildFailedError as err:
+        reported = first_reported_error(error_dir)
+        if reported is None:
+            raise WorkerError(f"a training worker died without a message ({_failure_summary(err)})") from None
+        code, message = reported
+        raise _error_for(code, message) from None
+
+
+def _failure_summary(err) -> str:
+    failures = getattr(err, "failures", {}) or {}
+    return ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(failures.items())) or str(err)
+
+
+def _error_for(code: int, message: str):
+    from rhocli import errors
+
+    for cls in vars(errors).values():
+        if isinstance(cls, type) and issubclass(cls, errors.RhoError) and cls.exit_code == code and cls is not errors.RhoError:
+            return cls(message)
+    return errors.WorkerError(message)
+
+
+def _print_plan(spec, world: int) -> None:
+    from rich.table import Table
+
+    from parallel.model import count_parameters, model_shape
+
+    cfg = spec.train
+    import torch
+
+    shape = model_shape(spec.model, spec.vocab_size, cfg.tp, torch.float32)
+    dp = world // (cfg.tp * cfg.pp)
+    table = Table(title="rho train --dry-run: plan", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("layout", f"world {world} = tp {cfg.tp} x pp {cfg.pp} x dp {dp}")
+    table.add_row("model", f"{spec.model.architecture}, {count_parameters(spec.model, spec.vocab_size):,} parameters, "
+                           f"{spec.model.num_layers} layers ({spec.model.num_layers // cfg.pp} per stage)")
+    table.add_row("vocab", f"{shape.vocab_size} (padded {shape.padded_vocab_size}, {shape.padded_vocab_size // cfg.tp} per TP rank)")
+    table.add_row("data", ", ".join(f"{d.prefix}" + (f":{d.weight}" if d.weight else "") for d in spec.datasets))
+    micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
+    table.add_row("batch", f"{cfg.global_batch_size} x {cfg.seq_length} tokens; {micro} micro-batches of {cfg.micro_batch_size} per DP rank")
+    table.add_row("steps", f"{cfg.steps} ({cfg.steps * cfg.global_batch_size * cfg.seq_length:,} tokens)")
+    table.add_row("run dir", spec.run_dir + (" (resume)" if cfg.resume else ""))
+    table.add_row("config hash", spec.config_hash())
+    out.print(table)
+    out.print("[green]config, data and layout are valid[/]")

@@ -1,0 +1,83 @@
+"""Rank 0's view of ``rho train``: a start-up banner, Rich progress (step, loss, lr, grad norm,
+tokens/s, ETA), checkpoint and evaluation lines. Without a terminal: one plain line per log interval
+(at most one per 10 s) so cluster logs stay readable."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rhocli.console import human_count, out
+
+
+class TrainRenderer:
+    def __init__(self) -> None:
+        self._progress = None
+        self._task = None
+        self._last_line = 0.0
+        self._interactive = out.is_terminal
+
+    def __call__(self, kind: str, payload: dict[str, Any]) -> None:
+        getattr(self, f"_on_{kind}", lambda p: None)(payload)
+
+    def _on_start(self, p: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        table = Table(title="rho train", show_header=False, title_justify="left")
+        table.add_column(style="bold")
+        table.add_column()
+        for key in ("layout", "parameters", "vocab", "precision", "data", "batch", "optimizer", "steps", "config_hash", "run_dir"):
+            value = p[key]
+            if key == "parameters":
+                value = f"{human_count(value)} ({value:,})"
+            if key == "layout":
+                value = value.split(": ", 1)[-1]
+            table.add_row(key.replace("_", " "), str(value))
+        out.print(table)
+        if self._interactive:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  gnorm {task.fields[gnorm]}  {task.fields[tps]} tok/s"),
+                TimeRemainingColumn(), console=out, transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "train", total=p["total_steps"], completed=p["start_step"], loss="-", lr="-", gnorm="-", tps="-"
+            )
+
+    def _on_resumed(self, p: dict[str, Any]) -> None:
+        out.print(f"resumed from {p['path']} at step {p['step']}")
+
+    def _on_initialized(self, p: dict[str, Any]) -> None:
+        out.print(f"initialised weights from {p['path']}")
+
+    def _on_step(self, m: dict[str, Any]) -> None:
+        fields = dict(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", gnorm=f"{m['grad_norm']:.3f}", tps=human_count(m["tokens_per_s"]))
+        if self._progress is not None:
+            self._progress.update(self._task, completed=m["step"], **fields)
+        elif time.monotonic() - self._last_line >= 10 or "valid_loss" in m:
+            self._last_line = time.monotonic()
+            out.print(f"step {m['step']}  loss {fields['loss']}  lr {fields['lr']}  gnorm {fields['gnorm']}  {fields['tps']} tok/s")
+        if m.get("valid_loss") is not None:
+            self._print(f"step {m['step']}: validation loss {m['valid_loss']:.4f}")
+
+    def _on_checkpoint(self, p: dict[str, Any]) -> None:
+        self._print(f"saved checkpoint {p['path']}")
+
+    def _on_done(self, p: dict[str, Any]) -> None:
+        self.close()
+        valid = f", validation loss {p['valid_loss']:.4f}" if p.get("valid_loss") is not None else ""
+        out.print(f"[green]done[/]: {p['step']} steps{valid}; run directory {p['run_dir']}")
+
+    def _print(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(text)
+        else:
+            out.print(text)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
