@@ -120,6 +120,7 @@ def save_checkpoint(run_dir: Path, step: int, model_chunks, optimizer, manifest:
     dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
+    _fault_injection_pause()
     dist.barrier()
     if rank == 0:
         full = {
@@ -138,6 +139,45 @@ def save_checkpoint(run_dir: Path, step: int, model_chunks, optimizer, manifest:
         os.replace(pointer_tmp, run_dir / LATEST_NAME)
     dist.barrier()
     return final
+
+
+def _fault_injection_pause() -> None:
+    """Test hook: RHO_FAULT_SLEEP_IN_SAVE=SECONDS holds a save between writing and publishing, so a
+    test can kill the run at exactly that moment. Unset in normal use."""
+    seconds = os.environ.get("RHO_FAULT_SLEEP_IN_SAVE")
+    if seconds:
+        import time
+
+        time.sleep(float(seconds))
+
+
+def model_tensor_names(step_dir: Path) -> list[str]:
+    """Names of the model's (unsharded) tensors stored in a checkpoint, read from its metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(step_dir)).read_metadata()
+    return sorted(
+        key for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.") and "_extra_state" not in key
+    )
+
+
+def load_model_tensors(step_dir: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Model tensors of a checkpoint, unsharded (TP/PP merged), without a process group.
+
+    dist_checkpointing's default format is torch.distributed.checkpoint, which stores every tensor
+    in its global shape; reading a subset of keys keeps memory near the tensors asked for.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    reader = FileSystemReader(str(step_dir))
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted = names if names is not None else model_tensor_names(step_dir)
+    state = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in wanted}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
 
 
 def load_checkpoint(step_dir: Path, model_chunks, optimizer=None, load_rng: bool = False) -> dict[str, Any]:

@@ -87,5 +87,8 @@ class TrainConfig:
     """Start from this checkpoint's weights (a run dir or a step dir); new optimizer, step 0."""
     resume: bool = False
     """Continue the run in ``save`` exactly from its latest checkpoint."""
+    stop_after: int | None = None
+    """End this invocation after this step, with a checkpoint; the LR schedule still spans ``steps``
+    (Megatron's --exit-interval). Continue with --resume."""
     data_cache: str | None = None
     """Where GPTDataset caches its sample indices (default: SAVE/data_cache)."""

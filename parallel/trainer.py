@@ -177,6 +177,11 @@ class Trainer:
             use_distributed_optimizer=use_dist_opt,
         )
         self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            # megatron sets no state initialiser for SGD (it has no state with momentum 0), but
+            # sharded_state_dict(is_loading=True) calls it unconditionally.
+            if getattr(opt, "init_state_fn", "absent") is None:
+                opt.init_state_fn = lambda optimizer, config: None
         self.scheduler = OptimizerParamScheduler(
             self.optimizer,
             init_lr=0.0,
@@ -391,19 +396,20 @@ class Trainer:
         self.on_event("start", self.banner())
         flag = _SigtermFlag()
         last_valid = None
+        end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
         try:
-            while self.step < cfg.steps:
+            while self.step < end:
                 metrics = self.train_step()
                 if cfg.eval_interval > 0 and (self.step % cfg.eval_interval == 0 or self.step == cfg.steps):
                     last_valid = self.evaluate()
                     metrics["valid_loss"] = last_valid
-                if self.step % cfg.log_interval == 0 or "valid_loss" in metrics or self.step == cfg.steps:
+                if self.step % cfg.log_interval == 0 or "valid_loss" in metrics or self.step == end:
                     self._log(metrics)
                 self.on_event("step", metrics)
                 if self._sigterm_agreed(flag):
                     path = self.save()
                     raise Preempted(f"SIGTERM: saved checkpoint {path} at step {self.step}", self.step)
-                if cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and self.step < cfg.steps:
+                if cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and self.step < end:
                     self.save()
             self.save()
         finally:

@@ -53,6 +53,7 @@ def train_command(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for initialisation and data order.")] = None,
     save_interval: Annotated[Optional[int], typer.Option("--save-interval", help="Checkpoint every N steps (0: at the end).")] = None,
     eval_interval: Annotated[Optional[int], typer.Option("--eval-interval", help="Validation loss every N steps.")] = None,
+    stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="End after step N with a checkpoint; the LR schedule still spans --steps.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any option: train.KEY=VALUE or model.KEY=VALUE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Reuse a run directory that holds checkpoints (start over).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
@@ -70,7 +71,7 @@ def train_command(
         "tp": tp, "pp": pp, "dp": dp, "data": tuple(data) if data else None, "save": save, "steps": steps,
         "resume": resume, "init": init, "lr": lr, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
-        "eval_interval": eval_interval,
+        "eval_interval": eval_interval, "stop_after": stop_after,
     }
     model_cfg, train_cfg = load_run_configs(config, flags, list(set_ or []))
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ

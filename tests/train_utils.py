@@ -1,0 +1,63 @@
+"""Helpers for `rho train` tests: a tiny model config, a tiny token dataset, running rho in a
+subprocess (training applies process-wide CPU shims and process groups, so it never runs in the
+pytest process), and reading results back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TINY_MODEL_YAML = """
+model:
+  num_layers: 4
+  hidden_size: 64
+  ffn_hidden_size: 128
+  num_attention_heads: 4
+  num_query_groups: 2
+  max_position_embeddings: 128
+train:
+  steps: 3
+  seq_length: 32
+  micro_batch_size: 2
+  global_batch_size: 8
+  lr: 0.05
+  min_lr: 0.005
+  warmup_steps: 1
+  optimizer: sgd
+  weight_decay: 0.0
+  clip_grad: 0.0
+  eval_interval: 0
+  eval_iters: 2
+  split: "90,10,0"
+  log_interval: 1
+"""
+
+
+def write_tiny_config(directory: Path, extra: str = "") -> Path:
+    path = Path(directory) / "tiny_test.yaml"
+    path.write_text(TINY_MODEL_YAML + extra)
+    return path
+
+
+def rho(*args, env_extra: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-m", "rhocli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rho {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def model_tensors(step_dir: Path):
+    from parallel.checkpoint import load_model_tensors
+
+    return load_model_tensors(step_dir)
