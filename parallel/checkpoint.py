@@ -92,13 +92,17 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any]) -> bool:
+    """Restore RNG states saved on the same kind of device; False (seeds stay) across CPU/GPU."""
     from megatron.core import tensor_parallel
 
+    if ("cuda" in state) != torch.cuda.is_available():
+        return False
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    return True
 
 
 def save_checkpoint(run_dir: Path, step: int, model_chunks, optimizer, manifest: dict[str, Any]) -> Path:

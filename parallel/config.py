@@ -76,6 +76,8 @@ class TrainConfig:
     eval_iters: int = 5
     save_interval: int = 0
     """Checkpoint every N steps (0: only at the end)."""
+    checkpoint: bool = True
+    """Write checkpoints at all (false only for benchmarks: nothing to resume from)."""
     log_interval: int = 1
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""

@@ -397,6 +397,11 @@ class Trainer:
         flag = _SigtermFlag()
         last_valid = None
         end = min(cfg.steps, cfg.stop_after) if cfg.stop_after else cfg.steps
+        if self.step == 0 and cfg.eval_interval > 0:
+            # The curve's starting point: validation loss of the initial weights.
+            last_valid = self.evaluate()
+            self._log({"step": 0, "valid_loss": last_valid})
+            self.on_event("eval", {"step": 0, "valid_loss": last_valid})
         try:
             while self.step < end:
                 metrics = self.train_step()
@@ -409,9 +414,10 @@ class Trainer:
                 if self._sigterm_agreed(flag):
                     path = self.save()
                     raise Preempted(f"SIGTERM: saved checkpoint {path} at step {self.step}", self.step)
-                if cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and self.step < end:
+                if cfg.checkpoint and cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and self.step < end:
                     self.save()
-            self.save()
+            if cfg.checkpoint:
+                self.save()
         finally:
             flag.restore()
         summary = {"step": self.step, "valid_loss": last_valid, "run_dir": str(self.run_dir)}
@@ -422,7 +428,7 @@ class Trainer:
         cfg = self.cfg
         return {
             "layout": self.layout.describe(),
-            "backend": self.layout.backend,
+            "backend": self.layout.backend + (f" + CPU shims: {', '.join(_cpu_shims())}" if _cpu_shims() else ""),
             "parameters": count_parameters(self.spec.model, self.spec.vocab_size),
             "vocab": f"{self.shape.vocab_size} (padded {self.shape.padded_vocab_size})",
             "precision": str(self.params_dtype).replace("torch.", ""),
@@ -437,6 +443,12 @@ class Trainer:
             "config_hash": self.spec.config_hash(),
             "run_dir": str(self.run_dir),
         }
+
+
+def _cpu_shims() -> list[str]:
+    from parallel.cpu_compat import SHIMS, cpu_compat_active
+
+    return sorted(SHIMS) if cpu_compat_active() else []
 
 
 def _token_ids(spec: RunSpec):

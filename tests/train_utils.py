@@ -54,7 +54,12 @@ def rho(*args, env_extra: dict | None = None, timeout: float = 300, check: bool 
 
 def losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records}
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def valid_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["valid_loss"] for r in records if r.get("valid_loss") is not None}
 
 
 def model_tensors(step_dir: Path):

@@ -5,8 +5,10 @@ CPU:
     rho bench tokenize data/train.jsonl --tokenizer tokenizer.model --workers 2
     rho bench tokenize big.jsonl -t tokenizer.model -w 2 --json-key text --megatron-lm ~/src/Megatron-LM
 
-On one GPU / under torchrun: tokenization runs on CPU cores only; the GPU benchmarks (kernel, score,
-train) arrive with their stages.
+Training (CPU, one GPU; the benchmark starts its own workers like rho train):
+
+    rho bench train configs/tiny.yaml --steps 20
+    rho bench train configs/tinyllama-1.1b.yaml --steps 10 --set train.micro_batch_size=4
 """
 
 from __future__ import annotations
@@ -50,3 +52,22 @@ def bench_tokenize_command(
         keep=keep,
     )
     out.print(report.table())
+
+
+@bench_app.command("train")
+@stage
+def bench_train_command(
+    config: Annotated[Path, typer.Argument(help="Run YAML (model: and train:), e.g. configs/tinyllama-1.1b.yaml.")],
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size.")] = 1,
+    pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel size.")] = 1,
+    dp: Annotated[int, typer.Option("--dp", help="Data-parallel size.")] = 1,
+    steps: Annotated[int, typer.Option("--steps", help="Steps to run.")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="First steps left out of the timing.")] = 2,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override train.KEY=VALUE / model.KEY=VALUE.")] = None,
+    peak_tflops: Annotated[Optional[float], typer.Option(help="Peak TFLOP/s per device for MFU (default 989 on GPU).")] = None,
+) -> None:
+    """Step time, tokens/s and MFU of rho train on synthetic data (no checkpoints)."""
+    from rhocli.bench_train import run_bench_train
+    from rhocli.console import out
+
+    out.print(run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops).table())

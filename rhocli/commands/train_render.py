@@ -26,7 +26,7 @@ class TrainRenderer:
         table = Table(title="rho train", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column()
-        for key in ("layout", "parameters", "vocab", "precision", "data", "batch", "optimizer", "steps", "config_hash", "run_dir"):
+        for key in ("layout", "backend", "parameters", "vocab", "precision", "data", "batch", "optimizer", "steps", "config_hash", "run_dir"):
             value = p[key]
             if key == "parameters":
                 value = f"{human_count(value)} ({value:,})"
@@ -62,6 +62,10 @@ class TrainRenderer:
             out.print(f"step {m['step']}  loss {fields['loss']}  lr {fields['lr']}  gnorm {fields['gnorm']}  {fields['tps']} tok/s")
         if m.get("valid_loss") is not None:
             self._print(f"step {m['step']}: validation loss {m['valid_loss']:.4f}")
+
+    def _on_eval(self, p: dict[str, Any]) -> None:
+        if p.get("valid_loss") is not None:
+            self._print(f"step {p['step']}: validation loss {p['valid_loss']:.4f}")
 
     def _on_checkpoint(self, p: dict[str, Any]) -> None:
         self._print(f"saved checkpoint {p['path']}")
