@@ -66,18 +66,21 @@ def _compile(name: str) -> object:
     if name == "cpu":
         if not (shutil.which("c++") or shutil.which("g++")):
             raise RuntimeError("no C++ compiler (c++/g++) on PATH")
-        logger.warning("rho: building the CPU selective-loss kernel (first use; cached afterwards)")
+        logger.info("rho: building or loading the CPU selective-loss kernel (cached after the first build)")
         return load(
             name="rho_selective_loss_cpu",
             sources=[str(CSRC / "selective_loss_cpu.cpp")],
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd"],
+            # -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it;
+            # -march=native: the build is per machine (JIT cache), so use its widest vectors.
+            extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
     if not shutil.which("nvcc") and not os.environ.get("CUDA_HOME"):
         raise RuntimeError("nvcc is not on PATH and CUDA_HOME is not set")
-    logger.warning("rho: building the CUDA selective-loss kernel (first use; cached afterwards)")
+    logger.info("rho: building or loading the CUDA selective-loss kernel (cached after the first build)")
     return load(
         name="rho_selective_loss_cuda",
         sources=[str(CSRC / "selective_loss_cuda.cpp"), str(CSRC / "selective_loss_cuda_kernels.cu")],

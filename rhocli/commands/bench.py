@@ -5,6 +5,11 @@ CPU:
     rho bench tokenize data/train.jsonl --tokenizer tokenizer.model --workers 2
     rho bench tokenize big.jsonl -t tokenizer.model -w 2 --json-key text --megatron-lm ~/src/Megatron-LM
 
+Kernel (CPU; on a GPU the CUDA and megatron rows are added):
+
+    rho bench kernel --shape 8192x32000
+    rho bench kernel --dtype bfloat16 --shape 32768x32000
+
 Training (CPU, one GPU; the benchmark starts its own workers like rho train):
 
     rho bench train configs/tiny.yaml --steps 20
@@ -71,3 +76,49 @@ def bench_train_command(
     from rhocli.console import out
 
     out.print(run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops).table())
+
+
+@bench_app.command("kernel")
+@stage
+def bench_kernel_command(
+    shapes: Annotated[Optional[list[str]], typer.Option("--shape", help="TOKENSxVOCAB; repeat. [default: 2048x32000, 8192x32000, 32768x32000]")] = None,
+    impl: Annotated[Optional[list[str]], typer.Option("--impl", help="eager, torch, cpu, cpu-inplace, megatron, cuda, cuda-inplace (default: all available).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 (default float32 on CPU).")] = "float32",
+    reps: Annotated[int, typer.Option(help="Timed repetitions (median reported) after one warm-up.")] = 3,
+) -> None:
+    """Forward+backward time and peak extra memory of the fused selective loss vs eager PyTorch."""
+    from rich.table import Table
+
+    from rhocli.bench_kernel import DEFAULT_SHAPES, available_impls, copy_bandwidth_gbs, measure
+    from rhocli.console import human_bytes, out
+    from rhocli.errors import UsageError
+
+    parsed = []
+    for text in shapes or [f"{t}x{v}" for t, v in DEFAULT_SHAPES]:
+        try:
+            t, v = (int(x) for x in text.lower().split("x"))
+        except ValueError:
+            raise UsageError(f"--shape {text}: expected TOKENSxVOCAB, e.g. 8192x32000") from None
+        parsed.append((t, v))
+    impls = impl or available_impls()
+    bandwidth = copy_bandwidth_gbs()
+    if bandwidth:
+        out.print(f"device copy bandwidth: {bandwidth:,.0f} GB/s (read + write)")
+    table = Table(title=f"rho bench kernel ({dtype})", title_justify="left")
+    for col in ("shape", "impl", "fwd+bwd", "vs eager", "peak extra memory", "effective GB/s"):
+        table.add_column(col, justify="left" if col in ("shape", "impl") else "right")
+    for tokens, vocab in parsed:
+        eager_s = None
+        for name in impls:
+            r = measure(name, tokens, vocab, dtype, reps)
+            if name == "eager":
+                eager_s = r.seconds
+            if r.seconds is None:
+                table.add_row(f"{tokens}x{vocab}", name, "failed", "", "", r.error or "")
+                continue
+            speed = f"{eager_s / r.seconds:.2f}x" if eager_s else ""
+            itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+            gbs = 3 * itemsize * tokens * vocab / r.seconds / 1e9
+            table.add_row(f"{tokens}x{vocab}", name, f"{r.seconds * 1000:,.1f} ms", speed,
+                          human_bytes(r.peak_extra_bytes), f"{gbs:,.0f}")
+    out.print(table)
