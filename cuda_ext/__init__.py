@@ -4,7 +4,7 @@ backward): a PyTorch reference (``reference.py``, the spec), a C++ CPU kernel an
 Imports nothing from ``rhocli`` or ``parallel``.
 """
 
-from cuda_ext.ops import selective_loss
+from cuda_ext.ops import per_token_loss, selective_loss, topk_mask
 from cuda_ext.reference import SelectiveLoss, selective_loss_reference, selection_k
 
-__all__ = ["selective_loss", "selective_loss_reference", "SelectiveLoss", "selection_k"]
+__all__ = ["selective_loss", "per_token_loss", "topk_mask", "selective_loss_reference", "SelectiveLoss", "selection_k"]

@@ -172,6 +172,31 @@ class _LocalCEInplace(torch.autograd.Function):
         return logits, None
 
 
+def per_token_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    vocab_start_index: int = 0,
+    tp_group=None,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
+    """Differentiable per-token cross-entropy [tokens] (fp32) of vocab-sharded logits [tokens, vocab/tp].
+
+    The fused forward/backward of ``selective_loss`` without the selection, for callers that select
+    tokens themselves (e.g. across data-parallel ranks). Same value on every TP rank.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [tokens, vocab_local], got shape {tuple(logits.shape)}")
+    targets = targets.reshape(-1).to(torch.int64)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if tp_group is not None:
+        return _VocabParallelCE.apply(logits, targets, int(vocab_start_index), tp_group, inplace_backward)
+    if inplace_backward:
+        return _LocalCEInplace.apply(logits, targets)
+    loss, _ = cross_entropy(logits, targets)
+    return loss
+
+
 def selective_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -189,17 +214,7 @@ def selective_loss(
     not use the logits after backward; megatron's own vocab-parallel CE does the same).
     """
     ref._check_ratio(ratio)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [tokens, vocab_local], got shape {tuple(logits.shape)}")
-    targets = targets.reshape(-1).to(torch.int64)
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    if tp_group is not None:
-        loss = _VocabParallelCE.apply(logits, targets, int(vocab_start_index), tp_group, inplace_backward)
-    elif inplace_backward:
-        loss = _LocalCEInplace.apply(logits, targets)
-    else:
-        loss, _ = cross_entropy(logits, targets)
+    loss = per_token_loss(logits, targets, vocab_start_index, tp_group, inplace_backward)
     excess = (loss.detach() - ref_loss.reshape(-1).to(loss.dtype)).to(torch.float32 if loss.dtype != torch.float64 else torch.float64)
     seg = 0 if segment_len is None else int(segment_len)
     if seg and loss.numel() % seg:
