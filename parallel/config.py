@@ -92,5 +92,12 @@ class TrainConfig:
     stop_after: int | None = None
     """End this invocation after this step, with a checkpoint; the LR schedule still spans ``steps``
     (Megatron's --exit-interval). Continue with --resume."""
+    scores: tuple[str, ...] = ()
+    """Score stores (rho score) for the --data prefixes, in the same order: enables selective training."""
+    select_ratio: float | None = None
+    """Fraction of tokens to train on, by excess loss (Rho-1: 0.6 for 1B, 0.7 for 7B); needs scores."""
+    select_scope: Literal["sequence", "microbatch", "batch"] = "sequence"
+    """Where the top k% is taken: each sequence (default), the micro-batch across DP, or a threshold
+    from the previous global batch (docs/selective.md)."""
     data_cache: str | None = None
     """Where GPTDataset caches its sample indices (default: SAVE/data_cache)."""

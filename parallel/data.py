@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator
 
+import numpy
 import torch
 
 
@@ -38,15 +39,66 @@ class DataSpec:
     split: str
     token_ids: TokenIds
     cache_dir: str | None
+    #: score stores aligned with ``prefixes`` (same order); empty for plain training
+    scores: tuple[str, ...] = ()
+
+
+def _scored_dataset_classes():
+    """GPTDataset and its config, extended to return each sample's reference losses.
+
+    The reference losses of a sample are read with exactly the indices GPTDataset uses for its
+    tokens: ``_query_document_sample_shuffle_indices`` is run a second time with the score store in
+    place of the token dataset (both have the same document boundaries), so samples that span
+    documents, start mid-document or wrap are aligned token for token.
+    """
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    @dataclasses.dataclass
+    class ScoredGPTDatasetConfig(GPTDatasetConfig):
+        #: token dataset prefix -> score store prefix
+        score_prefixes: dict = dataclasses.field(default_factory=dict)
+
+    class _Float32AsInt32:
+        """The score store seen through ``get`` as int32 bit patterns: GPTDataset concatenates a
+        sample's parts as int64, which keeps int32 values exactly (float32 would not cast)."""
+
+        def __init__(self, scores):
+            self.scores = scores
+
+        def get(self, idx, offset=0, length=None):
+            return self.scores.get(idx, offset=offset, length=length).view(numpy.int32)
+
+    class ScoredGPTDataset(GPTDataset):
+        def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
+            super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
+            scores = config.score_prefixes.get(dataset_path)
+            self.scores = _Float32AsInt32(IndexedDataset(scores, mmap=True)) if scores else None
+
+        def __getitem__(self, idx):
+            sample = super().__getitem__(idx)
+            if self.scores is not None:
+                tokens_ds = self.dataset
+                try:
+                    self.dataset = self.scores
+                    bits, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
+                finally:
+                    self.dataset = tokens_ds
+                # bits: [seq + 1] aligned with the sample's text (padding: NaN, masked); labels = text[1:]
+                values = bits.astype(numpy.int32).view(numpy.float32)
+                sample["ref_loss"] = torch.from_numpy(values[1:].copy())
+            return sample
+
+    return ScoredGPTDataset, ScoredGPTDatasetConfig
 
 
 def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
     """(train, valid) GPTDatasets; call on every rank (megatron builds caches on rank 0 first)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+    dataset_cls, config_cls = _scored_dataset_classes()
     blend = (list(spec.prefixes), list(spec.weights) if spec.weights else None)
-    config = GPTDatasetConfig(
+    config = config_cls(
         random_seed=spec.seed,
         sequence_length=spec.seq_length,
         blend=blend,
@@ -58,9 +110,10 @@ def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
         eod_mask_loss=False,
         create_attention_mask=False,
         mmap_bin_files=True,
+        score_prefixes=dict(zip(spec.prefixes, spec.scores)),
     )
     train, valid, _test = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config
+        dataset_cls, [train_samples, valid_samples, 0], lambda: True, config
     ).build()
     return train, valid
 
@@ -87,4 +140,5 @@ class MicroBatches:
         start = self.next_sample + self.dp_rank * self.mbs
         self.next_sample += self.mbs * self.dp_size
         samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.mbs)]
-        return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        keys = ("tokens", "labels", "loss_mask", "position_ids") + (("ref_loss",) if "ref_loss" in samples[0] else ())
+        return {key: torch.stack([s[key] for s in samples]) for key in keys}

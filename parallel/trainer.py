@@ -31,6 +31,7 @@ from parallel import checkpoint as ckpt
 from parallel.config import ModelConfig, TrainConfig
 from parallel.data import DataSpec, MicroBatches, build_datasets
 from parallel.distributed import Layout
+from parallel.loss import Selection
 from parallel.model import build_model, count_parameters, model_shape
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -67,6 +68,8 @@ class RunSpec:
     datasets: tuple[DatasetRef, ...]
     run_dir: str
     config_snapshot: dict[str, Any]
+    #: score stores aligned with ``datasets`` (selective training), or empty
+    scores: tuple[DatasetRef, ...] = ()
 
     def config_hash(self) -> str:
         text = json.dumps(self.config_snapshot, sort_keys=True)
@@ -79,26 +82,16 @@ def _params_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
-def loss_fn(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Plain causal-LM loss as (sum of token losses, token count, report)."""
-    losses = output_tensor.float().reshape(-1)  # [micro_batch * seq] per-token cross-entropy
-    mask = loss_mask.float().reshape(-1)
-    loss_sum = torch.sum(losses * mask)
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
-    return loss_sum, num_tokens, {"lm": report}
+def make_forward_step(selection):
+    """megatron's forward_step_func for a selection policy (plain LM: ``Selection()``)."""
+    from parallel.loss import make_loss_func, token_losses
 
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output = token_losses(model, batch)
+        return output, make_loss_func(selection, batch["loss_mask"], batch.get("ref_loss"))
 
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    position_ids = batch["position_ids"].to(device, non_blocking=True)
-    # With labels, the last stage returns per-token losses [b, s] from megatron's vocab-parallel CE.
-    output = model(tokens, position_ids, attention_mask=None, labels=labels)
-    return output, partial(loss_fn, loss_mask)
+    return forward_step
 
 
 class _SigtermFlag:
@@ -132,6 +125,7 @@ class Trainer:
                 f"micro_batch_size {self.cfg.micro_batch_size} x data-parallel size {layout.dp}"
             )
         self.num_microbatches = self.cfg.global_batch_size // (self.cfg.micro_batch_size * layout.dp)
+        self.selection = Selection(ratio=self.cfg.select_ratio, scope=self.cfg.select_scope)
         self._build_model_and_optimizer()
         self.step = 0
         self.consumed_samples = 0
@@ -211,6 +205,7 @@ class Trainer:
             split=cfg.split,
             token_ids=_token_ids(self.spec),
             cache_dir=cfg.data_cache or str(self.run_dir / "data_cache"),
+            scores=tuple(s.prefix for s in self.spec.scores),
         )
         valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_iters > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(spec, cfg.steps * cfg.global_batch_size, valid_samples)
@@ -234,7 +229,24 @@ class Trainer:
             "config": self.spec.config_snapshot,
             "config_hash": self.spec.config_hash(),
             "optimizer": "distributed" if self.use_dist_opt else "fp32",
+            "selection": {"ratio": self.selection.ratio, "scope": self.selection.scope,
+                          "threshold": self._shared_threshold()},
+            "scores": [dataclasses.asdict(s) for s in self.spec.scores],
         }
+
+    def _shared_threshold(self) -> float | None:
+        """The batch-scope threshold, known on the last stage, broadcast so rank 0 can save it."""
+        if not (self.selection.selective and self.selection.scope == "batch"):
+            return None
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        value = torch.tensor([float("nan") if self.selection.threshold is None else self.selection.threshold],
+                             dtype=torch.float64, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        if self.layout.pp > 1:
+            dist.broadcast(value, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+        v = float(value.item())
+        return None if v != v else v
 
     def save(self) -> Path:
         self._check_finite_params()
@@ -257,6 +269,7 @@ class Trainer:
             self.step = int(manifest["step"])
             self.consumed_samples = int(manifest["consumed_samples"])
             self.scheduler.load_state_dict(manifest["scheduler"])
+            self.selection.threshold = (manifest.get("selection") or {}).get("threshold")
             self._truncate_metrics(self.step)
             self.on_event("resumed", {"step": self.step, "path": str(step_dir)})
         elif self.cfg.init:
@@ -280,28 +293,29 @@ class Trainer:
                 raise NonFiniteError(f"step {self.step}, rank {self.layout.rank}: parameter {name} is not finite; not saving")
 
     # ------------------------------------------------------------------ steps
-    def _reduce_report(self, outputs: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
-        """(mean token loss, tokens) over the global batch, known on every rank."""
+    def _reduce_report(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Metrics of the global batch (parallel.loss.summarize), known on every rank."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
+        from parallel.loss import REPORT_FIELDS, summarize
+
         device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        total = torch.zeros(2, dtype=torch.float64, device=device)
+        total = torch.zeros(len(REPORT_FIELDS), dtype=torch.float64, device=device)
         if self.is_last_stage:
             for out in outputs:
-                total += out["lm"].to(torch.float64)
+                total += out["report"].to(device=device, dtype=torch.float64)
             dist.all_reduce(total, group=ps.get_data_parallel_group())
         if self.layout.pp > 1:
             last = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
-        loss_sum, tokens = total.tolist()
-        return (loss_sum / tokens if tokens else float("nan")), tokens
+        return summarize(total.tolist())
 
-    def _forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool):
+    def _forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool, selection=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()(
-            forward_step_func=forward_step,
+            forward_step_func=make_forward_step(selection if selection is not None else self.selection),
             data_iterator=data_iterator,
             model=[self.model],
             num_microbatches=num_microbatches,
@@ -337,10 +351,12 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._forward_backward(self.train_iter, self.num_microbatches, forward_only=False)
-        loss, tokens = self._reduce_report(outputs)
+        report = self._reduce_report(outputs)
+        loss = report["loss"]
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm = self._optimizer_step(loss)
+        grad_norm = self._optimizer_step(loss if report["tokens"] else 0.0)
         self.scheduler.step(increment=1)
+        self.selection.end_step()
         self.step += 1
         self.consumed_samples += self.cfg.global_batch_size
         if torch.cuda.is_available():
@@ -348,10 +364,9 @@ class Trainer:
         dt = time.perf_counter() - t0
         return {
             "step": self.step,
-            "loss": loss,
+            **report,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": tokens,
             "step_time_s": dt,
             "tokens_per_s": self.cfg.global_batch_size * self.cfg.seq_length / dt,
             "consumed_samples": self.consumed_samples,
@@ -367,10 +382,11 @@ class Trainer:
             data = MicroBatches(self.valid_ds, 0, self.cfg.micro_batch_size, self.dp_rank, self.layout.dp)
             total_loss, total_tokens = 0.0, 0.0
             for _ in range(self.cfg.eval_iters):
-                outputs = self._forward_backward(data, self.num_microbatches, forward_only=True)
-                loss, tokens = self._reduce_report(outputs)
-                total_loss += loss * tokens
-                total_tokens += tokens
+                # validation loss: every token, whatever the training selection
+                outputs = self._forward_backward(data, self.num_microbatches, forward_only=True, selection=Selection())
+                report = self._reduce_report(outputs)
+                total_loss += report["all_tokens_loss"] * report["tokens"]
+                total_tokens += report["tokens"]
         finally:
             self.model.train()
         return total_loss / total_tokens if total_tokens else None
@@ -435,6 +451,8 @@ class Trainer:
             "data": ", ".join(d.prefix + (f":{d.weight}" if d.weight is not None else "") for d in self.spec.datasets),
             "batch": f"{cfg.global_batch_size} x {cfg.seq_length} tokens = {self.num_microbatches} micro-batches of "
                      f"{cfg.micro_batch_size} per DP rank",
+            "selection": (f"top {cfg.select_ratio:.0%} by excess loss per {cfg.select_scope}; scores "
+                          + ", ".join(s.prefix for s in self.spec.scores)) if self.selection.selective else "all tokens (causal LM)",
             "optimizer": f"{cfg.optimizer} ({'distributed' if self.use_dist_opt else 'fp32'}), lr {cfg.lr} "
                          f"warmup {cfg.warmup_steps} {cfg.lr_decay_style} to {cfg.min_lr}, clip {cfg.clip_grad}",
             "steps": f"{self.step} -> {cfg.steps}",

@@ -17,6 +17,7 @@ from rhocli import __version__
 from rhocli.commands import stage
 from rhocli.commands.bench import bench_app
 from rhocli.commands.tokenize import tokenize_command
+from rhocli.commands.score import score_command
 from rhocli.commands.train import train_command
 
 app = typer.Typer(
@@ -56,8 +57,11 @@ app.command("train", help="Train a causal LM on megatron-core with TP/PP/DP; che
     stage(train_command)
 )
 
+app.command("score", help="Score a token dataset with a reference model: per-token losses aligned to its documents.")(
+    stage(score_command)
+)
+
 _PENDING_STAGES = {
-    "score": "Score a token dataset with a reference model: per-token losses aligned to its documents.",
     "select": "Offline token selection from scores (excess or reference loss), with an HTML report.",
     "convert-hf": "Convert a rho checkpoint to a Hugging Face model directory, or import one.",
     "demo": "Run the whole pipeline on a small embedded corpus (CPU, minutes) and compare CLM vs SLM.",

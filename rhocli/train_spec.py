@@ -173,6 +173,8 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         if diff:
             raise MismatchError(f"{label} {step_dir}: model shape differs from {config_path} in {', '.join(diff)}")
 
+    scores = _check_scores(cfg, refs)
+
     snapshot = {"model": config_to_dict(model_cfg), "train": config_to_dict(cfg)}
     spec = RunSpec(
         model=model_cfg,
@@ -183,8 +185,42 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         datasets=tuple(refs),
         run_dir=str(run_dir),
         config_snapshot=snapshot,
+        scores=scores,
     )
     return spec, world_size
+
+
+def _check_scores(cfg, refs):
+    """Score stores for selective training: one per --data prefix, made from exactly its tokens."""
+    from parallel.scores import ScoreStoreError, read_scores_manifest
+    from parallel.trainer import DatasetRef
+
+    if cfg.select_ratio is None:
+        if cfg.scores:
+            raise UsageError("--scores needs --select-ratio (the fraction of tokens to train on)")
+        return ()
+    if not 0.0 < cfg.select_ratio <= 1.0:
+        raise UsageError(f"--select-ratio must be in (0, 1], got {cfg.select_ratio}")
+    if not cfg.scores:
+        raise UsageError("--select-ratio needs --scores SCORES_PREFIX (from rho score), one per --data")
+    if len(cfg.scores) != len(refs):
+        raise UsageError(f"--scores: give one score store per --data prefix ({len(refs)}), in the same order")
+    out = []
+    for prefix, ref in zip(cfg.scores, refs):
+        try:
+            manifest = read_scores_manifest(prefix)
+        except ScoreStoreError as err:
+            raise MissingInputError(f"--scores {err}") from None
+        made_from = (manifest.get("token_dataset") or {}).get("fingerprint")
+        if made_from != ref.fingerprint:
+            raise MismatchError(
+                f"--scores {prefix}: scores token dataset {made_from}, not --data {ref.prefix} ({ref.fingerprint})"
+            )
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).is_file():
+                raise MissingInputError(f"--scores {prefix}{ext}: score store file not found")
+        out.append(DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", "")))
+    return tuple(out)
 
 
 def _init_dir(init: str | None):
@@ -208,6 +244,7 @@ def spec_from_dict(d: dict[str, Any]):
 
     train = dict(d["train"])
     train["data"] = tuple(train["data"])
+    train["scores"] = tuple(train.get("scores") or ())
     return RunSpec(
         model=ModelConfig(**d["model"]),
         train=TrainConfig(**train),
@@ -217,4 +254,5 @@ def spec_from_dict(d: dict[str, Any]):
         datasets=tuple(DatasetRef(**r) for r in d["datasets"]),
         run_dir=d["run_dir"],
         config_snapshot=d["config_snapshot"],
+        scores=tuple(DatasetRef(**r) for r in d.get("scores") or ()),
     )

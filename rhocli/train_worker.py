@@ -44,7 +44,7 @@ def run_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] | None:
         destroy_distributed()
 
 
-def launched_worker(spec_dict: dict[str, Any], error_dir: str, quiet: bool) -> dict[str, Any] | None:
+def launched_worker(spec_dict: dict[str, Any], quiet: bool, error_dir: str) -> dict[str, Any] | None:
     """Entry point of each process the launcher starts (must be importable: spawn)."""
     from rhocli.commands.train_render import TrainRenderer
     from rhocli.megatron_io import quiet_megatron
@@ -54,17 +54,17 @@ def launched_worker(spec_dict: dict[str, Any], error_dir: str, quiet: bool) -> d
     try:
         return run_rank(spec_dict, on_event=renderer)
     except RhoError as err:
-        _report(error_dir, err.exit_code, str(err))
+        report_error(error_dir, err.exit_code, str(err))
         sys.exit(err.exit_code)
     except Exception as err:  # a bug: report it as such, with its type
-        _report(error_dir, 1, f"internal error on rank {os.environ.get('RANK')}: {type(err).__name__}: {err}")
+        report_error(error_dir, 1, f"internal error on rank {os.environ.get('RANK')}: {type(err).__name__}: {err}")
         raise
     finally:
         if renderer is not None:
             renderer.close()
 
 
-def _report(error_dir: str, code: int, message: str) -> None:
+def report_error(error_dir: str, code: int, message: str) -> None:
     path = Path(error_dir) / f"rank{int(os.environ.get('RANK', 0)):05d}.json"
     path.write_text(json.dumps({"code": code, "message": message}))
 

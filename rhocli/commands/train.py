@@ -1,10 +1,15 @@
-"""``rho train``: causal-LM training on megatron-core with TP / PP / DP, checkpoints, exact resume.
+"""``rho train``: causal-LM or selective (Rho-1 SLM) training on megatron-core with TP / PP / DP,
+checkpoints, exact resume.
 
 CPU (gloo; rho starts tp x pp x dp worker processes itself):
 
     rho train configs/tiny.yaml --data out/gsm8k --save runs/ref --steps 200
     rho train configs/tiny.yaml --data out/gsm8k --save runs/ref --tp 2 --pp 2
     rho train configs/tiny.yaml --data out/gsm8k --save runs/ref --resume      # continue exactly
+
+Selective language modeling (scores from ``rho score`` with a reference model):
+
+    rho train configs/tiny.yaml --data out/corpus --scores out/corpus.ref --select-ratio 0.6 --save runs/slm
 
 One GPU (NCCL, bf16):
 
@@ -19,21 +24,12 @@ Multi-node: plain torchrun, one agent per node; each process runs as a worker di
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from rhocli.console import out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(
@@ -54,6 +50,9 @@ def train_command(
     save_interval: Annotated[Optional[int], typer.Option("--save-interval", help="Checkpoint every N steps (0: at the end).")] = None,
     eval_interval: Annotated[Optional[int], typer.Option("--eval-interval", help="Validation loss every N steps.")] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="End after step N with a checkpoint; the LR schedule still spans --steps.")] = None,
+    scores: Annotated[Optional[list[str]], typer.Option("--scores", help="Score store (rho score) per --data prefix: selective training.")] = None,
+    select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Train on this fraction of tokens, by excess loss (e.g. 0.6).")] = None,
+    select_scope: Annotated[Optional[str], typer.Option("--select-scope", help="sequence (default), microbatch or batch.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any option: train.KEY=VALUE or model.KEY=VALUE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Reuse a run directory that holds checkpoints (start over).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
@@ -61,7 +60,6 @@ def train_command(
 ) -> None:
     """Train a causal LM on megatron-core with TP / PP / DP."""
     from rhocli.config import write_resolved_config
-    from rhocli.errors import WorkerError
     from rhocli.megatron_io import quiet_megatron
 
     quiet_megatron()
@@ -72,7 +70,12 @@ def train_command(
         "resume": resume, "init": init, "lr": lr, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
         "eval_interval": eval_interval, "stop_after": stop_after,
+        "scores": tuple(scores) if scores else None, "select_ratio": select_ratio, "select_scope": select_scope,
     }
+    if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):
+        from rhocli.errors import UsageError
+
+        raise UsageError(f"--select-scope: expected sequence, microbatch or batch, got {select_scope!r}")
     model_cfg, train_cfg = load_run_configs(config, flags, list(set_ or []))
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     spec, world = build_run_spec(model_cfg, train_cfg, config, force=force,
@@ -90,51 +93,18 @@ def train_command(
     spec_dict = spec_to_dict(spec)
 
     from rhocli.commands.train_render import TrainRenderer
-    from rhocli.train_worker import first_reported_error, launched_worker, run_rank
+    from rhocli.launch import run_ranks
+    from rhocli.train_worker import launched_worker, run_rank
 
-    if under_torchrun or world == 1:
-        if not under_torchrun:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+    def in_process() -> None:
         renderer = None if quiet else TrainRenderer()
         try:
             run_rank(spec_dict, on_event=renderer)
         finally:
             if renderer is not None:
                 renderer.close()
-        return
 
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    error_dir = tempfile.mkdtemp(prefix="rho-train-errors-")
-    launch = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
-        start_method="spawn", monitor_interval=0.5, shutdown_timeout=600,
-    )
-    try:
-        elastic_launch(launch, launched_worker)(spec_dict, error_dir, quiet)
-    except ChildFailedError as err:
-        reported = first_reported_error(error_dir)
-        if reported is None:
-            raise WorkerError(f"a training worker died without a message ({_failure_summary(err)})") from None
-        code, message = reported
-        raise _error_for(code, message) from None
-
-
-def _failure_summary(err) -> str:
-    failures = getattr(err, "failures", {}) or {}
-    return ", ".join(f"rank {rank}: exit {f.exitcode}" for rank, f in sorted(failures.items())) or str(err)
-
-
-def _error_for(code: int, message: str):
-    from rhocli import errors
-
-    for cls in vars(errors).values():
-        if isinstance(cls, type) and issubclass(cls, errors.RhoError) and cls.exit_code == code and cls is not errors.RhoError:
-            return cls(message)
-    return errors.WorkerError(message)
+    run_ranks(world, in_process, launched_worker, (spec_dict, quiet))
 
 
 def _print_plan(spec, world: int) -> None:

@@ -26,7 +26,7 @@ class TrainRenderer:
         table = Table(title="rho train", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column()
-        for key in ("layout", "backend", "parameters", "vocab", "precision", "data", "batch", "optimizer", "steps", "config_hash", "run_dir"):
+        for key in ("layout", "backend", "parameters", "vocab", "precision", "data", "selection", "batch", "optimizer", "steps", "config_hash", "run_dir"):
             value = p[key]
             if key == "parameters":
                 value = f"{human_count(value)} ({value:,})"
@@ -59,7 +59,11 @@ class TrainRenderer:
             self._progress.update(self._task, completed=m["step"], **fields)
         elif time.monotonic() - self._last_line >= 10 or "valid_loss" in m:
             self._last_line = time.monotonic()
-            out.print(f"step {m['step']}  loss {fields['loss']}  lr {fields['lr']}  gnorm {fields['gnorm']}  {fields['tps']} tok/s")
+            extra = ""
+            if "kept_fraction" in m and "mean_excess" in m:
+                extra = (f"  kept {m['kept_fraction']:.2f}  excess {m['mean_excess']:.3f}  "
+                         f"kept/dropped {m['kept_loss']:.3f}/{m['dropped_loss']:.3f}  ref {m['ref_loss']:.3f}")
+            out.print(f"step {m['step']}  loss {fields['loss']}  lr {fields['lr']}  gnorm {fields['gnorm']}  {fields['tps']} tok/s{extra}")
         if m.get("valid_loss") is not None:
             self._print(f"step {m['step']}: validation loss {m['valid_loss']:.4f}")
 
