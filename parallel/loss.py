@@ -30,6 +30,12 @@ import torch
 Scope = Literal["sequence", "microbatch", "batch"]
 
 # report layout (float64 sums over tokens; reduced over micro-batches and DP for logging)
+#: Selection ranks the excess rounded to this many nats. fp32 reductions differ between TP sizes by
+#: ~1e-7 (row-parallel all-reduce order), which would flip near-ties at the k-th place and make a
+#: TP2 run select other tokens than a TP1 run; on a 1/1024-nat grid the ranking is the same unless a
+#: value sits within ~1e-7 of a grid edge at the boundary, and ties on the grid go to the lower index.
+EXCESS_QUANTUM = 1.0 / 1024
+
 REPORT_FIELDS = ("kept_loss_sum", "kept", "loss_sum", "tokens", "ref_sum", "excess_sum", "kept_ref_sum")
 
 
@@ -81,6 +87,7 @@ class Selection:
         if not self.selective:
             return candidate
         excess = (losses.detach() - ref_loss.to(losses.dtype)).float()
+        excess = torch.round(excess / EXCESS_QUANTUM) * EXCESS_QUANTUM
         b, s = losses.shape
         if self.scope == "batch":
             self._step_excess.append(torch.where(candidate, excess, torch.full_like(excess, float("nan"))).reshape(-1))
