@@ -18,6 +18,7 @@ from rhocli.commands import stage
 from rhocli.commands.bench import bench_app
 from rhocli.commands.tokenize import tokenize_command
 from rhocli.commands.score import score_command
+from rhocli.commands.select import select_command
 from rhocli.commands.train import train_command
 
 app = typer.Typer(
@@ -61,8 +62,11 @@ app.command("score", help="Score a token dataset with a reference model: per-tok
     stage(score_command)
 )
 
+app.command("select", help="Offline token selection from scores (excess or reference loss), with an HTML report.")(
+    stage(select_command)
+)
+
 _PENDING_STAGES = {
-    "select": "Offline token selection from scores (excess or reference loss), with an HTML report.",
     "convert-hf": "Convert a rho checkpoint to a Hugging Face model directory, or import one.",
     "demo": "Run the whole pipeline on a small embedded corpus (CPU, minutes) and compare CLM vs SLM.",
 }

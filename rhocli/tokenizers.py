@@ -190,6 +190,7 @@ def resolve_tokenizer_path(path: str | os.PathLike) -> tuple[TokenizerKind, Path
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     kind, file = resolve_tokenizer_path(path)
+    file = file.resolve()  # manifests record where the tokenizer is, independent of the working directory
     if not os.access(file, os.R_OK):
         raise MissingInputError(f"{file}: tokenizer file is not readable")
     if kind == "sentencepiece":

@@ -1,0 +1,43 @@
+"""``rho select``: offline token selection from score stores, as a mask store (+ an HTML report).
+
+CPU (selection is cheap; no GPU needed, no distributed run):
+
+    rho select --scores out/corpus.ref --base-scores out/corpus.base --ratio 0.6 --output out/corpus.mask
+    rho select --scores out/corpus.ref --score reference --ratio 0.6 --scope global --output out/m --report sel.html
+
+On one GPU / under torchrun: the same command (it reads and writes files only).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+
+def select_command(
+    scores: Annotated[str, typer.Option("--scores", help="Reference-model score store (rho score).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Mask store prefix: writes PREFIX.bin/.idx/.json.")],
+    ratio: Annotated[float, typer.Option("--ratio", help="Fraction of tokens to keep.")] = 0.6,
+    base_scores: Annotated[Optional[str], typer.Option("--base-scores", help="Base-model score store of the same tokens (for --score excess).")] = None,
+    scope: Annotated[str, typer.Option("--scope", help="document (top k of each document) or global.")] = "document",
+    score: Annotated[str, typer.Option("--score", help="excess (base - reference, high kept) or reference (low reference loss kept).")] = "excess",
+    report: Annotated[Optional[str], typer.Option("--report", help="Also write a self-contained HTML report of the selection.")] = None,
+    report_documents: Annotated[int, typer.Option(help="Documents shown in the report.")] = 20,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
+) -> None:
+    """Select tokens offline by excess (or reference) loss: a mask store aligned to the tokens."""
+    from rhocli.console import out
+    from rhocli.errors import UsageError
+    from rhocli.select import SelectConfig, run_select
+
+    if scope not in ("document", "global"):
+        raise UsageError(f"--scope: expected document or global, got {scope!r}")
+    if score not in ("excess", "reference"):
+        raise UsageError(f"--score: expected excess or reference, got {score!r}")
+    summary = run_select(SelectConfig(scores=scores, output=output, ratio=ratio, base_scores=base_scores, scope=scope,
+                                      score=score, report=report, report_documents=report_documents, force=force))
+    out.print(f"[green]wrote[/] {summary.output}.bin/.idx/.json: kept {summary.kept:,} of {summary.tokens:,} tokens "
+              f"({summary.kept / max(summary.tokens, 1):.1%}) in {summary.documents:,} documents")
+    if report:
+        out.print(f"[green]wrote[/] {report}")

@@ -1,0 +1,151 @@
+"""``rho select`` as a library: static token selection from score stores, written as a mask store.
+
+Scores per token (document-aligned, from ``rho score``):
+
+* ``excess``    = base-model loss − reference loss (``--base-scores`` needed): high excess is kept
+                  (TokenCleaning's static selection; Rho-1's criterion with a frozen training model);
+* ``reference`` = − reference loss: the tokens the reference model finds most predictable are kept.
+
+Scopes: top k of each ``document``, or of the ``global`` corpus. k = floor(ratio · n + 0.5) (the
+rounding of the fused op); ties go to the lower token index; NaN scores rank last. Output: a mask
+store ``MASK.bin/.idx`` (IndexedDataset of uint8 0/1, same document boundaries) + ``MASK.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from rhocli.errors import MismatchError, MissingInputError, UsageError
+from rhocli.formats.atomic import StagedOutput
+
+MASK_FORMAT = "rho.mask"
+MASK_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectConfig:
+    scores: str
+    output: str
+    ratio: float
+    base_scores: str | None = None
+    scope: Literal["document", "global"] = "document"
+    score: Literal["excess", "reference"] = "excess"
+    report: str | None = None
+    report_documents: int = 20
+    force: bool = False
+
+
+@dataclasses.dataclass
+class SelectSummary:
+    output: str
+    documents: int
+    tokens: int
+    kept: int
+    mean_score: float
+    per_document_kept: dict[str, float]
+
+
+def _load_store(prefix: str, label: str):
+    from parallel.scores import ScoreStoreError, read_scores_manifest
+    from rhocli.megatron_io import indexed_dataset
+
+    try:
+        manifest = read_scores_manifest(prefix)
+    except ScoreStoreError as err:
+        raise MissingInputError(f"{label} {err}") from None
+    for ext in (".bin", ".idx"):
+        if not Path(prefix + ext).is_file():
+            raise MissingInputError(f"{label} {prefix}{ext}: score store file not found")
+    ds = indexed_dataset().IndexedDataset(prefix, mmap=True)
+    lengths = np.array(ds.sequence_lengths, dtype=np.int64)
+    values = np.fromfile(prefix + ".bin", dtype=np.float32)
+    return manifest, lengths, values
+
+
+def selection_k(n: int, ratio: float) -> int:
+    return min(n, max(0, int(math.floor(ratio * n + 0.5))))
+
+
+def top_k_mask(values: np.ndarray, k: int) -> np.ndarray:
+    """bool mask of the k largest values; ties to the lower index; NaN last."""
+    n = values.size
+    mask = np.zeros(n, dtype=bool)
+    if k <= 0:
+        return mask
+    if k >= n:
+        mask[:] = True
+        return mask
+    keys = np.where(np.isnan(values), -np.inf, values)
+    # stable sort on -key keeps index order among equal keys: lower index first
+    order = np.argsort(-keys, kind="stable")
+    mask[order[:k]] = True
+    return mask
+
+
+def run_select(cfg: SelectConfig) -> SelectSummary:
+    if not 0.0 <= cfg.ratio <= 1.0:
+        raise UsageError(f"--ratio must be in [0, 1], got {cfg.ratio}")
+    if cfg.score == "excess" and not cfg.base_scores:
+        raise UsageError("--score excess needs --base-scores (the base model's scores of the same tokens)")
+    ref_manifest, lengths, ref = _load_store(cfg.scores, "--scores")
+    token_fp = (ref_manifest.get("token_dataset") or {}).get("fingerprint")
+    if cfg.score == "excess":
+        base_manifest, base_lengths, base = _load_store(cfg.base_scores, "--base-scores")
+        if (base_manifest.get("token_dataset") or {}).get("fingerprint") != token_fp or not np.array_equal(base_lengths, lengths):
+            raise MismatchError(f"--base-scores {cfg.base_scores}: scores other tokens than --scores {cfg.scores}")
+        values = base - ref
+    else:
+        values = -ref
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    if cfg.scope == "global":
+        mask = top_k_mask(values, selection_k(values.size, cfg.ratio))
+    else:
+        mask = np.zeros(values.size, dtype=bool)
+        for d in range(lengths.size):
+            a, b = ends[d], ends[d + 1]
+            mask[a:b] = top_k_mask(values[a:b], selection_k(int(b - a), cfg.ratio))
+    kept_per_doc = np.array([mask[ends[d]:ends[d + 1]].mean() if lengths[d] else 0.0 for d in range(lengths.size)])
+    finite = values[np.isfinite(values)]
+    hist, edges = np.histogram(finite, bins=40) if finite.size else (np.zeros(0), np.zeros(1))
+    outputs = [Path(cfg.output + ".bin"), Path(cfg.output + ".idx"), Path(cfg.output + ".json")]
+    report_path = Path(cfg.report) if cfg.report else None
+    from rhocli.megatron_io import indexed_dataset
+
+    with StagedOutput(outputs, force=cfg.force) as stage:
+        builder = indexed_dataset().IndexedDatasetBuilder(str(stage.path(outputs[0])), dtype=np.uint8)
+        for d in range(lengths.size):
+            builder.add_document(mask[ends[d]:ends[d + 1]].astype(np.uint8), [int(lengths[d])])
+        builder.finalize(str(stage.path(outputs[1])))
+        digest = hashlib.sha256(stage.path(outputs[1]).read_bytes() + stage.path(outputs[0]).read_bytes())
+        manifest = {
+            "format": MASK_FORMAT, "format_version": MASK_FORMAT_VERSION,
+            "fingerprint": "sha256:" + digest.hexdigest(),
+            "token_dataset": ref_manifest.get("token_dataset"),
+            "scores": {"reference": {"prefix": cfg.scores, "fingerprint": ref_manifest.get("fingerprint")},
+                       "base": ({"prefix": cfg.base_scores} if cfg.base_scores else None)},
+            "selection": {"score": cfg.score, "scope": cfg.scope, "ratio": cfg.ratio,
+                          "rounding": "k = floor(ratio * n + 0.5); ties to the lower index; NaN last"},
+            "kept": int(mask.sum()), "tokens": int(mask.size),
+            "statistics": {
+                "score_histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in hist]},
+                "kept_fraction_per_document": {q: float(np.percentile(kept_per_doc, p)) for q, p in
+                                               (("min", 0), ("p10", 10), ("median", 50), ("p90", 90), ("max", 100))}
+                if kept_per_doc.size else {},
+            },
+        }
+        stage.path(outputs[2]).write_text(json.dumps(manifest, indent=2) + "\n")
+        stage.commit()
+    if report_path is not None:
+        from rhocli.report import write_selection_report
+
+        write_selection_report(report_path, ref_manifest, lengths, values, mask, ref, cfg, hist, edges, force=cfg.force)
+    return SelectSummary(cfg.output, int(lengths.size), int(mask.size), int(mask.sum()),
+                         float(finite.mean()) if finite.size else float("nan"),
+                         manifest["statistics"]["kept_fraction_per_document"])

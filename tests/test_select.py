@@ -1,0 +1,133 @@
+"""rho select: offline masks against an independent numpy selection, read back with megatron's own
+IndexedDataset; the HTML report rendered by a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CORPUS, write_jsonl
+from rho_cli import run_rho
+
+
+def _fake_scores(prefix: Path, token_prefix: Path, values_per_doc: list[np.ndarray], fingerprint: str) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.float32)
+    for v in values_per_doc:
+        builder.add_document(v.astype(np.float32), [len(v)])
+    builder.finalize(str(prefix) + ".idx")
+    Path(str(prefix) + ".json").write_text(json.dumps({
+        "format": "rho.scores", "format_version": 1, "fingerprint": "sha256:test",
+        "token_dataset": {"prefix": str(token_prefix), "fingerprint": fingerprint},
+    }))
+
+
+@pytest.fixture()
+def scored(tmp_path, hf_tokenizer_dir, capsys):
+    from rhocli.formats.tokens import TokenDataset
+
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS[:30]])
+    assert run_rho(capsys, "tokenize", tmp_path / "c.jsonl", "-t", hf_tokenizer_dir, "-o", tmp_path / "c", "-w", "1").exit_code == 0
+    ds = TokenDataset(tmp_path / "c")
+    lengths = ds.document_lengths()
+    rng = np.random.default_rng(0)
+    ref = [rng.random(n).astype(np.float32) * 5 for n in lengths]
+    base = [r + rng.normal(0, 1, len(r)).astype(np.float32) for r in ref]
+    base[0][:4] = ref[0][:4] + 2.0  # exact ties in excess: the lower index must win
+    _fake_scores(tmp_path / "ref", tmp_path / "c", ref, ds.fingerprint())
+    _fake_scores(tmp_path / "base", tmp_path / "c", base, ds.fingerprint())
+    return tmp_path, ds, ref, base
+
+
+def _mask(prefix: Path) -> list[np.ndarray]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(str(prefix))
+    return [ds[i].astype(bool).copy() for i in range(len(ds))]
+
+
+def _expected_top(values: np.ndarray, ratio: float) -> np.ndarray:
+    k = int(np.floor(ratio * values.size + 0.5))
+    order = sorted(range(values.size), key=lambda i: (-values[i], i))  # independent of rho's code
+    out = np.zeros(values.size, dtype=bool)
+    out[order[:k]] = True
+    return out
+
+
+def test_excess_per_document(scored, capsys):
+    d, ds, ref, base = scored
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--base-scores", d / "base", "--ratio", "0.6",
+                "--output", d / "m")
+    assert r.exit_code == 0, r.stderr
+    got = _mask(d / "m")
+    assert len(got) == ds.num_documents
+    for i, (b, rf) in enumerate(zip(base, ref)):
+        assert np.array_equal(got[i], _expected_top(b.astype(np.float64) - rf, 0.6)), i
+    assert got[0][:4].sum() in (0, 4) or list(got[0][:4]) == sorted(got[0][:4], reverse=True)
+    manifest = json.loads((d / "m.json").read_text())
+    assert manifest["format"] == "rho.mask" and manifest["kept"] == sum(int(m.sum()) for m in got)
+
+
+def test_reference_global(scored, capsys):
+    d, ds, ref, _ = scored
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--score", "reference", "--scope", "global",
+                "--ratio", "0.25", "--output", d / "g")
+    assert r.exit_code == 0, r.stderr
+    got = np.concatenate(_mask(d / "g"))
+    assert np.array_equal(got, _expected_top(-np.concatenate(ref).astype(np.float64), 0.25))
+
+
+def test_bad_inputs(scored, capsys, tmp_path):
+    d, ds, ref, base = scored
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--ratio", "0.5", "--output", d / "x")
+    assert r.exit_code == 2 and "--base-scores" in r.stderr
+    _fake_scores(d / "other", d / "c", base, "sha256:someone-else")
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--base-scores", d / "other", "--ratio", "0.5", "--output", d / "x")
+    assert r.exit_code == 6 and "scores other tokens" in r.stderr
+    r = run_rho(capsys, "select", "--scores", d / "nope", "--score", "reference", "--output", d / "x")
+    assert r.exit_code == 3
+    assert run_rho(capsys, "select", "--scores", d / "ref", "--score", "reference", "--output", d / "x").exit_code == 0
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--score", "reference", "--output", d / "x")
+    assert r.exit_code == 5
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="Debian's chromium is not installed")
+def test_report_renders_in_headless_chromium(scored, capsys):
+    from rhocli.tokenizers import load_tokenizer
+
+    d, ds, ref, base = scored
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--base-scores", d / "base", "--ratio", "0.5",
+                "--output", d / "m", "--report", d / "report.html", "--report-documents", "3")
+    assert r.exit_code == 0, r.stderr
+    proc = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", f"--user-data-dir={d / 'chrome'}", "--dump-dom",
+         (d / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    dom = proc.stdout
+    assert "<h1>rho select: excess top 50% per document</h1>" in dom, proc.stderr[-2000:]
+    # the first document's tokens appear in order, one span each, and read as the tokenizer decodes them
+    import html
+    import re
+
+    tok = load_tokenizer(json.loads((d / "c.json").read_text())["tokenizer"]["path"])
+    first_section = dom.split('<section class="doc">')[1]
+    spans = re.findall(r'<span class="[kd]"[^>]*>(.*?)</span>', first_section)
+    ids = ds.document(0).tolist()
+    assert len(spans) == len(ids)
+    text = "".join(html.unescape(s) for s in spans)
+    assert text.startswith(tok.decode(ids[:-1]))  # the last token is the end-of-document marker
+    sections = "".join(dom.split('<section class="doc">')[1:])
+    all_spans = re.findall(r'<span class="([kd])"', sections)
+    assert len(all_spans) == int(sum(ds.document_lengths()[:3]))
+    assert "k" in all_spans and "d" in all_spans and "<svg" in dom
