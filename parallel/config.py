@@ -99,5 +99,8 @@ class TrainConfig:
     select_scope: Literal["sequence", "microbatch", "batch"] = "sequence"
     """Where the top k% is taken: each sequence (default), the micro-batch across DP, or a threshold
     from the previous global batch (docs/selective.md)."""
+    masks: tuple[str, ...] = ()
+    """Static token masks (rho select) for the --data prefixes, in the same order: only tokens with
+    mask 1 are trained on (and counted)."""
     data_cache: str | None = None
     """Where GPTDataset caches its sample indices (default: SAVE/data_cache)."""

@@ -41,6 +41,8 @@ class DataSpec:
     cache_dir: str | None
     #: score stores aligned with ``prefixes`` (same order); empty for plain training
     scores: tuple[str, ...] = ()
+    #: static mask stores (rho select) aligned with ``prefixes``; empty: every token
+    masks: tuple[str, ...] = ()
 
 
 def _scored_dataset_classes():
@@ -58,6 +60,8 @@ def _scored_dataset_classes():
     class ScoredGPTDatasetConfig(GPTDatasetConfig):
         #: token dataset prefix -> score store prefix
         score_prefixes: dict = dataclasses.field(default_factory=dict)
+        #: token dataset prefix -> mask store prefix
+        mask_prefixes: dict = dataclasses.field(default_factory=dict)
 
     class _Float32AsInt32:
         """The score store seen through ``get`` as int32 bit patterns: GPTDataset concatenates a
@@ -74,16 +78,26 @@ def _scored_dataset_classes():
             super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
             scores = config.score_prefixes.get(dataset_path)
             self.scores = _Float32AsInt32(IndexedDataset(scores, mmap=True)) if scores else None
+            masks = config.mask_prefixes.get(dataset_path)
+            self.masks = IndexedDataset(masks, mmap=True) if masks else None
+
+        def _aligned(self, store, idx):
+            """The store's values for sample ``idx``, sliced exactly as its tokens are."""
+            tokens_ds = self.dataset
+            try:
+                self.dataset = store
+                values, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
+            finally:
+                self.dataset = tokens_ds
+            return values
 
         def __getitem__(self, idx):
             sample = super().__getitem__(idx)
+            if self.masks is not None:
+                keep = self._aligned(self.masks, idx)[1:] > 0  # uint8 0/1 (padding: -1, dropped)
+                sample["loss_mask"] = sample["loss_mask"] * torch.from_numpy(keep.astype("float32"))
             if self.scores is not None:
-                tokens_ds = self.dataset
-                try:
-                    self.dataset = self.scores
-                    bits, _ = self._query_document_sample_shuffle_indices(0 if idx is None else idx)
-                finally:
-                    self.dataset = tokens_ds
+                bits = self._aligned(self.scores, idx)
                 # bits: [seq + 1] aligned with the sample's text (padding: NaN, masked); labels = text[1:]
                 values = bits.astype(numpy.int32).view(numpy.float32)
                 sample["ref_loss"] = torch.from_numpy(values[1:].copy())
@@ -111,6 +125,7 @@ def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
         create_attention_mask=False,
         mmap_bin_files=True,
         score_prefixes=dict(zip(spec.prefixes, spec.scores)),
+        mask_prefixes=dict(zip(spec.prefixes, spec.masks)),
     )
     train, valid, _test = BlendedMegatronDatasetBuilder(
         dataset_cls, [train_samples, valid_samples, 0], lambda: True, config

@@ -70,6 +70,8 @@ class RunSpec:
     config_snapshot: dict[str, Any]
     #: score stores aligned with ``datasets`` (selective training), or empty
     scores: tuple[DatasetRef, ...] = ()
+    #: static mask stores aligned with ``datasets`` (rho select), or empty
+    masks: tuple[DatasetRef, ...] = ()
 
     def config_hash(self) -> str:
         text = json.dumps(self.config_snapshot, sort_keys=True)
@@ -206,6 +208,7 @@ class Trainer:
             token_ids=_token_ids(self.spec),
             cache_dir=cfg.data_cache or str(self.run_dir / "data_cache"),
             scores=tuple(s.prefix for s in self.spec.scores),
+            masks=tuple(m.prefix for m in self.spec.masks),
         )
         valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_iters > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(spec, cfg.steps * cfg.global_batch_size, valid_samples)
@@ -232,6 +235,7 @@ class Trainer:
             "selection": {"ratio": self.selection.ratio, "scope": self.selection.scope,
                           "threshold": self._shared_threshold()},
             "scores": [dataclasses.asdict(s) for s in self.spec.scores],
+            "masks": [dataclasses.asdict(m) for m in self.spec.masks],
         }
 
     def _shared_threshold(self) -> float | None:

@@ -174,6 +174,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
             raise MismatchError(f"{label} {step_dir}: model shape differs from {config_path} in {', '.join(diff)}")
 
     scores = _check_scores(cfg, refs)
+    masks = _check_masks(cfg, refs)
 
     snapshot = {"model": config_to_dict(model_cfg), "train": config_to_dict(cfg)}
     spec = RunSpec(
@@ -186,8 +187,34 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         run_dir=str(run_dir),
         config_snapshot=snapshot,
         scores=scores,
+        masks=masks,
     )
     return spec, world_size
+
+
+def _check_masks(cfg, refs):
+    """Static masks (rho select): one per --data prefix, made for exactly its tokens."""
+    import json
+
+    from parallel.trainer import DatasetRef
+
+    if not cfg.masks:
+        return ()
+    if len(cfg.masks) != len(refs):
+        raise UsageError(f"--mask: give one mask store per --data prefix ({len(refs)}), in the same order")
+    out = []
+    for prefix, ref in zip(cfg.masks, refs):
+        path = Path(prefix + ".json")
+        if not path.is_file() or not Path(prefix + ".bin").is_file() or not Path(prefix + ".idx").is_file():
+            raise MissingInputError(f"--mask {prefix}: mask store not found (PREFIX.bin/.idx/.json from rho select)")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != "rho.mask":
+            raise MismatchError(f"--mask {path}: not a rho mask store")
+        made_for = (manifest.get("token_dataset") or {}).get("fingerprint")
+        if made_for != ref.fingerprint:
+            raise MismatchError(f"--mask {prefix}: masks token dataset {made_for}, not --data {ref.prefix} ({ref.fingerprint})")
+        out.append(DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", "")))
+    return tuple(out)
 
 
 def _check_scores(cfg, refs):
@@ -245,6 +272,7 @@ def spec_from_dict(d: dict[str, Any]):
     train = dict(d["train"])
     train["data"] = tuple(train["data"])
     train["scores"] = tuple(train.get("scores") or ())
+    train["masks"] = tuple(train.get("masks") or ())
     return RunSpec(
         model=ModelConfig(**d["model"]),
         train=TrainConfig(**train),
@@ -255,4 +283,5 @@ def spec_from_dict(d: dict[str, Any]):
         run_dir=d["run_dir"],
         config_snapshot=d["config_snapshot"],
         scores=tuple(DatasetRef(**r) for r in d.get("scores") or ()),
+        masks=tuple(DatasetRef(**r) for r in d.get("masks") or ()),
     )

@@ -215,3 +215,20 @@ def test_scores_of_other_tokens_are_refused(corpus, tmp_path, hf_tokenizer_dir):
     assert r.returncode == 6 and "scores token dataset" in r.stderr
     r = rho("train", config, "--data", d / "c", "--save", tmp_path / "run", "--select-ratio", "0.6", check=False)
     assert r.returncode == 2 and "needs --scores" in r.stderr
+
+
+def test_static_mask_from_rho_select(corpus, tmp_path):
+    """rho train --mask: an all-ones mask is plain training bit for bit; a 50 % mask from rho select
+    trains on (about) half of the tokens."""
+    d, config = corpus
+    rho("select", "--scores", d / "c.ref", "--score", "reference", "--ratio", "1.0", "--output", tmp_path / "all")
+    rho("select", "--scores", d / "c.ref", "--score", "reference", "--ratio", "0.5", "--output", tmp_path / "half")
+    common = ("--data", d / "c", "--init", d / "ref", "--steps", 2, "-q")
+    rho("train", config, *common, "--save", tmp_path / "plain")
+    rho("train", config, *common, "--save", tmp_path / "ones", "--mask", tmp_path / "all")
+    rho("train", config, *common, "--save", tmp_path / "half_run", "--mask", tmp_path / "half")
+    assert losses(tmp_path / "ones") == losses(tmp_path / "plain")
+    plain = [json.loads(l) for l in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    half = [json.loads(l) for l in (tmp_path / "half_run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    ratio = half[0]["tokens"] / plain[0]["tokens"]
+    assert 0.4 < ratio < 0.6

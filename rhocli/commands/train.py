@@ -53,6 +53,7 @@ def train_command(
     scores: Annotated[Optional[list[str]], typer.Option("--scores", help="Score store (rho score) per --data prefix: selective training.")] = None,
     select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Train on this fraction of tokens, by excess loss (e.g. 0.6).")] = None,
     select_scope: Annotated[Optional[str], typer.Option("--select-scope", help="sequence (default), microbatch or batch.")] = None,
+    mask: Annotated[Optional[list[str]], typer.Option("--mask", help="Static mask store (rho select) per --data prefix: train only on its tokens.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any option: train.KEY=VALUE or model.KEY=VALUE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Reuse a run directory that holds checkpoints (start over).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
@@ -70,7 +71,7 @@ def train_command(
         "resume": resume, "init": init, "lr": lr, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
         "eval_interval": eval_interval, "stop_after": stop_after,
-        "scores": tuple(scores) if scores else None, "select_ratio": select_ratio, "select_scope": select_scope,
+        "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, "select_ratio": select_ratio, "select_scope": select_scope,
     }
     if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):
         from rhocli.errors import UsageError
