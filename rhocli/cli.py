@@ -17,6 +17,7 @@ from rhocli import __version__
 from rhocli.commands import stage
 from rhocli.commands.bench import bench_app
 from rhocli.commands.tokenize import tokenize_command
+from rhocli.commands.convert import convert_command
 from rhocli.commands.score import score_command
 from rhocli.commands.select import select_command
 from rhocli.commands.train import train_command
@@ -66,8 +67,11 @@ app.command("select", help="Offline token selection from scores (excess or refer
     stage(select_command)
 )
 
+app.command("convert-hf", help="Import a Hugging Face Llama/Mistral model as a rho checkpoint (--from-hf); export pending.")(
+    stage(convert_command)
+)
+
 _PENDING_STAGES = {
-    "convert-hf": "Convert a rho checkpoint to a Hugging Face model directory, or import one.",
     "demo": "Run the whole pipeline on a small embedded corpus (CPU, minutes) and compare CLM vs SLM.",
 }
 

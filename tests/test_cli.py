@@ -30,7 +30,7 @@ def test_version(capsys):
     assert r.exit_code == 0 and r.stdout.strip() == f"rho {__version__}"
 
 
-@pytest.mark.parametrize("stage", ["convert-hf", "demo"])
+@pytest.mark.parametrize("stage", ["demo"])
 def test_pending_stages_refuse_to_run(capsys, stage):
     r = run_rho(capsys, stage, "whatever", "--tp", "2")
     assert r.exit_code == NotAvailableError.exit_code

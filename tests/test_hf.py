@@ -1,0 +1,107 @@
+"""Hugging Face -> rho: a model built with `transformers` (random tiny Llama and Mistral with GQA,
+untied embeddings) is imported with rho convert-hf --from-hf; rho score's per-token losses must equal
+transformers' own per-token cross-entropy on the same windows, at TP1PP1 and TP2PP2."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CORPUS, write_jsonl
+from train_utils import rho
+
+pytestmark = pytest.mark.slow
+
+WINDOW, STRIDE = 64, 32
+
+
+def _hf_model(kind: str, directory, tokenizer_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(1 if kind == "llama" else 2)
+    common = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  eos_token_id=0, bos_token_id=1)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
+    else:
+        model = MistralForCausalLM(MistralConfig(rope_theta=1000000.0, sliding_window=4096, **common))
+    with torch.no_grad():  # non-trivial norms, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
+    shutil.copy(tokenizer_dir / "tokenizer.json", directory / "tokenizer.json")
+    return model.eval()
+
+
+def _hf_scores(model, doc: list[int], eod: int) -> np.ndarray:
+    """transformers' per-token CE with rho's documented window policy ([EOD] first, sliding window)."""
+    ext = [eod] + doc
+    n = len(doc)
+    out = np.full(n, np.nan)
+    start, scored = 0, 0
+    while scored < n:
+        end = min(start + WINDOW, n)
+        with torch.no_grad():
+            logits = model(torch.tensor([ext[start:end]])).logits[0].float()
+        ce = F.cross_entropy(logits, torch.tensor(ext[start + 1:end + 1]), reduction="none").numpy()
+        out[scored:end] = ce[scored - start:]
+        scored = end
+        start += STRIDE
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_scores_equal_transformers_cross_entropy(tmp_path, hf_tokenizer_dir, kind):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    hf_dir = tmp_path / "hf"
+    model = _hf_model(kind, hf_dir, hf_tokenizer_dir)
+    docs = [{"text": " ".join(CORPUS[(i * 3 + j) % len(CORPUS)] for j in range(1 + i % 5))} for i in range(24)]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    rho("tokenize", tmp_path / "c.jsonl", "-t", hf_dir, "-o", tmp_path / "c", "-w", "1")
+    rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
+    for layout in ((), ("--tp", "2", "--pp", "2")):
+        out = tmp_path / ("s" + "".join(layout))
+        rho("score", "--model", tmp_path / "ckpt", "--data", tmp_path / "c", "--output", out,
+            "--seq-len", WINDOW, "--stride", STRIDE, "-q", *layout, timeout=600)
+        tokens, scores = IndexedDataset(str(tmp_path / "c")), IndexedDataset(str(out))
+        longest = 0
+        for i in range(len(tokens)):
+            doc = tokens[i].astype(np.int64).tolist()
+            longest = max(longest, len(doc))
+            expected = _hf_scores(model, doc, eod=0)
+            assert np.abs(scores[i] - expected).max() < 1e-4, (layout, i)
+        assert longest > WINDOW  # the sliding window was exercised
+
+
+def test_unsupported_models_are_refused(tmp_path, hf_tokenizer_dir):
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True, attention_bias=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
+    r = rho("convert-hf", "--from-hf", tmp_path / "tied", tmp_path / "o", check=False)
+    assert r.returncode == 4 and "biases" in r.stderr and "tied" in r.stderr
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    r = rho("convert-hf", "--from-hf", tmp_path / "gpt2", tmp_path / "o", check=False)
+    assert r.returncode == 4 and "not supported" in r.stderr
+    r = rho("convert-hf", "--from-hf", tmp_path / "nope", tmp_path / "o", check=False)
+    assert r.returncode == 3
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ok")
+    data = (tmp_path / "ok" / "model.safetensors").read_bytes()
+    (tmp_path / "ok" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    r = rho("convert-hf", "--from-hf", tmp_path / "ok", tmp_path / "o", check=False)
+    assert r.returncode == 4 and "model.safetensors" in r.stderr
+    assert not (tmp_path / "o").exists()
