@@ -181,3 +181,64 @@ class HFReader:
             except Exception as err:
                 raise HFConversionError(f"{path}: cannot read tensor {name} (truncated or corrupt file?)") from err
         return self._bin(path)[name]
+
+
+def hf_tensors_from_checkpoint(step_dir: Path, cfg: ModelConfig, vocab_size: int, dtype: torch.dtype):
+    """Yield (HF name, tensor) from a rho checkpoint, one checkpoint tensor at a time.
+
+    Tensors are read unsharded (any TP/PP) with ``parallel.checkpoint.load_model_tensors``; layer
+    tensors are stored stacked ``[layers, ...]`` and are split here.
+    """
+    from parallel.checkpoint import load_model_tensors
+
+    def load(name: str) -> torch.Tensor:
+        return load_model_tensors(step_dir, [name])[name]
+
+    yield "model.embed_tokens.weight", load("embedding.word_embeddings.weight")[:vocab_size].to(dtype)
+    per_layer = {
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+        "decoder.layers.self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+        "decoder.layers.mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+        "decoder.layers.mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    }
+    for stored, hf in per_layer.items():
+        stacked = load(stored)
+        for i in range(cfg.num_layers):
+            yield f"model.layers.{i}.{hf}", stacked[i].to(dtype).clone()
+        del stacked
+    qkv = load("decoder.layers.self_attention.linear_qkv.weight")
+    for i in range(cfg.num_layers):
+        q, k, v = split_qkv(qkv[i], cfg.num_attention_heads, cfg.num_query_groups)
+        yield f"model.layers.{i}.self_attn.q_proj.weight", q.to(dtype)
+        yield f"model.layers.{i}.self_attn.k_proj.weight", k.to(dtype)
+        yield f"model.layers.{i}.self_attn.v_proj.weight", v.to(dtype)
+    del qkv
+    fc1 = load("decoder.layers.mlp.linear_fc1.weight")
+    for i in range(cfg.num_layers):
+        gate, up = fc1[i].chunk(2, dim=0)
+        yield f"model.layers.{i}.mlp.gate_proj.weight", gate.to(dtype).contiguous()
+        yield f"model.layers.{i}.mlp.up_proj.weight", up.to(dtype).contiguous()
+    del fc1
+    yield "model.norm.weight", load("decoder.final_layernorm.weight").to(dtype)
+    yield "lm_head.weight", load("output_layer.weight")[:vocab_size].to(dtype)
+
+
+def hf_config(cfg: ModelConfig, vocab_size: int, bos: int | None, eos: int | None, dtype_name: str) -> dict:
+    """config.json contents for LlamaForCausalLM / MistralForCausalLM."""
+    from transformers import LlamaConfig, MistralConfig
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_query_groups, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.norm_epsilon, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+        hidden_act="silu", initializer_range=cfg.init_method_std, bos_token_id=bos, eos_token_id=eos,
+    )
+    if cfg.architecture == "mistral":
+        config = MistralConfig(sliding_window=cfg.sliding_window, **common)
+        config.architectures = ["MistralForCausalLM"]
+    else:
+        config = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
+        config.architectures = ["LlamaForCausalLM"]
+    config.dtype = dtype_name
+    return config

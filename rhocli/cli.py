@@ -67,7 +67,7 @@ app.command("select", help="Offline token selection from scores (excess or refer
     stage(select_command)
 )
 
-app.command("convert-hf", help="Import a Hugging Face Llama/Mistral model as a rho checkpoint (--from-hf); export pending.")(
+app.command("convert-hf", help="Convert between Hugging Face Llama/Mistral and rho checkpoints (any TP/PP).")(
     stage(convert_command)
 )
 

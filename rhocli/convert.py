@@ -91,3 +91,104 @@ def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         destroy_distributed()
     return {"output": str(dest), "architecture": cfg.architecture, "layers": cfg.num_layers, "vocab": cfg.vocab_size}
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str | None = None,
+              force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Write a HF model directory from a rho checkpoint (any TP/PP), streaming tensor by tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    from parallel import checkpoint as ckpt
+    from parallel.config import ModelConfig
+    from parallel.hf import hf_config, hf_tensors_from_checkpoint
+    from rhocli.errors import UsageError
+    from rhocli.formats.atomic import check_outputs_free
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype: expected bf16, fp16 or fp32, got {dtype!r}")
+    try:
+        step_dir = ckpt.resolve_checkpoint(ckpt_path)
+        manifest = ckpt.read_manifest(step_dir)
+    except ckpt.CheckpointError as err:
+        raise MissingInputError(str(err)) from None
+    cfg = ModelConfig(**manifest["model"])
+    vocab = int(manifest["vocab_size"])
+    dest = Path(out_dir)
+    check_outputs_free([dest], force)
+    tok_files = _tokenizer_files(tokenizer, manifest)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    tmp = dest.parent / f".rho-tmp-{dest.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shards: list[dict] = []
+        current: dict = {}
+        size = 0
+        for name, tensor in hf_tensors_from_checkpoint(step_dir, cfg, vocab, torch_dtype):
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                _write_shard(tmp, len(shards), current, save_file)
+                current, size = {}, 0
+            current[name] = tensor
+            size += nbytes
+        shards.append(current)
+        names = _write_shard(tmp, len(shards), current, save_file, last=True, total=len(shards))
+        if len(shards) > 1:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                for name in shard:
+                    weight_map[name] = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        del names
+        eos = manifest.get("eod_id")
+        bos = manifest.get("bos_id")
+        config = hf_config(cfg, vocab, bos, eos, DTYPES[dtype])
+        config.save_pretrained(tmp)
+        from transformers import GenerationConfig
+
+        GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
+        for f in tok_files:
+            shutil.copy(f, tmp / f.name)
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"output": str(dest), "shards": len(shards), "tokenizer_files": [f.name for f in tok_files]}
+
+
+def _write_shard(directory: Path, index: int, tensors: dict, save_file, last: bool = False, total: int = 0):
+    """Shards are written as they fill, so memory stays near one shard; a single shard is model.safetensors."""
+    if last and total == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return list(tensors)
+    # names are fixed once the total is known: write as model-XXXXX.tmp, rename at the end
+    save_file(tensors, str(directory / f"shard-{index:05d}.tmp"), metadata={"format": "pt"})
+    tensors_names = list(tensors)
+    if last:
+        for i in range(1, total + 1):
+            os.replace(directory / f"shard-{i:05d}.tmp", directory / f"model-{i:05d}-of-{total:05d}.safetensors")
+    return tensors_names
+
+
+def _tokenizer_files(tokenizer: str | None, manifest: dict) -> list[Path]:
+    """Tokenizer files to ship: from --tokenizer, else from the HF model the checkpoint came from."""
+    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+    if tokenizer:
+        p = Path(tokenizer)
+        if not p.exists():
+            raise MissingInputError(f"--tokenizer {p}: not found")
+        if p.is_file():
+            return [p]
+        return [p / n for n in names if (p / n).is_file()]
+    source = (manifest.get("source") or {}).get("huggingface")
+    if source and Path(source).is_dir():
+        return [Path(source) / n for n in names if (Path(source) / n).is_file()]
+    return []
