@@ -147,3 +147,22 @@ def test_export_round_trip_reshard_and_trained_model(tmp_path, hf_tokenizer_dir)
     assert not all(torch.equal(a[k], trained.state_dict()[k]) for k in a)  # it did train
     out = trained.generate(torch.tensor([[0, 5, 6]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
+
+
+def test_export_shards_with_an_index(tmp_path, hf_tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    from rhocli.convert import export_hf
+
+    hf_dir = tmp_path / "hf"
+    original = _hf_model("mistral", hf_dir, hf_tokenizer_dir)
+    rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
+    result = export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), dtype="fp32", max_shard_bytes=200_000)
+    assert result["shards"] > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    assert "tokenizer.json" in result["tokenizer_files"]  # from the HF model the checkpoint came from
+    back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert type(back).__name__ == "MistralForCausalLM" and not info["missing_keys"] and not info["unexpected_keys"]
+    a, b = original.state_dict(), back.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    r = rho("convert-hf", tmp_path / "ckpt", tmp_path / "out", check=False)
+    assert r.returncode == 5
