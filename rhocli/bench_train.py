@@ -85,8 +85,26 @@ def write_synthetic_dataset(prefix: Path, vocab_size: int, tokens: int, seed: in
     Path(str(prefix) + ".json").write_text(json.dumps(manifest, indent=2))
 
 
+def write_synthetic_scores(token_prefix: Path, prefix: Path, seed: int = 1) -> None:
+    """Random reference losses aligned with a token dataset (for the SLM overhead benchmark)."""
+    from parallel.scores import SCORES_FORMAT, SCORES_FORMAT_VERSION
+    from rhocli.formats.tokens import TokenDataset, dataset_fingerprint
+    from rhocli.megatron_io import indexed_dataset
+
+    rng = np.random.default_rng(seed)
+    tokens = TokenDataset(token_prefix)
+    builder = indexed_dataset().IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.float32)
+    for n in tokens.document_lengths().tolist():
+        builder.add_document(rng.random(n, dtype=np.float32) * 8, [n])
+    builder.finalize(str(prefix) + ".idx")
+    Path(str(prefix) + ".json").write_text(json.dumps({
+        "format": SCORES_FORMAT, "format_version": SCORES_FORMAT_VERSION, "fingerprint": "synthetic",
+        "token_dataset": {"prefix": str(token_prefix), "fingerprint": dataset_fingerprint(token_prefix)},
+    }))
+
+
 def run_bench_train(config: Path, tp: int, pp: int, dp: int, steps: int, warmup: int,
-                    extra: list[str], peak_tflops: float | None) -> TrainBenchReport:
+                    extra: list[str], peak_tflops: float | None, select_ratio: float | None = None) -> TrainBenchReport:
     import torch
 
     from parallel.model import count_parameters
@@ -98,6 +116,9 @@ def run_bench_train(config: Path, tp: int, pp: int, dp: int, steps: int, warmup:
     workdir = Path(tempfile.mkdtemp(prefix="rho-bench-train-"))
     try:
         write_synthetic_dataset(workdir / "synthetic", vocab, (steps + 2) * gbs * (seq + 1) * 2)
+        if select_ratio is not None:
+            write_synthetic_scores(workdir / "synthetic", workdir / "synthetic.ref")
+            extra = [*extra, "train.scores=[" + str(workdir / "synthetic.ref") + "]", f"train.select_ratio={select_ratio}"]
         cmd = [sys.executable, "-m", "rhocli", "train", str(config), "--data", str(workdir / "synthetic"),
                "--save", str(workdir / "run"), "--steps", str(steps), "--tp", str(tp), "--pp", str(pp), "--dp", str(dp),
                "--eval-interval", "0", "--set", "train.checkpoint=false", "--set", "train.warmup_steps=1", "-q"]

@@ -70,12 +70,19 @@ def bench_train_command(
     warmup: Annotated[int, typer.Option("--warmup", help="First steps left out of the timing.")] = 2,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override train.KEY=VALUE / model.KEY=VALUE.")] = None,
     peak_tflops: Annotated[Optional[float], typer.Option(help="Peak TFLOP/s per device for MFU (default 989 on GPU).")] = None,
+    select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Also run selective training (synthetic scores) and print its overhead.")] = None,
 ) -> None:
     """Step time, tokens/s and MFU of rho train on synthetic data (no checkpoints)."""
     from rhocli.bench_train import run_bench_train
     from rhocli.console import out
 
-    out.print(run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops).table())
+    plain = run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops)
+    out.print(plain.table())
+    if select_ratio is not None:
+        slm = run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops, select_ratio=select_ratio)
+        out.print(slm.table())
+        overhead = slm.step_time_s / plain.step_time_s - 1
+        out.print(f"selective ({select_ratio:.0%}) vs plain step time: {overhead * 100:+.1f} %")
 
 
 @bench_app.command("kernel")
