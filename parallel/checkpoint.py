@@ -54,16 +54,10 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def read_manifest(step_dir: Path) -> dict[str, Any]:
-    path = Path(step_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: unreadable checkpoint manifest ({err})") from err
-    if manifest.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a rho checkpoint manifest")
-    if int(manifest.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {manifest['format_version']} is newer than this rho")
-    return manifest
+    from parallel.manifest import read_versioned_json
+
+    return read_versioned_json(Path(step_dir) / MANIFEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION,
+                               CheckpointError, "checkpoint")
 
 
 def latest_step_dir(run_dir: Path) -> Path | None:

@@ -12,7 +12,6 @@ least ``window_tokens - stride`` tokens of context). See docs/score.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -25,18 +24,12 @@ class ScoreStoreError(ValueError):
 
 
 def read_scores_manifest(prefix: str | Path) -> dict:
+    from parallel.manifest import read_versioned_json
+
     path = Path(str(prefix) + ".json")
     if not path.is_file():
         raise ScoreStoreError(f"{path}: score store manifest not found")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ScoreStoreError(f"{path}: unreadable score manifest ({err})") from err
-    if manifest.get("format") != SCORES_FORMAT:
-        raise ScoreStoreError(f"{path}: not a rho score store (format={manifest.get('format')!r})")
-    if int(manifest.get("format_version", 0)) > SCORES_FORMAT_VERSION:
-        raise ScoreStoreError(f"{path}: score format {manifest['format_version']} is newer than this rho")
-    return manifest
+    return read_versioned_json(path, SCORES_FORMAT, SCORES_FORMAT_VERSION, ScoreStoreError, "score store")
 
 
 @dataclasses.dataclass(frozen=True)

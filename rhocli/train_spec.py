@@ -194,9 +194,9 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
 
 def _check_masks(cfg, refs):
     """Static masks (rho select): one per --data prefix, made for exactly its tokens."""
-    import json
-
+    from parallel.manifest import read_versioned_json
     from parallel.trainer import DatasetRef
+    from rhocli.select import MASK_FORMAT, MASK_FORMAT_VERSION
 
     if not cfg.masks:
         return ()
@@ -207,9 +207,7 @@ def _check_masks(cfg, refs):
         path = Path(prefix + ".json")
         if not path.is_file() or not Path(prefix + ".bin").is_file() or not Path(prefix + ".idx").is_file():
             raise MissingInputError(f"--mask {prefix}: mask store not found (PREFIX.bin/.idx/.json from rho select)")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != "rho.mask":
-            raise MismatchError(f"--mask {path}: not a rho mask store")
+        manifest = read_versioned_json(path, MASK_FORMAT, MASK_FORMAT_VERSION, MismatchError, "mask store")
         made_for = (manifest.get("token_dataset") or {}).get("fingerprint")
         if made_for != ref.fingerprint:
             raise MismatchError(f"--mask {prefix}: masks token dataset {made_for}, not --data {ref.prefix} ({ref.fingerprint})")

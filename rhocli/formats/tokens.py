@@ -12,7 +12,6 @@ the content, whoever wrote it, and is what score stores and checkpoints refer to
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -52,22 +51,12 @@ def dataset_fingerprint(prefix: str | Path, chunk_bytes: int = 1 << 22) -> str:
 
 def read_manifest(prefix: str | Path) -> dict[str, Any] | None:
     """The manifest as a dict, or None when the dataset has none (e.g. written by Megatron-LM)."""
+    from parallel.manifest import read_versioned_json
+
     path = manifest_path(prefix)
     if not path.exists():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BadInputError(f"{path}: unreadable token dataset manifest ({err})") from err
-    if manifest.get("format") != TOKENS_FORMAT:
-        raise BadInputError(f"{path}: not a rho token dataset manifest (format={manifest.get('format')!r})")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > TOKENS_FORMAT_VERSION:
-        raise BadInputError(
-            f"{path}: token dataset format version {version} is newer than this rho understands "
-            f"({TOKENS_FORMAT_VERSION}); upgrade rho"
-        )
-    return manifest
+    return read_versioned_json(path, TOKENS_FORMAT, TOKENS_FORMAT_VERSION, BadInputError, "token dataset")
 
 
 class TokenDataset:
