@@ -93,7 +93,7 @@ for _stage, _help in _PENDING_STAGES.items():
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     )(_pending(_stage))
 
-app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers: tokenize, train, kernel.")
+app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers: tokenize, train, kernel, score.")
 
 
 def main(argv: list[str] | None = None) -> None:

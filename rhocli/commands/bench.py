@@ -129,3 +129,20 @@ def bench_kernel_command(
             table.add_row(f"{tokens}x{vocab}", name, f"{r.seconds * 1000:,.1f} ms", speed,
                           human_bytes(r.peak_extra_bytes), f"{gbs:,.0f}")
     out.print(table)
+
+
+@bench_app.command("score")
+@stage
+def bench_score_command(
+    model: Annotated[str, typer.Option("--model", help="rho checkpoint (run or step directory).")],
+    data: Annotated[str, typer.Option("--data", help="Token dataset; its first --documents documents are scored.")],
+    documents: Annotated[int, typer.Option(help="Documents to score.")] = 500,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Window.")] = 128,
+    stride: Annotated[int, typer.Option("--stride", help="Sliding-window stride.")] = 64,
+    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="rho score windows per forward.")] = 8,
+) -> None:
+    """Tokens/s of rho score vs a transformers forward loop with the same weights and windows."""
+    from rhocli.bench_score import run_bench_score
+    from rhocli.console import out
+
+    out.print(run_bench_score(model, data, documents, seq_len, stride, micro_batch_size, []).table())
