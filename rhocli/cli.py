@@ -55,7 +55,7 @@ app.command("tokenize", help="Tokenize text files into a Megatron token dataset 
 
 # Stages whose issue has not landed yet: listed so `rho --help` shows the whole pipeline, but they
 # refuse to run (exit code of NotAvailableError) instead of pretending to work.
-app.command("train", help="Train a causal LM on megatron-core with TP/PP/DP; checkpoints and exact resume.")(
+app.command("train", help="Train a causal LM, or a selective one (--scores, --select-ratio), on megatron-core with TP/PP/DP.")(
     stage(train_command)
 )
 
