@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,3 +22,14 @@ def read_versioned_json(path: Path, fmt: str, version: int, error: type[Exceptio
     if not isinstance(found_version, int) or found_version > version:
         raise error(f"{path}: {what} format version {found_version} is newer than this rho understands ({version}); upgrade rho")
     return manifest
+
+
+def store_fingerprint(prefix: str | Path, chunk_bytes: int = 1 << 22) -> str:
+    """Content fingerprint of an IndexedDataset store (tokens, scores, masks): ``sha256:`` of the
+    ``.idx`` bytes followed by the ``.bin`` bytes, read in chunks."""
+    digest = hashlib.sha256()
+    for ext in (".idx", ".bin"):
+        with open(str(prefix) + ext, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()

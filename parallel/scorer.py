@@ -30,6 +30,7 @@ from parallel import checkpoint as ckpt
 from parallel.config import ModelConfig
 from parallel.distributed import Layout
 from parallel.model import build_model, model_shape
+from parallel.manifest import store_fingerprint
 from parallel.scores import SCORES_FORMAT, SCORES_FORMAT_VERSION, Window, document_windows
 
 
@@ -187,19 +188,12 @@ class Scorer:
         lengths = np.asarray(scores.sequence_lengths)
         if not np.array_equal(lengths, np.asarray(tokens.sequence_lengths)):
             raise RuntimeError("score store and token dataset disagree on document lengths")  # invariant
-        all_values = np.frombuffer(open(str(staging) + ".bin", "rb").read(), dtype=np.float32)
+        all_values = np.memmap(str(staging) + ".bin", dtype=np.float32, mode="r")
         hist, edges = np.histogram(all_values[np.isfinite(all_values)], bins=40, range=(0.0, 20.0))
-        from hashlib import sha256
-
-        digest = sha256()
-        for path in (str(staging) + ".idx", str(staging) + ".bin"):
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
         manifest = {
             "format": SCORES_FORMAT,
             "format_version": SCORES_FORMAT_VERSION,
-            "fingerprint": "sha256:" + digest.hexdigest(),
+            "fingerprint": store_fingerprint(staging),
             "dtype": "float32",
             "value": "reference model's cross-entropy (nats) for predicting each token",
             "first_token": "predicted from the end-of-document id alone",

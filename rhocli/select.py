@@ -14,7 +14,6 @@ store ``MASK.bin/.idx`` (IndexedDataset of uint8 0/1, same document boundaries) 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Literal
 
 import numpy as np
 
+from parallel.manifest import store_fingerprint
 from rhocli.errors import MismatchError, MissingInputError, UsageError
 from rhocli.formats.atomic import StagedOutput
 
@@ -123,10 +123,9 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
         for d in range(lengths.size):
             builder.add_document(mask[ends[d]:ends[d + 1]].astype(np.uint8), [int(lengths[d])])
         builder.finalize(str(stage.path(outputs[1])))
-        digest = hashlib.sha256(stage.path(outputs[1]).read_bytes() + stage.path(outputs[0]).read_bytes())
         manifest = {
             "format": MASK_FORMAT, "format_version": MASK_FORMAT_VERSION,
-            "fingerprint": "sha256:" + digest.hexdigest(),
+            "fingerprint": store_fingerprint(str(stage.path(outputs[0]))[: -len(".bin")]),
             "token_dataset": ref_manifest.get("token_dataset"),
             "scores": {"reference": {"prefix": cfg.scores, "fingerprint": ref_manifest.get("fingerprint")},
                        "base": ({"prefix": cfg.base_scores} if cfg.base_scores else None)},

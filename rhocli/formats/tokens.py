@@ -11,7 +11,6 @@ the content, whoever wrote it, and is what score stores and checkpoints refer to
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,10 @@ def optimal_token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size < 65500 else "int32"
 
 
-def dataset_fingerprint(prefix: str | Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    for path in (idx_path(prefix), bin_path(prefix)):
-        with open(path, "rb") as f:
-            while chunk := f.read(chunk_bytes):
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+def dataset_fingerprint(prefix: str | Path) -> str:
+    from parallel.manifest import store_fingerprint
+
+    return store_fingerprint(prefix)
 
 
 def read_manifest(prefix: str | Path) -> dict[str, Any] | None:
