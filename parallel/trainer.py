@@ -7,8 +7,8 @@ through ``get_forward_backward_func()`` (1F1B under PP), and checkpoints with di
 The loss follows megatron's ``(loss_sum, num_tokens)`` convention (``calculate_per_token_loss``): each
 micro-batch returns the *sum* of its token losses and its token count, the schedule adds counts over
 micro-batches and ``finalize_model_grads`` divides the gradients by the global count after the DP
-all-reduce, so normalisation is exact whatever the split into micro-batches and DP ranks. The selective
-loss plugs in at ``loss_fn``.
+all-reduce, so normalisation is exact whatever the split into micro-batches and DP ranks. Plain and
+selective training share that path (``parallel.loss``): only the kept tokens differ.
 
 Library code: it raises, and reports progress through ``on_event``; it never prints.
 """

@@ -11,12 +11,6 @@ from pathlib import Path
 from rhocli.errors import BadInputError, LoadError, MissingInputError, OutputExistsError
 
 
-def _free_port() -> int:
-    from rhocli.launch import free_port
-
-    return free_port()
-
-
 def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
     """Write ``out`` (a rho run directory with step_000000) from the HF model in ``hf_dir``."""
     import torch
@@ -51,8 +45,9 @@ def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
     eos = eos[0] if isinstance(eos, list) else eos
 
     from parallel.distributed import destroy_distributed, init_distributed
+    from rhocli.launch import free_port
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     init_distributed(1, 1, seed=0)
     tmp = dest.parent / f".rho-tmp-{dest.name}"
     try:

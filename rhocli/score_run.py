@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,6 @@ from rhocli.errors import (
     MissingInputError,
     NotAvailableError,
     OutputExistsError,
-    RhoError,
     UsageError,
 )
 
@@ -121,26 +118,6 @@ def run_score_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any]:
             raise LoadError(str(err)) from None
     finally:
         destroy_distributed()
-
-
-def launched_score_worker(spec_dict: dict[str, Any], quiet: bool, error_dir: str):
-    from rhocli.commands.score import ScoreRenderer
-    from rhocli.megatron_io import quiet_megatron
-    from rhocli.train_worker import report_error
-
-    quiet_megatron()
-    renderer = None if quiet else ScoreRenderer()
-    try:
-        return run_score_rank(spec_dict, renderer)
-    except RhoError as err:
-        report_error(error_dir, err.exit_code, str(err))
-        sys.exit(err.exit_code)
-    except Exception as err:
-        report_error(error_dir, 1, f"internal error on rank {os.environ.get('RANK')}: {type(err).__name__}: {err}")
-        raise
-    finally:
-        if renderer is not None:
-            renderer.close()
 
 
 def spec_to_dict(spec) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def score_command(
     """Score every token of a dataset with a reference model (forward only, TP/PP/DP)."""
     from rhocli.launch import run_ranks, under_torchrun
     from rhocli.megatron_io import quiet_megatron
-    from rhocli.score_run import build_score_spec, clear_work, launched_score_worker, run_score_rank, spec_to_dict
+    from rhocli.score_run import build_score_spec, clear_work, spec_to_dict
 
     quiet_megatron()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -89,14 +89,4 @@ def score_command(
     )
     if force and not resume and int(os.environ.get("RANK", 0)) == 0:
         clear_work(work)
-    spec_dict = spec_to_dict(spec)
-
-    def in_process() -> None:
-        renderer = None if quiet else ScoreRenderer()
-        try:
-            run_score_rank(spec_dict, renderer)
-        finally:
-            if renderer is not None:
-                renderer.close()
-
-    run_ranks(world, in_process, launched_score_worker, (spec_dict, quiet))
+    run_ranks(world, "score", spec_to_dict(spec), quiet)

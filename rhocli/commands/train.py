@@ -59,11 +59,12 @@ def train_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No banner or progress (errors still print).")] = False,
 ) -> None:
-    """Train a causal LM on megatron-core with TP / PP / DP."""
+    """Train a causal LM, or a selective one, on megatron-core with TP / PP / DP."""
     from rhocli.config import write_resolved_config
     from rhocli.megatron_io import quiet_megatron
 
     quiet_megatron()
+    from rhocli.launch import under_torchrun
     from rhocli.train_spec import build_run_spec, load_run_configs, spec_to_dict, world_from_env
 
     flags = {
@@ -78,9 +79,8 @@ def train_command(
 
         raise UsageError(f"--select-scope: expected sequence, microbatch or batch, got {select_scope!r}")
     model_cfg, train_cfg = load_run_configs(config, flags, list(set_ or []))
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     spec, world = build_run_spec(model_cfg, train_cfg, config, force=force,
-                                 world_size=world_from_env() if under_torchrun else None)
+                                 world_size=world_from_env() if under_torchrun() else None)
     if dry_run:
         _print_plan(spec, world)
         return
@@ -93,19 +93,9 @@ def train_command(
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     spec_dict = spec_to_dict(spec)
 
-    from rhocli.commands.train_render import TrainRenderer
     from rhocli.launch import run_ranks
-    from rhocli.train_worker import launched_worker, run_rank
 
-    def in_process() -> None:
-        renderer = None if quiet else TrainRenderer()
-        try:
-            run_rank(spec_dict, on_event=renderer)
-        finally:
-            if renderer is not None:
-                renderer.close()
-
-    run_ranks(world, in_process, launched_worker, (spec_dict, quiet))
+    run_ranks(world, "train", spec_dict, quiet)
 
 
 def _print_plan(spec, world: int) -> None:
