@@ -74,6 +74,10 @@ class TrainConfig:
     """train,valid,test weights for splitting documents (Megatron's --split)."""
     eval_interval: int = 50
     eval_iters: int = 5
+    eval_data: tuple[str, ...] = ()
+    """Validation token datasets (PREFIX or PREFIX:WEIGHT), e.g. held-out clean text (Megatron's
+    --valid-data-path). Empty: validate on the ``split`` share of ``data``; set: ``data`` is used
+    whole for training and ``split`` is ignored."""
     save_interval: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     checkpoint: bool = True

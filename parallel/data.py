@@ -43,6 +43,9 @@ class DataSpec:
     scores: tuple[str, ...] = ()
     #: static mask stores (rho select) aligned with ``prefixes``; empty: every token
     masks: tuple[str, ...] = ()
+    #: validation datasets of their own (``eval_data``); empty: the ``split`` of ``prefixes``
+    eval_prefixes: tuple[str, ...] = ()
+    eval_weights: tuple[float, ...] | None = None
 
 
 def _scored_dataset_classes():
@@ -112,11 +115,16 @@ def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
 
     dataset_cls, config_cls = _scored_dataset_classes()
     blend = (list(spec.prefixes), list(spec.weights) if spec.weights else None)
+    if spec.eval_prefixes:
+        # Megatron's --train-data-path / --valid-data-path: each split reads its own datasets whole.
+        eval_blend = (list(spec.eval_prefixes), list(spec.eval_weights) if spec.eval_weights else None)
+        splits = {"blend": None, "blend_per_split": [blend, eval_blend, None], "split": None}
+    else:
+        splits = {"blend": blend, "split": spec.split}
     config = config_cls(
         random_seed=spec.seed,
         sequence_length=spec.seq_length,
-        blend=blend,
-        split=spec.split,
+        **splits,
         path_to_cache=spec.cache_dir,
         tokenizer=spec.token_ids,
         reset_position_ids=False,

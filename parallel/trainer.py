@@ -72,10 +72,17 @@ class RunSpec:
     scores: tuple[DatasetRef, ...] = ()
     #: static mask stores aligned with ``datasets`` (rho select), or empty
     masks: tuple[DatasetRef, ...] = ()
+    #: validation datasets of their own (``--eval-data``), or empty: the split of ``datasets``
+    eval_datasets: tuple[DatasetRef, ...] = ()
 
     def config_hash(self) -> str:
         text = json.dumps(self.config_snapshot, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _weights(refs) -> tuple[float, ...] | None:
+    weights = [d.weight for d in refs]
+    return tuple(weights) if len(weights) > 1 and all(w is not None for w in weights) else None
 
 
 def _params_dtype(precision: str) -> torch.dtype:
@@ -198,10 +205,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        weights = [d.weight for d in self.spec.datasets]
         spec = DataSpec(
             prefixes=tuple(d.prefix for d in self.spec.datasets),
-            weights=tuple(weights) if all(w is not None for w in weights) and len(weights) > 1 else None,
+            weights=_weights(self.spec.datasets),
             seq_length=cfg.seq_length,
             seed=cfg.seed,
             split=cfg.split,
@@ -209,6 +215,8 @@ class Trainer:
             cache_dir=cfg.data_cache or str(self.run_dir / "data_cache"),
             scores=tuple(s.prefix for s in self.spec.scores),
             masks=tuple(m.prefix for m in self.spec.masks),
+            eval_prefixes=tuple(d.prefix for d in self.spec.eval_datasets),
+            eval_weights=_weights(self.spec.eval_datasets),
         )
         valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_iters > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(spec, cfg.steps * cfg.global_batch_size, valid_samples)

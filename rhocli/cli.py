@@ -18,6 +18,7 @@ from rhocli.commands import stage
 from rhocli.commands.bench import bench_app
 from rhocli.commands.tokenize import tokenize_command
 from rhocli.commands.convert import convert_command
+from rhocli.commands.demo import demo_command
 from rhocli.commands.score import score_command
 from rhocli.commands.select import select_command
 from rhocli.commands.train import train_command
@@ -53,8 +54,6 @@ app.command("tokenize", help="Tokenize text files into a Megatron token dataset 
     stage(tokenize_command)
 )
 
-# Stages whose issue has not landed yet: listed so `rho --help` shows the whole pipeline, but they
-# refuse to run (exit code of NotAvailableError) instead of pretending to work.
 app.command("train", help="Train a causal LM, or a selective one (--scores, --select-ratio), on megatron-core with TP/PP/DP.")(
     stage(train_command)
 )
@@ -71,9 +70,13 @@ app.command("convert-hf", help="Convert between Hugging Face Llama/Mistral and r
     stage(convert_command)
 )
 
-_PENDING_STAGES = {
-    "demo": "Run the whole pipeline on a small embedded corpus (CPU, minutes) and compare CLM vs SLM.",
-}
+app.command("demo", help="Run the whole pipeline on a small embedded corpus (CPU, minutes) and compare CLM vs SLM.")(
+    stage(demo_command)
+)
+
+# Stages whose issue has not landed yet: listed so `rho --help` shows the whole pipeline, but they
+# refuse to run (exit code of NotAvailableError) instead of pretending to work.
+_PENDING_STAGES: dict[str, str] = {}
 
 
 def _pending(stage: str):

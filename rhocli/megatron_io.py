@@ -19,7 +19,9 @@ def quiet_megatron() -> None:
     """Silence megatron-core's import-time warnings that are expected here (no TE/Apex on CPU,
     deprecations of options rho does not use) and its INFO logging."""
     for pattern in (r".*Transformer Engine and Apex.*", r".*apex.*", r".*full scope is deprecated.*",
-                    r".*torch.jit.script.* is deprecated.*", r".*dynamic_context.py.*"):
+                    r".*torch.jit.script.* is deprecated.*", r".*dynamic_context.py.*",
+                    # torch deprecations inside megatron's dist_checkpointing (loading a checkpoint)
+                    r".*`load_state_dict` is deprecated.*", r".*Please use DTensor instead.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("megatron").setLevel(logging.WARNING)
 

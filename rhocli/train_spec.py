@@ -175,6 +175,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
 
     scores = _check_scores(cfg, refs)
     masks = _check_masks(cfg, refs)
+    eval_refs = _check_eval_data(cfg, tokenizer_fp, refs[0].prefix)
 
     snapshot = {"model": config_to_dict(model_cfg), "train": config_to_dict(cfg)}
     spec = RunSpec(
@@ -188,8 +189,29 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         config_snapshot=snapshot,
         scores=scores,
         masks=masks,
+        eval_datasets=eval_refs,
     )
     return spec, world_size
+
+
+def _check_eval_data(cfg, tokenizer_fp, first_prefix):
+    """Validation datasets of their own: readable, tokenized like the training data."""
+    from parallel.trainer import DatasetRef
+    from rhocli.formats.tokens import TokenDataset
+
+    out = []
+    for arg in cfg.eval_data:
+        prefix, weight = parse_data_arg(arg)
+        ds = TokenDataset(prefix)
+        tok = (ds.manifest or {}).get("tokenizer") or {}
+        if tok.get("fingerprint") != tokenizer_fp:
+            raise MismatchError(f"--eval-data {prefix}: tokenized with another tokenizer than --data {first_prefix}")
+        out.append(DatasetRef(prefix=str(prefix), weight=weight, fingerprint=ds.fingerprint()))
+    if any(r.weight is None for r in out) and any(r.weight is not None for r in out):
+        raise UsageError("--eval-data: give a weight to every prefix or to none")
+    if out and cfg.eval_iters < 1:
+        raise UsageError("--eval-data needs eval_iters >= 1 (--set train.eval_iters=N)")
+    return tuple(out)
 
 
 def _check_masks(cfg, refs):
@@ -271,6 +293,7 @@ def spec_from_dict(d: dict[str, Any]):
     train["data"] = tuple(train["data"])
     train["scores"] = tuple(train.get("scores") or ())
     train["masks"] = tuple(train.get("masks") or ())
+    train["eval_data"] = tuple(train.get("eval_data") or ())
     return RunSpec(
         model=ModelConfig(**d["model"]),
         train=TrainConfig(**train),
@@ -282,4 +305,5 @@ def spec_from_dict(d: dict[str, Any]):
         config_snapshot=d["config_snapshot"],
         scores=tuple(DatasetRef(**r) for r in d.get("scores") or ()),
         masks=tuple(DatasetRef(**r) for r in d.get("masks") or ()),
+        eval_datasets=tuple(DatasetRef(**r) for r in d.get("eval_datasets") or ()),
     )

@@ -56,6 +56,7 @@ def tokenize_command(
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="YAML file with these options (flat or under 'tokenize:'); flags override it.")
     ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary (errors still print).")] = False,
 ) -> None:
     """Tokenize text into a Megatron IndexedDataset (.bin/.idx) with a rho manifest (.json)."""
     from rhocli.config import resolve_config
@@ -84,6 +85,9 @@ def tokenize_command(
         },
         section="tokenize",
     )
+    if quiet:
+        run_tokenize(cfg)
+        return
     summary = _run_with_progress(cfg, run_tokenize)
     out.print(_summary_table(summary))
     out.print(f"[green]wrote[/] {summary.prefix}.bin/.idx/.json  fingerprint {summary.fingerprint[:19]}…")

@@ -49,6 +49,7 @@ def train_command(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for initialisation and data order.")] = None,
     save_interval: Annotated[Optional[int], typer.Option("--save-interval", help="Checkpoint every N steps (0: at the end).")] = None,
     eval_interval: Annotated[Optional[int], typer.Option("--eval-interval", help="Validation loss every N steps.")] = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Validate on this token dataset (PREFIX or PREFIX:WEIGHT; repeat to blend) instead of a split of --data.")] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="End after step N with a checkpoint; the LR schedule still spans --steps.")] = None,
     scores: Annotated[Optional[list[str]], typer.Option("--scores", help="Score store (rho score) per --data prefix: selective training.")] = None,
     select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Train on this fraction of tokens, by excess loss (e.g. 0.6).")] = None,
@@ -71,7 +72,7 @@ def train_command(
         "tp": tp, "pp": pp, "dp": dp, "data": tuple(data) if data else None, "save": save, "steps": steps,
         "resume": resume, "init": init, "lr": lr, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
-        "eval_interval": eval_interval, "stop_after": stop_after,
+        "eval_interval": eval_interval, "eval_data": tuple(eval_data) if eval_data else None, "stop_after": stop_after,
         "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, "select_ratio": select_ratio, "select_scope": select_scope,
     }
     if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):
@@ -116,6 +117,8 @@ def _print_plan(spec, world: int) -> None:
                            f"{spec.model.num_layers} layers ({spec.model.num_layers // cfg.pp} per stage)")
     table.add_row("vocab", f"{shape.vocab_size} (padded {shape.padded_vocab_size}, {shape.padded_vocab_size // cfg.tp} per TP rank)")
     table.add_row("data", ", ".join(f"{d.prefix}" + (f":{d.weight}" if d.weight else "") for d in spec.datasets))
+    if spec.eval_datasets:
+        table.add_row("validation", ", ".join(f"{d.prefix}" + (f":{d.weight}" if d.weight else "") for d in spec.eval_datasets))
     micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
     table.add_row("batch", f"{cfg.global_batch_size} x {cfg.seq_length} tokens; {micro} micro-batches of {cfg.micro_batch_size} per DP rank")
     table.add_row("steps", f"{cfg.steps} ({cfg.steps * cfg.global_batch_size * cfg.seq_length:,} tokens)")

@@ -1,0 +1,373 @@
+"""``rho demo`` as a library: the whole pipeline on the demo's own corpus, through the real commands.
+
+Every stage is the real ``rho`` command line, run in this process through the Typer app (so the
+demo exercises exactly what a user types; with ``--tp/--pp`` the train and score stages start their
+worker processes as usual). The stage's command line is reported so it can be re-run by hand.
+
+Layout of the output directory (everything the demo writes is under it):
+
+    data/       generated text (*.jsonl), token kinds (*.kinds.jsonl), the trained tokenizer
+    tokens/     token datasets (rho tokenize)
+    runs/       reference, clm, slm (rho train: checkpoints, metrics.jsonl)
+    scores/     score stores (rho score): reference losses of the corpus, held-out evaluations
+    select/     the static selection of a corpus sample (rho select) and its HTML token report
+    demo.yaml   the model and training settings the train stages use
+    results.json, report.html
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rhocli.demo import corpus as gen
+from rhocli.errors import OutputExistsError, UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSize:
+    reference_documents: int
+    corpus_documents: int
+    heldout_documents: int
+    sample_documents: int
+    reference_steps: int
+    steps: int
+    eval_interval: int
+
+
+SIZES = {
+    # for tests: every stage runs, numbers mean little
+    "tiny": DemoSize(600, 1200, 80, 40, 30, 40, 20),
+    # the default: a few minutes on 2 CPU cores
+    "small": DemoSize(3000, 6000, 300, 200, 300, 400, 50),
+    # a GPU, or a patient CPU
+    "large": DemoSize(12000, 30000, 1000, 400, 1200, 2000, 100),
+}
+
+# The demo model: a 4-layer Llama (about 0.9 M parameters with the 512-piece tokenizer).
+MODEL = {
+    "architecture": "llama",
+    "num_layers": 4,
+    "hidden_size": 128,
+    "ffn_hidden_size": 352,
+    "num_attention_heads": 4,
+    "num_query_groups": 2,
+    "max_position_embeddings": 256,
+    "vocab_size": None,
+}
+TRAIN = {
+    "seq_length": 128,
+    "micro_batch_size": 4,
+    "global_batch_size": 8,
+    "lr": 1.0e-3,
+    "min_lr": 1.0e-4,
+    "warmup_steps": 30,
+    "weight_decay": 0.1,
+    "clip_grad": 1.0,
+}
+VOCAB_SIZE = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    output: Path
+    size: str = "small"
+    tp: int = 1
+    pp: int = 1
+    ratio: float = 0.6
+    seed: int = 1234
+    force: bool = False
+
+
+@dataclasses.dataclass
+class StageEvent:
+    """What the CLI shows: a stage starting (``seconds`` None) or finished."""
+
+    index: int
+    total: int
+    name: str
+    command: str
+    seconds: float | None = None
+    summary: str = ""
+
+
+def check_output_dir(cfg: DemoConfig) -> None:
+    out = cfg.output
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.force:
+        raise OutputExistsError(f"--output {out}: not empty; pass --force to replace the demo there, or choose another directory")
+    if cfg.size not in SIZES:
+        raise UsageError(f"--size: expected one of {', '.join(SIZES)}, got {cfg.size!r}")
+    if not 0.0 < cfg.ratio <= 1.0:
+        raise UsageError(f"--ratio must be in (0, 1], got {cfg.ratio}")
+    if cfg.tp < 1 or cfg.pp < 1:
+        raise UsageError("--tp and --pp must be >= 1")
+    if MODEL["num_query_groups"] % cfg.tp:
+        raise UsageError(f"--tp {cfg.tp}: the demo model has {MODEL['num_query_groups']} key/value heads; use --tp 1 or 2")
+    if MODEL["num_layers"] % cfg.pp:
+        raise UsageError(f"--pp {cfg.pp}: the demo model has {MODEL['num_layers']} layers; use --pp 1, 2 or 4")
+
+
+class DemoRun:
+    """Runs the stages in order; ``on_event`` sees each stage start and finish."""
+
+    STAGES = ("generate", "tokenize", "train reference", "score corpus", "train CLM", "train SLM",
+              "evaluate held-out", "select sample", "report")
+
+    def __init__(self, cfg: DemoConfig, on_event: Callable[[StageEvent], None] | None = None):
+        self.cfg = cfg
+        self.size = SIZES[cfg.size]
+        self.out = cfg.output
+        self.on_event = on_event or (lambda e: None)
+        self.timings: dict[str, float] = {}
+        self._stage_index = 0
+
+    # ---------------------------------------------------------------- helpers
+    def p(self, *parts: str) -> str:
+        return str(self.out.joinpath(*parts))
+
+    def _rho(self, args: list[str]) -> None:
+        """Run ``rho ARGS`` in this process through the real Typer app (its output silenced)."""
+        from rhocli.cli import app
+        from rhocli.console import out
+
+        was_quiet = out.quiet
+        out.quiet = True
+        try:
+            app(args=args, prog_name="rho", standalone_mode=False)
+        finally:
+            out.quiet = was_quiet
+
+    def _stage(self, name: str, commands: list[list[str]], body: Callable[[], str]) -> None:
+        self._stage_index += 1
+        shown = "\n".join("rho " + shlex.join(c) for c in commands)
+        self.on_event(StageEvent(self._stage_index, len(self.STAGES), name, shown))
+        t0 = time.perf_counter()
+        summary = body()
+        seconds = time.perf_counter() - t0
+        self.timings[name] = seconds
+        self.on_event(StageEvent(self._stage_index, len(self.STAGES), name, shown, seconds, summary))
+
+    def _layout(self) -> list[str]:
+        return (["--tp", str(self.cfg.tp)] if self.cfg.tp > 1 else []) + (["--pp", str(self.cfg.pp)] if self.cfg.pp > 1 else [])
+
+    # ---------------------------------------------------------------- stages
+    def run(self) -> dict[str, Any]:
+        check_output_dir(self.cfg)
+        if self.out.is_dir() and self.cfg.force:
+            import shutil
+
+            shutil.rmtree(self.out)
+        for sub in ("data", "tokens", "runs", "scores", "select"):
+            Path(self.p(sub)).mkdir(parents=True, exist_ok=True)
+        t_start = time.perf_counter()
+        s, cfg = self.size, self.cfg
+
+        self._stage("generate", [], self._generate)
+        tok_cmds = [["tokenize", self.p("data", f"{n}.jsonl"), "--tokenizer", self.p("data", "tokenizer.model"),
+                     "--output", self.p("tokens", n), "--workers", "1", "-q"] for n in ("reference", "corpus", "heldout", "sample")]
+        self._stage("tokenize", tok_cmds, lambda: self._run_all(tok_cmds, self._tokens_summary))
+        self._write_run_yaml()
+
+        def train_cmd(run: str, data: str, steps: int, extra: list[str] = ()) -> list[str]:
+            return ["train", self.p("demo.yaml"), "--data", self.p("tokens", data), "--eval-data", self.p("tokens", "heldout"),
+                    "--save", self.p("runs", run), "--steps", str(steps), "--save-interval", str(steps // 2),
+                    *self._layout(), *extra, "-q"]
+
+        ref_cmd = train_cmd("reference", "reference", s.reference_steps)
+        self._stage("train reference", [ref_cmd], lambda: self._train(ref_cmd, "reference"))
+        score_cmd = ["score", "--model", self.p("runs", "reference"), "--data", self.p("tokens", "corpus"),
+                     "--output", self.p("scores", "corpus.reference"), *self._layout(), "-q"]
+        self._stage("score corpus", [score_cmd], lambda: self._run_all([score_cmd], lambda: self._score_summary("corpus.reference")))
+        clm_cmd = train_cmd("clm", "corpus", s.steps)
+        self._stage("train CLM", [clm_cmd], lambda: self._train(clm_cmd, "clm"))
+        slm_cmd = train_cmd("slm", "corpus", s.steps, ["--scores", self.p("scores", "corpus.reference"),
+                                                         "--select-ratio", str(cfg.ratio)])
+        self._stage("train SLM", [slm_cmd], lambda: self._train(slm_cmd, "slm"))
+
+        eval_cmds = [["score", "--model", self.p("runs", run), "--data", self.p("tokens", "heldout"),
+                      "--output", self.p("scores", f"heldout.{run}"), *self._layout(), "-q"] for run in ("reference", "clm", "slm")]
+        self._stage("evaluate held-out", eval_cmds, lambda: self._run_all(eval_cmds, self._heldout_summary))
+
+        mid = s.steps // 2
+        base = self.p("runs", "slm", f"step_{mid:06d}")
+        select_cmds = [
+            ["score", "--model", self.p("runs", "reference"), "--data", self.p("tokens", "sample"),
+             "--output", self.p("scores", "sample.reference"), *self._layout(), "-q"],
+            ["score", "--model", base, "--data", self.p("tokens", "sample"), "--output", self.p("scores", "sample.slm"),
+             *self._layout(), "-q"],
+            ["select", "--scores", self.p("scores", "sample.reference"), "--base-scores", self.p("scores", "sample.slm"),
+             "--ratio", str(cfg.ratio), "--output", self.p("select", "sample.mask"), "--report", self.p("select", "tokens.html")],
+        ]
+        self._stage("select sample", select_cmds, lambda: self._run_all(select_cmds, self._select_summary))
+
+        results = self._results(time.perf_counter() - t_start)
+        self._stage("report", [], lambda: self._report(results))
+        results["seconds"]["total"] = time.perf_counter() - t_start
+        Path(self.p("results.json")).write_text(json.dumps(results, indent=1))
+        return results
+
+    def _run_all(self, commands: list[list[str]], summary: Callable[[], str]) -> str:
+        for c in commands:
+            self._rho(c)
+        return summary()
+
+    def _generate(self) -> str:
+        s, seed = self.size, self.cfg.seed
+        sets = {
+            "reference": list(gen.clean_documents(s.reference_documents, seed + 1)),
+            "corpus": list(gen.noisy_documents(s.corpus_documents, seed + 2)),
+            "heldout": list(gen.clean_documents(s.heldout_documents, seed + 3)),
+        }
+        sets["sample"] = sets["corpus"][: s.sample_documents]
+        for name, docs in sets.items():
+            gen.write_jsonl(Path(self.p("data", f"{name}.jsonl")), docs)
+            gen.write_kinds(Path(self.p("data", f"{name}.kinds.jsonl")), docs)
+        train_sentencepiece([d.text for d in sets["reference"] + sets["corpus"]], Path(self.p("data", "tokenizer")))
+        n_chars = sum(len(d.text) for docs in sets.values() for d in docs)
+        return (f"{s.reference_documents:,} clean reference, {s.corpus_documents:,} noisy corpus, "
+                f"{s.heldout_documents:,} held-out documents ({n_chars / 1e6:.1f} M characters); "
+                f"{VOCAB_SIZE}-piece SentencePiece tokenizer")
+
+    def _tokens_summary(self) -> str:
+        from rhocli.formats.tokens import TokenDataset
+
+        parts = []
+        for n in ("reference", "corpus", "heldout"):
+            parts.append(f"{n} {TokenDataset(self.p('tokens', n)).num_tokens:,}")
+        return "tokens: " + ", ".join(parts)
+
+    def _write_run_yaml(self) -> None:
+        import yaml
+
+        from rhocli.formats.tokens import TokenDataset
+
+        heldout_tokens = TokenDataset(self.p("tokens", "heldout")).num_tokens
+        # validation covers the held-out set once (whole global batches)
+        eval_iters = max(1, heldout_tokens // (TRAIN["global_batch_size"] * TRAIN["seq_length"]))
+        doc = {"model": dict(MODEL),
+               "train": {**TRAIN, "warmup_steps": min(TRAIN["warmup_steps"], self.size.reference_steps // 5),
+                         "eval_interval": self.size.eval_interval, "eval_iters": eval_iters, "seed": self.cfg.seed}}
+        Path(self.p("demo.yaml")).write_text(
+            "# The demo's model and training settings (rho demo writes this; rho train reads it).\n"
+            + yaml.safe_dump(doc, sort_keys=False))
+
+    def _train(self, command: list[str], run: str) -> str:
+        self._rho(command)
+        curve = read_metrics(Path(self.p("runs", run)))
+        last = curve["valid"][-1] if curve["valid"] else (None, float("nan"))
+        kept = curve["kept_fraction"]
+        extra = f", kept {np.mean(kept):.0%} of tokens" if run == "slm" and kept else ""
+        return f"{last[0]} steps, held-out loss {last[1]:.4f}{extra}"
+
+    def _score_summary(self, name: str) -> str:
+        manifest = json.loads(Path(self.p("scores", f"{name}.json")).read_text())
+        stats = manifest.get("statistics") or {}
+        return f"{manifest['token_dataset']['tokens']:,} token scores, mean reference loss {stats.get('mean', float('nan')):.3f}"
+
+    def _heldout_summary(self) -> str:
+        losses = self.heldout_losses()
+        return ", ".join(f"{run} {v['all']:.4f}" for run, v in losses.items()) + " (mean held-out loss)"
+
+    def _select_summary(self) -> str:
+        kept = self.kept_by_kind()
+        return "kept: " + ", ".join(f"{k} {v['kept']:.0%}" for k, v in kept.items() if v["tokens"])
+
+    # ---------------------------------------------------------------- analysis
+    def _kinds(self, name: str) -> list[np.ndarray]:
+        from rhocli.demo.labels import token_kinds
+        from rhocli.formats.tokens import TokenDataset
+
+        ds = TokenDataset(self.p("tokens", name))
+        docs = gen.read_kinds(Path(self.p("data", f"{name}.kinds.jsonl")))
+        return token_kinds(self.p("data", "tokenizer.model"), docs, [ds.document(i) for i in range(ds.num_documents)])
+
+    def _store(self, prefix: str) -> list[np.ndarray]:
+        from rhocli.megatron_io import indexed_dataset
+
+        ds = indexed_dataset().IndexedDataset(prefix, mmap=True)
+        return [np.asarray(ds[i], dtype=np.float64) for i in range(len(ds))]
+
+    def heldout_losses(self) -> dict[str, dict[str, float]]:
+        """Mean held-out loss per run: all tokens, and per token kind present (text, result)."""
+        kinds = np.concatenate(self._kinds("heldout"))
+        out = {}
+        for run in ("reference", "clm", "slm"):
+            values = np.concatenate(self._store(self.p("scores", f"heldout.{run}")))
+            row = {"all": float(values.mean())}
+            for i, k in enumerate(gen.KINDS):
+                if (kinds == i).any():
+                    row[k] = float(values[kinds == i].mean())
+            out[run] = row
+        return out
+
+    def kept_by_kind(self) -> dict[str, dict[str, float]]:
+        kinds = np.concatenate(self._kinds("sample"))
+        mask = np.concatenate(self._store(self.p("select", "sample.mask")))
+        return {k: {"tokens": int((kinds == i).sum()), "kept": float(mask[kinds == i].mean()) if (kinds == i).any() else 0.0}
+                for i, k in enumerate(gen.KINDS)}
+
+    def _results(self, seconds: float) -> dict[str, Any]:
+        curves = {run: read_metrics(Path(self.p("runs", run))) for run in ("reference", "clm", "slm")}
+        clm_final = curves["clm"]["valid"][-1][1]
+        return {
+            "config": {**dataclasses.asdict(self.cfg), "output": str(self.cfg.output), "size_detail": dataclasses.asdict(self.size)},
+            "curves": curves,
+            "heldout": self.heldout_losses(),
+            "kept_by_kind": self.kept_by_kind(),
+            "slm_steps_to_clm_final": steps_to_reach(curves["slm"]["valid"], clm_final),
+            "seconds": {**self.timings},
+        }
+
+    def _report(self, results: dict[str, Any]) -> str:
+        from rhocli.demo.report import write_demo_report
+
+        write_demo_report(Path(self.p("report.html")), results, self)
+        return self.p("report.html")
+
+
+def train_sentencepiece(texts: list[str], model_prefix: Path) -> None:
+    """The demo's tokenizer: BPE, digits split, no text normalisation (its pieces spell the text, so
+    token kinds can be read off character offsets)."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(model_prefix), vocab_size=VOCAB_SIZE, model_type="bpe",
+        split_digits=True, byte_fallback=False, character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+    )
+
+
+def read_metrics(run_dir: Path) -> dict[str, list]:
+    """A run's curves from metrics.jsonl: validation [(step, loss)], training loss, kept fraction."""
+    valid, train, kept = [], [], []
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
+        for line in f:
+            m = json.loads(line)
+            if m.get("valid_loss") is not None:
+                valid.append((int(m["step"]), float(m["valid_loss"])))
+            if "loss" in m:
+                train.append((int(m["step"]), float(m["loss"])))
+            if "kept_fraction" in m:
+                kept.append(float(m["kept_fraction"]))
+    return {"valid": valid, "train": train, "kept_fraction": kept}
+
+
+def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First step at which ``curve`` (step, loss) reaches ``target``, interpolated between points."""
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            if l0 <= target or math.isclose(l0, l1):
+                return float(s0 if l0 <= target else s1)
+            return s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+    if curve and curve[0][1] <= target:
+        return float(curve[0][0])
+    return None
