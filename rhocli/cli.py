@@ -74,28 +74,6 @@ app.command("demo", help="Run the whole pipeline on a small embedded corpus (CPU
     stage(demo_command)
 )
 
-# Stages whose issue has not landed yet: listed so `rho --help` shows the whole pipeline, but they
-# refuse to run (exit code of NotAvailableError) instead of pretending to work.
-_PENDING_STAGES: dict[str, str] = {}
-
-
-def _pending(stage: str):
-    def command(ctx: typer.Context) -> None:
-        from rhocli.errors import NotAvailableError
-
-        raise NotAvailableError(f"rho {stage}: not yet available in rho {__version__} (see docs/STATUS.md)")
-
-    command.__doc__ = _PENDING_STAGES[stage] + " [not yet available]"
-    return command
-
-
-for _stage, _help in _PENDING_STAGES.items():
-    app.command(
-        _stage,
-        help=_help + " [not yet available]",
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(_pending(_stage))
-
 app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers: tokenize, train, kernel, score.")
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from rho_cli import run_rho
 from rhocli import __version__
-from rhocli.errors import EXIT_CODES, NotAvailableError
+from rhocli.errors import EXIT_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["tokenize", "train", "score", "select", "convert-hf", "demo", "bench"]
@@ -28,13 +28,6 @@ def test_help_lists_every_stage(capsys):
 def test_version(capsys):
     r = run_rho(capsys, "--version")
     assert r.exit_code == 0 and r.stdout.strip() == f"rho {__version__}"
-
-
-@pytest.mark.parametrize("stage", ["demo"])
-def test_pending_stages_refuse_to_run(capsys, stage):
-    r = run_rho(capsys, stage, "whatever", "--tp", "2")
-    assert r.exit_code == NotAvailableError.exit_code
-    assert "not yet available" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_cli_import_is_light():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, write_jsonl
-from train_utils import losses, model_tensors, rho, write_tiny_config
+from train_utils import losses, model_tensors, rho, valid_losses, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -193,3 +193,21 @@ def test_real_text_lowers_validation_loss(tmp_path, gsm8k, llama2_sp):
     assert sorted(valid) == [0, 100, 200]
     assert valid[0] > 10.0
     assert valid[200] < valid[100] < valid[0] - 3.0, valid
+
+
+def test_eval_data_validates_on_its_own_dataset(tmp_path, tiny_data, init_ckpt, hf_tokenizer_dir):
+    """--eval-data (Megatron's --valid-data-path): validation reads that dataset, training reads all of
+    --data (the split is ignored), so two runs that differ only in split are identical."""
+    config, init = init_ckpt
+    other = [{"text": f"{CORPUS[(i * 3) % len(CORPUS)]} number {i}"} for i in range(400)]
+    write_jsonl(tmp_path / "other.jsonl", other)
+    rho("tokenize", tmp_path / "other.jsonl", "-t", hf_tokenizer_dir, "-o", tmp_path / "other", "-w", "1")
+    common = ("--data", tiny_data, "--init", init, "--steps", 2, "--eval-interval", 1, "-q")
+    rho("train", config, *common, "--eval-data", tmp_path / "other", "--save", tmp_path / "a")
+    rho("train", config, *common, "--eval-data", tmp_path / "other", "--save", tmp_path / "b", "--set", "train.split=50,50,0")
+    rho("train", config, *common, "--save", tmp_path / "c")
+    a, b, c = (valid_losses(tmp_path / r) for r in "abc")
+    assert a == b and losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert set(a) == {0, 1, 2} and a[0] != c[0]
+    missing = rho("train", config, *common, "--eval-data", tmp_path / "nope", "--save", tmp_path / "d", check=False)
+    assert missing.returncode == 3 and "nope.bin" in missing.stderr

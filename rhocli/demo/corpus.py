@@ -4,8 +4,9 @@ text), and a training corpus that mixes more of them with noise, every character
 Kinds (what the demo's "which tokens were kept" table counts):
 
 * ``text``        words of a clean problem or solution ("Mia has 34 marbles. She gives ...");
-* ``result``      the result of a correct calculation in a solution ("= 22", "The answer is 22");
-* ``wrong``       the result of a wrong calculation (a corrupted solution: "34 - 12 = 27");
+* ``result``      the result of a correct calculation in a solution ("34 - 12 = 22");
+* ``answer``      the final answer, which repeats the last result ("The answer is 22");
+* ``wrong``       a wrong result ("34 - 12 = 27") or a final answer that contradicts the solution;
 * ``boilerplate`` web-page furniture around a problem ("Posted by admin | Share | 3 comments");
 * ``random``      random character strings ("qz7 KX2p vb9").
 
@@ -22,7 +23,7 @@ import string
 from pathlib import Path
 from typing import Iterator
 
-KINDS = ("text", "result", "wrong", "boilerplate", "random")
+KINDS = ("text", "result", "answer", "wrong", "boilerplate", "random")
 
 _NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Ben", "Ivy", "Max", "Lily", "Omar", "Nina", "Theo", "Ruby", "Eli",
           "Maya", "Jack", "Aria", "Noah", "Emma", "Luca")
@@ -82,12 +83,22 @@ class _Builder:
         self.add(str(value), "result")
         return value
 
+    def answer(self, value: int, wrong: bool, rng: random.Random) -> None:
+        """The final answer: the last result, or (``wrong``) a different number."""
+        if wrong:
+            self.add(str(value + rng.choice([-1, 1]) * rng.randint(1, max(3, abs(value) // 2 + 2))), "wrong")
+        else:
+            self.add(str(value), "answer")
+
     def build(self) -> Document:
         return Document(self.spans)
 
 
 def _problem(rng: random.Random, wrong: bool) -> Document:
-    """One word problem with a worked solution; ``wrong``: its calculations give wrong results."""
+    """One word problem with a worked solution; ``wrong``: either its calculations give wrong results
+    (and the answer repeats the wrong result), or the calculations are right and the answer is not."""
+    wrong_final = wrong and rng.random() < 0.5
+    wrong = wrong and not wrong_final
     name, other = rng.sample(_NAMES, 2)
     he = _PRONOUN.get(name, "He")
     item = rng.choice(_ITEMS)
@@ -99,7 +110,7 @@ def _problem(rng: random.Random, wrong: bool) -> Document:
               f"How many {item} does {name} have now?\nAnswer: {name} has {x} + {y} = ")
         r = b.result(x + y, wrong, rng)
         b.add(f" {item} now. The answer is ")
-        b.result(r, False, rng) if not wrong else b.add(str(r), "wrong")
+        b.answer(r, wrong_final, rng) if not wrong else b.add(str(r), "wrong")
     elif kind == 1:  # a - b
         x = rng.randint(20, 90)
         y = rng.randint(2, x - 5)
@@ -107,7 +118,7 @@ def _problem(rng: random.Random, wrong: bool) -> Document:
               f"How many {item} does {name} have left?\nAnswer: {name} has {x} - {y} = ")
         r = b.result(x - y, wrong, rng)
         b.add(f" {item} left. The answer is ")
-        b.result(r, False, rng) if not wrong else b.add(str(r), "wrong")
+        b.answer(r, wrong_final, rng) if not wrong else b.add(str(r), "wrong")
     elif kind == 2:  # a * b
         box = rng.choice(_BOXES)
         x, y = rng.randint(2, 9), rng.randint(2, 12)
@@ -115,7 +126,7 @@ def _problem(rng: random.Random, wrong: bool) -> Document:
               f"How many {item} does {name} buy?\nAnswer: {name} buys {x} * {y} = ")
         r = b.result(x * y, wrong, rng)
         b.add(f" {item}. The answer is ")
-        b.result(r, False, rng) if not wrong else b.add(str(r), "wrong")
+        b.answer(r, wrong_final, rng) if not wrong else b.add(str(r), "wrong")
     else:  # a * b - c, two steps
         box = rng.choice(_BOXES)
         x, y = rng.randint(2, 9), rng.randint(3, 12)
@@ -126,7 +137,7 @@ def _problem(rng: random.Random, wrong: bool) -> Document:
         b.add(f" {item}. After giving {z} away, {name} has {r1} - {z} = ")
         r2 = b.result(r1 - z, wrong, rng)
         b.add(f" {item}. The answer is ")
-        b.result(r2, False, rng) if not wrong else b.add(str(r2), "wrong")
+        b.answer(r2, wrong_final, rng) if not wrong else b.add(str(r2), "wrong")
     b.add(".")
     return b.build()
 
@@ -150,13 +161,13 @@ def clean_documents(n: int, seed: int) -> Iterator[Document]:
 class NoiseMix:
     """How the training corpus is corrupted (probabilities per document)."""
 
-    wrong: float = 0.3
-    """a problem's calculations are wrong"""
+    wrong: float = 0.5
+    """a problem's solution is wrong (its calculations, or its final answer)"""
     boilerplate: float = 0.6
     """web-page furniture before and/or after the problem"""
-    random: float = 0.5
+    random: float = 0.8
     """lines of random characters inserted"""
-    junk_only: float = 0.1
+    junk_only: float = 0.4
     """a document that is only boilerplate and random strings"""
 
 

@@ -135,16 +135,7 @@ class DemoRun:
         return str(self.out.joinpath(*parts))
 
     def _rho(self, args: list[str]) -> None:
-        """Run ``rho ARGS`` in this process through the real Typer app (its output silenced)."""
-        from rhocli.cli import app
-        from rhocli.console import out
-
-        was_quiet = out.quiet
-        out.quiet = True
-        try:
-            app(args=args, prog_name="rho", standalone_mode=False)
-        finally:
-            out.quiet = was_quiet
+        run_rho(args)
 
     def _stage(self, name: str, commands: list[list[str]], body: Callable[[], str]) -> None:
         self._stage_index += 1
@@ -189,8 +180,10 @@ class DemoRun:
         self._stage("score corpus", [score_cmd], lambda: self._run_all([score_cmd], lambda: self._score_summary("corpus.reference")))
         clm_cmd = train_cmd("clm", "corpus", s.steps)
         self._stage("train CLM", [clm_cmd], lambda: self._train(clm_cmd, "clm"))
+        # microbatch scope (Rho-1 ranks tokens across the batch): with sequence scope, a sequence of
+        # pure noise would still train on its "best" 60 % of noise.
         slm_cmd = train_cmd("slm", "corpus", s.steps, ["--scores", self.p("scores", "corpus.reference"),
-                                                         "--select-ratio", str(cfg.ratio)])
+                                                         "--select-ratio", str(cfg.ratio), "--select-scope", "microbatch"])
         self._stage("train SLM", [slm_cmd], lambda: self._train(slm_cmd, "slm"))
 
         eval_cmds = [["score", "--model", self.p("runs", run), "--data", self.p("tokens", "heldout"),
@@ -205,7 +198,7 @@ class DemoRun:
             ["score", "--model", base, "--data", self.p("tokens", "sample"), "--output", self.p("scores", "sample.slm"),
              *self._layout(), "-q"],
             ["select", "--scores", self.p("scores", "sample.reference"), "--base-scores", self.p("scores", "sample.slm"),
-             "--ratio", str(cfg.ratio), "--output", self.p("select", "sample.mask"), "--report", self.p("select", "tokens.html")],
+             "--ratio", str(cfg.ratio), "--scope", "global", "--output", self.p("select", "sample.mask"), "--report", self.p("select", "tokens.html")],
         ]
         self._stage("select sample", select_cmds, lambda: self._run_all(select_cmds, self._select_summary))
 
@@ -332,6 +325,20 @@ class DemoRun:
 
         write_demo_report(Path(self.p("report.html")), results, self)
         return self.p("report.html")
+
+
+def run_rho(args: list[str]) -> None:
+    """Run ``rho ARGS`` in this process through the real Typer app (its output silenced); a failing
+    stage raises its RhoError."""
+    from rhocli.cli import app
+    from rhocli.console import out
+
+    was_quiet = out.quiet
+    out.quiet = True
+    try:
+        app(args=[str(a) for a in args], prog_name="rho", standalone_mode=False)
+    finally:
+        out.quiet = was_quiet
 
 
 def train_sentencepiece(texts: list[str], model_prefix: Path) -> None:

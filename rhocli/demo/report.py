@@ -13,7 +13,7 @@ import numpy as np
 from rhocli.demo.corpus import KINDS
 from rhocli.plots import bar_chart, line_chart
 
-KIND_COLOURS = dict(zip(KINDS, ("#888888", "#2ca02c", "#d62728", "#ff7f0e", "#9467bd")))
+KIND_COLOURS = dict(zip(KINDS, ("#888888", "#2ca02c", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd")))
 
 
 def curves_svg(results: dict[str, Any]) -> str:
@@ -112,8 +112,8 @@ held-out clean problems that neither saw.</p>
 compute rather than copy.</p>
 <table><tr><th>model</th><th>all tokens</th>{''.join(f'<th>{k}</th>' for k in kind_cols)}</tr>{held_rows}</table>
 <h2>Which tokens SLM keeps</h2>
-<p>Selection by excess loss of the SLM model at step {clm_steps // 2} against the reference model, top
-{cfg['ratio']:.0%} of each document of a corpus sample (<code>rho select</code>; its own report:
+<p>Selection by excess loss of the SLM model at step {clm_steps // 2} against the reference model: the top
+{cfg['ratio']:.0%} of the tokens of a corpus sample (<code>rho select --scope global</code>; its own report:
 <a href="select/tokens.html">select/tokens.html</a>).</p>
 {kept_svg(results)}
 <table><tr><th>kind</th><th>tokens</th><th>kept</th></tr>{kept_rows}</table>
