@@ -28,7 +28,7 @@ def _fmt(v: float) -> str:
 
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
-               width: int = 640, height: int = 360, styles: dict[str, str] | None = None,
+               width: int = 700, height: int = 360, styles: dict[str, str] | None = None,
                y_range: tuple[float, float] | None = None) -> str:
     """An SVG line chart of named (x, y) series; ``styles[name] = "dashed"`` draws a dashed line."""
     styles = styles or {}
@@ -43,7 +43,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
         y1 = y0 + 1
     pad = (y1 - y0) * 0.05
     y0, y1 = y0 - pad, y1 + pad
-    left, right, top, bottom = 60, 150, 30, 45
+    left, right, top, bottom = 60, 190, 30, 45
     pw, ph = width - left - right, height - top - bottom
 
     def sx(x: float) -> float:
@@ -80,7 +80,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
 
 
 def bar_chart(bars: dict[str, float], title: str, ylabel: str, width: int = 480, height: int = 260,
-              y_max: float | None = None, fmt: str = "{:.0%}") -> str:
+              y_max: float | None = None, fmt: str = "{:.0%}", colours: dict[str, str] | None = None) -> str:
     """An SVG bar chart of named values (e.g. the kept fraction per token kind)."""
     left, right, top, bottom = 50, 10, 30, 40
     pw, ph = width - left - right, height - top - bottom
@@ -94,7 +94,7 @@ def bar_chart(bars: dict[str, float], title: str, ylabel: str, width: int = 480,
     for i, (name, v) in enumerate(bars.items()):
         h = 0.0 if not math.isfinite(v) else ph * min(v / top_value, 1.0)
         x = left + i * bw + bw * 0.15
-        parts.append(f'<rect x="{x:.1f}" y="{top + ph - h:.1f}" width="{bw * 0.7:.1f}" height="{h:.1f}" fill="{PALETTE[i % len(PALETTE)]}">'
+        parts.append(f'<rect x="{x:.1f}" y="{top + ph - h:.1f}" width="{bw * 0.7:.1f}" height="{h:.1f}" fill="{(colours or {}).get(name, PALETTE[i % len(PALETTE)])}">'
                      f'<title>{html.escape(name)}: {fmt.format(v)}</title></rect>'
                      f'<text x="{x + bw * 0.35:.1f}" y="{top + ph - h - 4:.1f}" text-anchor="middle">{fmt.format(v)}</text>'
                      f'<text x="{x + bw * 0.35:.1f}" y="{top + ph + 16:.1f}" text-anchor="middle">{html.escape(name)}</text>')

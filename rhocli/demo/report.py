@@ -31,7 +31,7 @@ def curves_svg(results: dict[str, Any]) -> str:
 
 def kept_svg(results: dict[str, Any]) -> str:
     kept = {k: v["kept"] for k, v in results["kept_by_kind"].items() if v["tokens"]}
-    return bar_chart(kept, "Tokens kept by SLM's rule, by kind", "kept fraction", y_max=1.0)
+    return bar_chart(kept, "Tokens kept by SLM's rule, by kind", "kept fraction", y_max=1.0, colours=KIND_COLOURS)
 
 
 def results_table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
