@@ -67,6 +67,10 @@ def demo_command(
 
     try:
         results = DemoRun(cfg, on_event).run()
+    except KeyboardInterrupt:
+        from rhocli.errors import Interrupted
+
+        raise Interrupted(f"demo interrupted; what it wrote so far stays in {output} (run again with --force)") from None
     finally:
         if status is not None:
             status.stop()
