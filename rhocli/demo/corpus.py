@@ -8,7 +8,9 @@ Kinds (what the demo's "which tokens were kept" table counts):
 * ``answer``      the final answer, which repeats the last result ("The answer is 22");
 * ``wrong``       a wrong result ("34 - 12 = 27") or a final answer that contradicts the solution;
 * ``boilerplate`` web-page furniture around a problem ("Posted by admin | Share | 3 comments");
-* ``random``      random character strings ("qz7 KX2p vb9").
+* ``random``      random character strings ("qz7 KX2p vb9");
+* ``offtopic``    fluent text about something else (weather, football, trains): learnable, but not
+                  what the held-out problems need (the role WikiText plays in docs/experiment.md).
 
 Clean, reference and held-out sets are drawn from disjoint random streams (different seeds), so the
 held-out problems are never seen in training. Generation is pure Python and deterministic in the seed.
@@ -23,7 +25,7 @@ import string
 from pathlib import Path
 from typing import Iterator
 
-KINDS = ("text", "result", "answer", "wrong", "boilerplate", "random")
+KINDS = ("text", "result", "answer", "wrong", "boilerplate", "random", "offtopic")
 
 _NAMES = ("Mia", "Leo", "Ava", "Sam", "Zoe", "Ben", "Ivy", "Max", "Lily", "Omar", "Nina", "Theo", "Ruby", "Eli",
           "Maya", "Jack", "Aria", "Noah", "Emma", "Luca")
@@ -142,6 +144,29 @@ def _problem(rng: random.Random, wrong: bool) -> Document:
     return b.build()
 
 
+_CITIES = ("Paris", "Lagos", "Lima", "Oslo", "Cairo", "Delhi", "Quito", "Perth", "Seoul", "Dakar", "Porto", "Hanoi")
+_DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+_TEAMS = ("the Lions", "the Rovers", "United", "the Falcons", "City", "the Rangers", "the Sharks", "Athletic")
+_WEATHER = ("sunny", "cloudy", "rainy", "windy", "foggy", "stormy")
+
+
+def _offtopic_sentence(rng: random.Random) -> str:
+    c1, c2 = rng.sample(_CITIES, 2)
+    t1, t2 = rng.sample(_TEAMS, 2)
+    day = rng.choice(_DAYS)
+    return rng.choice((
+        f"The weather in {c1} on {day} will be {rng.choice(_WEATHER)} with a high of {rng.randint(5, 35)} degrees.",
+        f"On {day}, {t1} beat {t2} {rng.randint(1, 5)} to {rng.randint(0, 1)} in front of {rng.randint(2, 60)} thousand fans.",
+        f"The train from {c1} to {c2} leaves at {rng.randint(5, 22)}:{rng.choice(('00', '15', '30', '45'))} and takes {rng.randint(2, 11)} hours.",
+        f"Tourists in {c1} visit the old market, the river and the {rng.choice(('museum', 'cathedral', 'harbour', 'castle'))}.",
+        f"Next {day} the festival in {c2} opens with music, food and a parade through the {rng.choice(('park', 'old town', 'port'))}.",
+    ))
+
+
+def _offtopic(rng: random.Random) -> str:
+    return " ".join(_offtopic_sentence(rng) for _ in range(rng.randint(2, 5)))
+
+
 def _random_string(rng: random.Random, words: int) -> str:
     alphabet = string.ascii_letters + string.digits
     return " ".join("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 7))) for _ in range(words))
@@ -168,7 +193,7 @@ class NoiseMix:
     random: float = 0.8
     """lines of random characters inserted"""
     junk_only: float = 0.4
-    """a document that is only boilerplate and random strings"""
+    """a document without a problem: off-topic text (mostly), boilerplate and random strings"""
 
 
 def noisy_documents(n: int, seed: int, mix: NoiseMix = NoiseMix()) -> Iterator[Document]:
@@ -178,7 +203,10 @@ def noisy_documents(n: int, seed: int, mix: NoiseMix = NoiseMix()) -> Iterator[D
         spans: list[tuple[str, str]] = []
         if rng.random() < mix.junk_only:
             for _ in range(rng.randint(2, 4)):
-                if rng.random() < 0.5:
+                roll = rng.random()
+                if roll < 0.6:
+                    spans += [(_offtopic(rng), "offtopic"), ("\n", "text")]
+                elif roll < 0.8:
                     spans += [(rng.choice(_BOILERPLATE), "boilerplate"), ("\n", "text")]
                 else:
                     spans += [(_random_string(rng, rng.randint(6, 14)), "random"), ("\n", "text")]

@@ -13,7 +13,7 @@ import numpy as np
 from rhocli.demo.corpus import KINDS
 from rhocli.plots import bar_chart, line_chart
 
-KIND_COLOURS = dict(zip(KINDS, ("#888888", "#2ca02c", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd")))
+KIND_COLOURS = dict(zip(KINDS, ("#888888", "#2ca02c", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#8c564b")))
 
 
 def curves_svg(results: dict[str, Any]) -> str:
