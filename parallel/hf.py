@@ -18,6 +18,14 @@ megatron stores QKV per KV group: for each of the ``g`` groups, its ``h/g`` quer
 head, then its value head (each ``head_dim`` rows). HF keeps q, k, v separate with heads in order.
 Both use RoPE on the two halves of each head (no permutation needed). Padding rows of the vocabulary
 are zeros on import and dropped on export.
+
+``megatron_state_from_hf`` builds the whole (TP1 PP1) state that ``rho convert-hf --from-hf`` saves;
+``local_megatron_state_from_hf`` builds one rank's shard of it directly (its pipeline stage's layers,
+its tensor-parallel slices), which is how ``rho score --model HF_DIR`` loads a HF model with no
+conversion. Tensor-parallel slicing follows megatron-core's layers: column-parallel weights
+(embedding, output layer, QKV, fc1) are split by rows into ``tp`` contiguous chunks (the per-group QKV
+layout keeps whole KV groups on a rank), row-parallel weights (attention output, fc2) by columns, and
+fc1 holds ``[gate chunk; up chunk]`` of this rank (megatron's SwiGLU splits its local output in two).
 """
 
 from __future__ import annotations
@@ -128,6 +136,59 @@ def megatron_state_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig,
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
+def local_megatron_state_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig, padded_vocab: int,
+                                 dtype: torch.dtype, tp: int, tp_rank: int, pp: int, pp_rank: int) -> dict:
+    """The module state dict of one rank's GPTModel (pipeline stage ``pp_rank``, TP slice ``tp_rank``)
+    from HF tensors; equal to loading the converted checkpoint at that layout."""
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # column-parallel: output features split
+        return t.chunk(tp, dim=0)[tp_rank].contiguous()
+
+    def cols(t: torch.Tensor) -> torch.Tensor:  # row-parallel: input features split
+        return t.chunk(tp, dim=1)[tp_rank].contiguous()
+
+    per_stage = cfg.num_layers // pp
+    sd = {}
+    if pp_rank == 0:
+        sd["embedding.word_embeddings.weight"] = rows(_pad_rows(get("model.embed_tokens.weight"), padded_vocab))
+    if pp_rank == pp - 1:
+        sd["decoder.final_layernorm.weight"] = get("model.norm.weight")
+        sd["output_layer.weight"] = rows(_pad_rows(get("lm_head.weight"), padded_vocab))
+    for i in range(per_stage):
+        p = f"model.layers.{pp_rank * per_stage + i}."
+        m = f"decoder.layers.{i}."
+        sd[m + "input_layernorm.weight"] = get(p + "input_layernorm.weight")
+        sd[m + "self_attention.linear_qkv.weight"] = rows(interleave_qkv(
+            get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"), get(p + "self_attn.v_proj.weight"),
+            cfg.num_query_groups))
+        sd[m + "self_attention.linear_proj.weight"] = cols(get(p + "self_attn.o_proj.weight"))
+        sd[m + "pre_mlp_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
+        sd[m + "mlp.linear_fc1.weight"] = torch.cat([rows(get(p + "mlp.gate_proj.weight")), rows(get(p + "mlp.up_proj.weight"))])
+        sd[m + "mlp.linear_fc2.weight"] = cols(get(p + "mlp.down_proj.weight"))
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def load_hf_into_model(model, directory: Path, cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype,
+                       tp: int, tp_rank: int, pp: int, pp_rank: int) -> None:
+    """Load this rank's shard of the HF model in ``directory`` into ``model`` (strict: every
+    parameter set, no tensor left over). Raises HFConversionError for unreadable or mismatched files."""
+    reader = HFReader(directory)
+    try:
+        state = local_megatron_state_from_hf(reader.get, cfg, padded_vocab, dtype, tp, tp_rank, pp, pp_rank)
+    except RuntimeError as err:  # shape mismatch between config.json and the tensors
+        raise HFConversionError(f"{directory}: tensors do not match config.json ({str(err).splitlines()[0]})") from None
+    expected = {k for k in model.state_dict() if "_extra_state" not in k}
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise HFConversionError(f"{directory}: tensors do not map onto the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [k for k, v in model.state_dict().items() if k in state and tuple(v.shape) != tuple(state[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise HFConversionError(f"{directory}: tensors do not match config.json ({k}: {tuple(state[k].shape)} "
+                                f"vs {tuple(model.state_dict()[k].shape)})")
+    model.load_state_dict(state, strict=False)
+
+
 class HFReader:
     """Tensor-by-tensor access to a HF checkpoint: model.safetensors (sharded or not) or .bin."""
 
@@ -167,6 +228,26 @@ class HFReader:
 
     def names(self) -> list[str]:
         return list(self._files)
+
+    def files(self) -> list[Path]:
+        """The weight files (and index) this model is read from."""
+        files = sorted(set(self._files.values()))
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (self.dir / index).is_file():
+                files.insert(0, self.dir / index)
+        return files
+
+    def fingerprint(self) -> str:
+        """sha256 over config.json and every weight file's name and content (the model's identity)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for path in [self.dir / "config.json", *self.files()]:
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    digest.update(chunk)
+        return "sha256:" + digest.hexdigest()
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self._files:

@@ -1,4 +1,6 @@
-"""``rho convert-hf`` as a library: Hugging Face Llama/Mistral -> rho checkpoint (import)."""
+"""``rho convert-hf`` as a library: Hugging Face Llama/Mistral -> rho checkpoint (``import_hf``) and
+back (``export_hf``). ``read_hf_dir`` checks a HF model directory; ``rho score --model HF_DIR`` uses
+it too (and then loads the tensors on each rank without converting)."""
 
 from __future__ import annotations
 
@@ -11,31 +13,47 @@ from pathlib import Path
 from rhocli.errors import BadInputError, LoadError, MissingInputError, OutputExistsError
 
 
-def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
-    """Write ``out`` (a rho run directory with step_000000) from the HF model in ``hf_dir``."""
-    import torch
+#: the training sequence length recorded for an imported HF model (its default scoring window)
+HF_DEFAULT_SEQ_LENGTH = 4096
 
-    from parallel import checkpoint as ckpt
-    from parallel.hf import HFConversionError, HFReader, megatron_state_from_hf, model_config_from_hf
-    from parallel.model import build_model, model_shape
+
+@dataclasses.dataclass
+class HFModelDir:
+    """A Hugging Face Llama/Mistral directory rho can read (config checked, weight files found)."""
+
+    path: Path
+    config: dict
+    model: "object"  # parallel.config.ModelConfig
+    reader: "object"  # parallel.hf.HFReader
+    tokenizer_fingerprint: str | None
+    eos_id: int | None
+
+    @property
+    def seq_length(self) -> int:
+        return min(self.model.max_position_embeddings, HF_DEFAULT_SEQ_LENGTH)
+
+
+def read_hf_dir(hf_dir: str, label: str = "") -> HFModelDir:
+    """Check a HF model directory; errors are one line, prefixed with ``label`` (e.g. ``"--model "``)."""
+    from parallel.hf import HFConversionError, HFReader, model_config_from_hf
     from rhocli.tokenizers import file_sha256
 
     src = Path(hf_dir)
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise MissingInputError(f"{config_path}: not found (expected a Hugging Face model directory)")
+        raise MissingInputError(f"{label}{config_path}: not found (expected a Hugging Face model directory)")
     try:
         config = json.loads(config_path.read_text())
     except ValueError as err:
-        raise BadInputError(f"{config_path}: not valid JSON ({err})") from err
+        raise BadInputError(f"{label}{config_path}: not valid JSON ({err})") from err
     try:
+        if not isinstance(config, dict):
+            raise HFConversionError("config.json is not a JSON object")
         cfg = model_config_from_hf(config)
         reader = HFReader(src)
-    except HFConversionError as err:
-        raise BadInputError(f"{src}: {err}") from None
-    dest = Path(out)
-    if dest.exists() and not force:
-        raise OutputExistsError(f"{dest}: already exists; pass --force to replace it")
+    except (HFConversionError, KeyError, TypeError, ValueError) as err:
+        detail = f"config.json has no {err}" if isinstance(err, KeyError) else str(err)
+        raise BadInputError(f"{label}{src}: {detail}") from None
     tokenizer_fp = None
     for name in ("tokenizer.json", "tokenizer.model"):
         if (src / name).is_file():
@@ -43,6 +61,22 @@ def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
             break
     eos = config.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
+    return HFModelDir(src, config, cfg, reader, tokenizer_fp, eos)
+
+
+def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
+    """Write ``out`` (a rho run directory with step_000000) from the HF model in ``hf_dir``."""
+    import torch
+
+    from parallel import checkpoint as ckpt
+    from parallel.hf import HFConversionError, megatron_state_from_hf
+    from parallel.model import build_model, model_shape
+
+    hf = read_hf_dir(hf_dir)
+    src, cfg, reader, tokenizer_fp, eos = hf.path, hf.model, hf.reader, hf.tokenizer_fingerprint, hf.eos_id
+    dest = Path(out)
+    if dest.exists() and not force:
+        raise OutputExistsError(f"{dest}: already exists; pass --force to replace it")
 
     from parallel.distributed import destroy_distributed, init_distributed
     from rhocli.launch import free_port
@@ -74,7 +108,7 @@ def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
             "eod_id": eos,
             "datasets": [],
             "model": dataclasses.asdict(cfg),
-            "config": {"train": {"seq_length": min(cfg.max_position_embeddings, 4096)}},
+            "config": {"train": {"seq_length": hf.seq_length}},
             "config_hash": None,
             "source": {"huggingface": str(src.resolve()), "architecture": cfg.architecture},
         }
