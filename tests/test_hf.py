@@ -1,6 +1,7 @@
 """Hugging Face -> rho: a model built with `transformers` (random tiny Llama and Mistral with GQA,
-untied embeddings) is imported with rho convert-hf --from-hf; rho score's per-token losses must equal
-transformers' own per-token cross-entropy on the same windows, at TP1PP1 and TP2PP2."""
+untied embeddings) is imported with rho convert-hf --from-hf, or given to rho score --model as the
+HF directory itself; rho score's per-token losses must equal transformers' own per-token
+cross-entropy on the same windows, at TP1PP1 and TP2PP2."""
 
 from __future__ import annotations
 
@@ -56,8 +57,13 @@ def _hf_scores(model, doc: list[int], eod: int) -> np.ndarray:
     return out
 
 
+@pytest.mark.parametrize("source", ["convert-hf", "hf-dir"])
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-def test_scores_equal_transformers_cross_entropy(tmp_path, hf_tokenizer_dir, kind):
+def test_scores_equal_transformers_cross_entropy(tmp_path, hf_tokenizer_dir, kind, source):
+    """source convert-hf: rho score --model on the imported checkpoint; hf-dir: --model HF_DIR (each
+    rank loads its own TP/PP shard of the HF tensors, no conversion)."""
+    import json
+
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     hf_dir = tmp_path / "hf"
@@ -65,11 +71,17 @@ def test_scores_equal_transformers_cross_entropy(tmp_path, hf_tokenizer_dir, kin
     docs = [{"text": " ".join(CORPUS[(i * 3 + j) % len(CORPUS)] for j in range(1 + i % 5))} for i in range(24)]
     write_jsonl(tmp_path / "c.jsonl", docs)
     rho("tokenize", tmp_path / "c.jsonl", "-t", hf_dir, "-o", tmp_path / "c", "-w", "1")
-    rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
+    if source == "convert-hf":
+        rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
+    reference = tmp_path / "ckpt" if source == "convert-hf" else hf_dir
     for layout in ((), ("--tp", "2", "--pp", "2")):
         out = tmp_path / ("s" + "".join(layout))
-        rho("score", "--model", tmp_path / "ckpt", "--data", tmp_path / "c", "--output", out,
+        rho("score", "--model", reference, "--data", tmp_path / "c", "--output", out,
             "--seq-len", WINDOW, "--stride", STRIDE, "-q", *layout, timeout=600)
+        described = json.loads((tmp_path / f"{out.name}.json").read_text())["reference_model"]
+        if source == "hf-dir":
+            assert described["huggingface"] == str(hf_dir.resolve()) and described["architecture"] == kind
+            assert described["fingerprint"].startswith("sha256:")
         tokens, scores = IndexedDataset(str(tmp_path / "c")), IndexedDataset(str(out))
         longest = 0
         for i in range(len(tokens)):
@@ -97,6 +109,14 @@ def test_unsupported_models_are_refused(tmp_path, hf_tokenizer_dir):
     assert r.returncode == 4 and "not supported" in r.stderr
     r = rho("convert-hf", "--from-hf", tmp_path / "nope", tmp_path / "o", check=False)
     assert r.returncode == 3
+    # rho score --model takes a rho checkpoint or a HF Llama/Mistral directory; anything else is one line
+    (tmp_path / "empty").mkdir()
+    for bad, code, words in (("empty", 3, ["neither a rho checkpoint", "config.json"]), ("gpt2", 4, ["not supported"]),
+                             ("tied", 4, ["biases", "tied"]), ("nope", 3, ["not found"])):
+        r = rho("score", "--model", tmp_path / bad, "--data", tmp_path / "d", "--output", tmp_path / "s", check=False)
+        message = r.stderr.strip()
+        assert r.returncode == code and message.startswith("error: --model") and len(message.splitlines()) == 1, (bad, message)
+        assert all(w in message for w in words) and "Traceback" not in r.stderr, (bad, message)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ok")

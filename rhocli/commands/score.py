@@ -4,6 +4,7 @@ CPU:
 
     rho score --model runs/ref --data out/corpus --output out/corpus.ref
     rho score --model runs/ref --data out/corpus --output out/corpus.ref --tp 2 --pp 2 --resume
+    rho score --model hf/TinyLlama-1.1B --data out/corpus --output out/corpus.ref   # a HF Llama/Mistral dir
 
 One GPU:
 
@@ -62,7 +63,7 @@ class ScoreRenderer:
 
 
 def score_command(
-    model: Annotated[str, typer.Option("--model", help="Reference model: a rho checkpoint (run or step directory).")],
+    model: Annotated[str, typer.Option("--model", help="Reference model: a rho checkpoint (run or step directory) or a Hugging Face Llama/Mistral directory (config.json + safetensors).")],
     data: Annotated[str, typer.Option("--data", help="Token dataset prefix to score.")],
     output: Annotated[str, typer.Option("--output", "-o", help="Score store prefix: writes PREFIX.bin/.idx/.json.")],
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size.")] = 1,
@@ -70,7 +71,7 @@ def score_command(
     dp: Annotated[Optional[int], typer.Option("--dp", help="Data-parallel size (ranks split the documents).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Context window (default: the model's training sequence length).")] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", help="Sliding-window stride for long documents (default: half the window).")] = None,
-    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Windows per forward pass.")] = 4,
+    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Windows per forward pass.")] = 8,
     shard_documents: Annotated[int, typer.Option("--shard-documents", help="Documents per resumable shard.")] = 2048,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (finished shards are kept).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing store / restart an unfinished run.")] = False,
