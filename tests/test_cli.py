@@ -49,7 +49,7 @@ def test_tokenize_cli_surface_is_frozen(capsys):
     assert flags == {
         "--tokenizer", "--output", "--json-key", "--key-separator", "--txt-mode", "--workers",
         "--append-eod", "--no-append-eod", "--prepend-bos", "--no-prepend-bos", "--on-error",
-        "--force", "--config", "--help",
+        "--force", "--config", "--quiet", "--help",
     }
 
 
