@@ -77,10 +77,15 @@ def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_proce
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from parallel.attention import SDPAttention
+
     config = transformer_config(cfg, tp, pp, shape.params_dtype)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    # fused causal attention (PyTorch SDPA) in place of the local spec's unfused DotProductAttention
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+        transformer_layer_spec=spec,
         vocab_size=shape.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,

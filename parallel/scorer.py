@@ -1,7 +1,7 @@
 """``rho score`` on each rank: the reference model forward only, per-token losses into a score store.
 
 Documents are cut into windows (``parallel.scores.document_windows``). A shard's windows are sorted by
-length and packed ``micro_batch_size`` at a time, each micro-batch padded only to its longest window
+length and packed ``micro_batch_size`` at a time (default: ``default_micro_batch_size``), each micro-batch padded only to its longest window
 (rounded up to ``PAD_MULTIPLE``); megatron's forward-only schedule runs them through the TP/PP model,
 one call per run of equal-shape micro-batches. The last stage's GPTModel returns its final hidden
 states (``post_process`` is turned off after loading), and ``Scorer._scored_losses`` applies the
@@ -54,7 +54,8 @@ class ScoreSpec:
     output: str
     window: int
     stride: int
-    micro_batch_size: int
+    #: windows per forward; None: ``positions_per_forward(device) // window`` (at least 1)
+    micro_batch_size: int | None
     microbatches_per_call: int
     shard_documents: int
     eod_id: int
@@ -75,6 +76,17 @@ CPU_VOCAB_BLOCK = 4096
 GPU_LOGITS_ELEMENTS = 1 << 28
 #: a micro-batch is padded to its longest window rounded up to this
 PAD_MULTIPLE = 8
+#: default micro-batch, in positions (windows x window length). On the 2-core VM (tiny model,
+#: window 128) 8 windows per forward took 27-29 s for 1,500 GSM8K documents, 32 windows 22-25 s,
+#: 64 windows 24 s: small forwards pay PyTorch's per-op overhead ~40 times per layer. A GPU wants
+#: larger forwards still (16 windows of 1,024, 8 of 2,048).
+CPU_POSITIONS_PER_FORWARD = 4096
+GPU_POSITIONS_PER_FORWARD = 16384
+
+
+def default_micro_batch_size(window: int, on_gpu: bool) -> int:
+    budget = GPU_POSITIONS_PER_FORWARD if on_gpu else CPU_POSITIONS_PER_FORWARD
+    return max(1, budget // window)
 
 
 @dataclasses.dataclass
@@ -122,7 +134,7 @@ class Scorer:
     def _micro_batches(self, windows: list[Window]) -> list[_MicroBatch]:
         """Windows sorted by length (longest first), ``micro_batch_size`` per micro-batch, each padded
         only to its own longest window (rounded up to a multiple of ``PAD_MULTIPLE``)."""
-        mbs = self.spec.micro_batch_size
+        mbs = self.spec.micro_batch_size or default_micro_batch_size(self.spec.window, torch.cuda.is_available())
         order = sorted(range(len(windows)), key=lambda i: (-len(windows[i].inputs), i))
         batches = []
         for k in range(0, len(order), mbs):

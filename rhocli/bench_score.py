@@ -57,15 +57,19 @@ class ScoreBenchReport:
         return t
 
 
-def run_bench_score(model: str, data: str, documents: int, seq_len: int, stride: int, micro_batch_size: int,
+def run_bench_score(model: str, data: str, documents: int, seq_len: int, stride: int, micro_batch_size: int | None,
                     extra: list[str], repeats: int = 2) -> ScoreBenchReport:
     import numpy as np
     import torch
 
+    from parallel.scorer import default_micro_batch_size
     from parallel.scores import document_windows
     from rhocli.convert import export_hf
     from rhocli.formats.tokens import TokenDataset
     from rhocli.megatron_io import indexed_dataset
+
+    on_gpu = torch.cuda.is_available()
+    micro_batch_size = micro_batch_size or default_micro_batch_size(seq_len, on_gpu)
 
     work = Path(tempfile.mkdtemp(prefix="rho-bench-score-"))
     try:
@@ -90,7 +94,9 @@ def run_bench_score(model: str, data: str, documents: int, seq_len: int, stride:
                    "--micro-batch-size", str(micro_batch_size), "-q", "--force", *extra]
         from transformers import AutoModelForCausalLM
 
+        # fp32 like rho's CPU path; on a GPU both sides run bf16 (rho score's GPU dtype)
         hf = AutoModelForCausalLM.from_pretrained(work / "hf").eval()
+        hf = hf.to("cuda", torch.bfloat16) if on_gpu else hf.float()
         eod = int((ds.manifest or {}).get("tokenizer", {}).get("eod_id", 0))
         windows = [w for i, doc in enumerate(docs) for w in document_windows(i, doc.tolist(), eod, seq_len, stride)]
         loops = {"one window per forward": _one_window_loop,
@@ -111,6 +117,8 @@ def run_bench_score(model: str, data: str, documents: int, seq_len: int, stride:
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     loop(hf, windows, out, micro_batch_size)
+                if on_gpu:
+                    torch.cuda.synchronize()
                 secs = time.perf_counter() - t0
                 diff = max(float(np.abs(o - r).max()) for o, r in zip(out, rho_scores))
                 best = results.get(name, (float("inf"), 0.0))
@@ -124,11 +132,13 @@ def _one_window_loop(hf, windows, out, micro_batch_size):
     import torch
     import torch.nn.functional as F
 
+    device = hf.device
     for w in windows:
-        logits = hf(torch.tensor([w.inputs])).logits[0]
+        logits = hf(torch.tensor([w.inputs], device=device)).logits[0]
         p = w.window_positions
-        ce = F.cross_entropy(logits[p.start:p.stop], torch.tensor(w.labels[p.start:p.stop]), reduction="none")
-        out[w.document][w.doc_positions.start:w.doc_positions.stop] = ce.numpy()
+        ce = F.cross_entropy(logits[p.start:p.stop].float(), torch.tensor(w.labels[p.start:p.stop], device=device),
+                             reduction="none")
+        out[w.document][w.doc_positions.start:w.doc_positions.stop] = ce.cpu().numpy()
 
 
 def _batched_loop(hf, windows, out, micro_batch_size):
@@ -148,8 +158,10 @@ def _batched_loop(hf, windows, out, micro_batch_size):
             attention[r, :len(w.inputs)] = 1
             labels[r, :len(w.labels)] = torch.tensor(w.labels)
             scored[r, w.window_positions.start:w.window_positions.stop] = True
-        logits = hf(ids, attention_mask=attention).logits
-        ce = F.cross_entropy(logits[scored], labels[scored], reduction="none").split(
+        device = hf.device
+        scored, labels = scored.to(device), labels.to(device)
+        logits = hf(ids.to(device), attention_mask=attention.to(device)).logits
+        ce = F.cross_entropy(logits[scored].float(), labels[scored], reduction="none").cpu().split(
             [len(w.window_positions) for w in group])
         for w, values in zip(group, ce):
             out[w.document][w.doc_positions.start:w.doc_positions.stop] = values.numpy()

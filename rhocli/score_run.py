@@ -131,7 +131,7 @@ def resolve_model(model: str) -> ModelSource:
 
 
 def build_score_spec(model: str, data: str, output: str, tp: int, pp: int, dp: int | None, seq_len: int | None,
-                     stride: int | None, micro_batch_size: int, resume: bool, force: bool,
+                     stride: int | None, micro_batch_size: int | None, resume: bool, force: bool,
                      shard_documents: int, world_size: int | None = None):
     import_engine()
     from parallel.config import ModelConfig, padded_vocab_size
@@ -159,7 +159,7 @@ def build_score_spec(model: str, data: str, output: str, tp: int, pp: int, dp: i
     stride = stride or max(1, window // 2)
     if not 1 <= stride <= window:
         raise UsageError(f"--stride {stride} must be in [1, --seq-len {window}]")
-    if micro_batch_size < 1 or shard_documents < 1:
+    if (micro_batch_size is not None and micro_batch_size < 1) or shard_documents < 1:
         raise UsageError("--micro-batch-size and --shard-documents must be >= 1")
     if world_size is None:
         world_size = tp * pp * (dp or 1)

@@ -32,7 +32,7 @@ def corpus(tmp_path_factory, hf_tokenizer_dir):
     config = write_tiny_config(d)
     rho("train", config, "--data", d / "c", "--save", d / "ref", "--steps", 4, "--stop-after", 2, "-q")
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", d / "c.ref", "--seq-len", 32,
-        "--shard-documents", 150, "-q")
+        "--shard-documents", 80, "-q")
     return d, config
 
 
@@ -102,11 +102,11 @@ print("RESULT", worst, checked)
 def test_score_dp2_identical_and_tp2_within_tolerance(corpus, tmp_path):
     d, _ = corpus
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "dp2", "--seq-len", 32,
-        "--shard-documents", 150, "--dp", 2, "-q", timeout=600)
+        "--shard-documents", 80, "--dp", 2, "-q", timeout=600)
     assert (tmp_path / "dp2.bin").read_bytes() == (d / "c.ref.bin").read_bytes()
     assert (tmp_path / "dp2.idx").read_bytes() == (d / "c.ref.idx").read_bytes()
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "tp2", "--seq-len", 32,
-        "--shard-documents", 150, "--tp", 2, "--pp", 2, "-q", timeout=600)
+        "--shard-documents", 80, "--tp", 2, "--pp", 2, "-q", timeout=600)
     _, a = _read_store(tmp_path / "tp2")
     _, b = _read_store(d / "c.ref")
     assert np.abs(a - b).max() < 1e-5

@@ -139,10 +139,14 @@ def bench_score_command(
     documents: Annotated[int, typer.Option(help="Documents to score.")] = 500,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Window.")] = 128,
     stride: Annotated[int, typer.Option("--stride", help="Sliding-window stride.")] = 64,
-    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="rho score windows per forward.")] = 8,
+    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Windows per forward, rho and the batched transformers loop (default: rho score's).")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Runs of each side, alternating; the best is kept.")] = 2,
 ) -> None:
     """Tokens/s of rho score vs a transformers forward loop with the same weights and windows."""
     from rhocli.bench_score import run_bench_score
     from rhocli.console import out
+    from rhocli.errors import UsageError
 
-    out.print(run_bench_score(model, data, documents, seq_len, stride, micro_batch_size, []).table())
+    if repeats < 1 or (micro_batch_size is not None and micro_batch_size < 1):
+        raise UsageError("--repeats and --micro-batch-size must be >= 1")
+    out.print(run_bench_score(model, data, documents, seq_len, stride, micro_batch_size, [], repeats=repeats).table())

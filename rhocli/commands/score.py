@@ -71,7 +71,7 @@ def score_command(
     dp: Annotated[Optional[int], typer.Option("--dp", help="Data-parallel size (ranks split the documents).")] = None,
     seq_len: Annotated[Optional[int], typer.Option("--seq-len", help="Context window (default: the model's training sequence length).")] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", help="Sliding-window stride for long documents (default: half the window).")] = None,
-    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", help="Windows per forward pass.")] = 8,
+    micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Windows per forward pass (default: about 4,096 positions per forward on CPU, 16,384 on a GPU).")] = None,
     shard_documents: Annotated[int, typer.Option("--shard-documents", help="Documents per resumable shard.")] = 2048,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (finished shards are kept).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing store / restart an unfinished run.")] = False,
