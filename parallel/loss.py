@@ -1,7 +1,7 @@
 """The language-model loss of rho's engine: per-token losses from the fused kernel, and selection.
 
-``token_losses`` runs the model; on the last pipeline stage it turns the vocab-parallel logits
-``[b, s, vocab/tp]`` into per-token cross-entropy ``[b, s]`` with ``cuda_ext.per_token_loss`` (one
+``token_losses`` runs the model; on the last pipeline stage the model turns its vocab-parallel logits
+``[s, b, vocab/tp]`` into per-token cross-entropy ``[b, s]`` with ``cuda_ext.per_token_loss`` (one
 all-gather of per-row statistics across TP, backward written into the logits' memory). Plain causal
 LM and selective LM share this path, so ``--select-ratio 1.0`` is plain training bit for bit.
 
@@ -40,29 +40,14 @@ REPORT_FIELDS = ("kept_loss_sum", "kept", "loss_sum", "tokens", "ref_sum", "exce
 
 
 def token_losses(model, batch: dict[str, torch.Tensor]):
-    """Forward one micro-batch; the last stage returns per-token losses [b, s] (fp32)."""
-    from megatron.core import parallel_state as ps
-
-    from cuda_ext import per_token_loss
-
+    """Forward one micro-batch; the last stage returns per-token losses [b, s] (fp32), computed by
+    the model itself from its sequence-first logits (``parallel.model._rho_gpt_model_class``)."""
     device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
     tokens = batch["tokens"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
-    output = model(tokens, position_ids, attention_mask=None)
-    if not ps.is_pipeline_last_stage():
-        return output  # hidden states for the next stage
-    # logits: [b, s, vocab/tp] (GPTModel returns batch-first logits when no labels are given)
-    b, s, v = output.shape
     labels = batch["labels"].to(device, non_blocking=True)
-    tp = ps.get_tensor_model_parallel_world_size()
-    losses = per_token_loss(
-        output.view(b * s, v),
-        labels.reshape(-1),
-        vocab_start_index=ps.get_tensor_model_parallel_rank() * v,
-        tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
-        inplace_backward=True,
-    )
-    return losses.view(b, s)
+    # earlier stages ignore labels and return hidden states for the next stage
+    return model(tokens, position_ids, attention_mask=None, labels=labels)
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ for any TP size, so layouts can be compared.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -72,9 +73,44 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.d
     )
 
 
-def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_process: bool, post_process: bool):
-    """This pipeline stage's ``GPTModel`` (on CPU; the caller moves it to the GPU)."""
+@functools.lru_cache(maxsize=None)
+def _rho_gpt_model_class():
+    """megatron-core's GPTModel whose language-model loss is rho's fused per-token loss.
+
+    Called with ``labels``, GPTModel hands its sequence-first logits [s, b, vocab/tp] to
+    ``compute_language_model_loss``; without labels it returns them batch-first through a
+    ``transpose(0, 1).contiguous()`` copy, whose backward is a second copy (on the tiny model that
+    pair cost 50 ms of a 230 ms micro-batch on CPU). Overriding the loss keeps the logits where the
+    output layer wrote them: the fused kernel reads them once forward and writes dL/dlogits into the
+    same memory, contiguous for the output layer's backward matmuls.
+    """
     from megatron.core.models.gpt import GPTModel
+
+    class RhoGPTModel(GPTModel):
+        def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            from megatron.core import parallel_state as ps
+
+            from cuda_ext import per_token_loss
+
+            # logits: [s, b, vocab/tp]; labels: [b, s] -> losses [b, s] (fp32)
+            s, b, v = logits.shape
+            tp = ps.get_tensor_model_parallel_world_size()
+            losses = per_token_loss(
+                logits.reshape(s * b, v),
+                labels.transpose(0, 1).reshape(-1),
+                vocab_start_index=ps.get_tensor_model_parallel_rank() * v,
+                tp_group=ps.get_tensor_model_parallel_group() if tp > 1 else None,
+                inplace_backward=True,
+            )
+            return losses.view(s, b).transpose(0, 1).contiguous()
+
+    return RhoGPTModel
+
+
+def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_process: bool, post_process: bool):
+    """This pipeline stage's ``GPTModel`` (on CPU; the caller moves it to the GPU). Given ``labels``,
+    the last stage returns per-token losses [b, s] from rho's fused kernel (``_rho_gpt_model_class``);
+    without, vocab-parallel logits [b, s, vocab/tp] as megatron's GPTModel does."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from parallel.attention import SDPAttention
@@ -83,7 +119,7 @@ def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_proce
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     # fused causal attention (PyTorch SDPA) in place of the local spec's unfused DotProductAttention
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return GPTModel(
+    return _rho_gpt_model_class()(
         config=config,
         transformer_layer_spec=spec,
         vocab_size=shape.padded_vocab_size,
