@@ -12,7 +12,9 @@ Every stage is the real rho command line (run in this process through rho's Type
 2. rho tokenize (Llama-2 SentencePiece) → rho train the reference model on the reference set →
    rho score the corpus with it;
 3. for each ratio: rho train on the corpus for the same steps (1.0 = plain CLM; otherwise
-   --scores --select-ratio R --select-scope microbatch), validating on the held-out set;
+   --scores --select-ratio R --select-scope microbatch), validating on the held-out set; and the
+   document-level baseline: rho select --score reference --scope filter (whole documents with the
+   lowest mean reference loss, --filter-ratio of the tokens) → rho train --mask;
 4. kept tokens by source: rho score a corpus sample with the ratio-0.6 run's mid checkpoint, then
    rho select (excess loss, global scope) and count the mask by source;
 5. results.json, report.md and SVG curves in --output.
@@ -63,6 +65,9 @@ def main() -> int:
     ap.add_argument("--heldout-docs", type=int, default=400)
     ap.add_argument("--math-docs", type=int, default=2500)
     ap.add_argument("--sample-docs", type=int, default=150, help="per source, for the kept-by-source count")
+    ap.add_argument("--filter-ratio", type=float, default=0.5,
+                    help="also train on a document-level perplexity filter of the corpus keeping this fraction of "
+                         "its tokens (rho select --score reference --scope filter, rho train --mask); 0: skip")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--force", action="store_true")
@@ -136,6 +141,15 @@ def main() -> int:
         name = "clm" if r == 1.0 else f"slm{r:g}"
         extra = [] if r == 1.0 else ["--scores", out / "scores" / "corpus.reference", "--select-ratio", r, "--select-scope", "microbatch"]
         stage(f"train {name}", [train(name, "corpus", steps, extra)])
+    if args.filter_ratio > 0:
+        # the document-level baseline: whole corpus documents with the lowest mean reference loss, up to
+        # --filter-ratio of the tokens, trained on with the same data order, steps and normalisation
+        name = f"filter{args.filter_ratio:g}"
+        stage(f"train {name}", [
+            ["select", "--scores", out / "scores" / "corpus.reference", "--score", "reference", "--scope", "filter",
+             "--ratio", args.filter_ratio, "--output", out / "select" / "corpus.filter", "--force"],
+            train(name, "corpus", steps, ["--mask", out / "select" / "corpus.filter"]),
+        ])
 
     # ---- 4. kept tokens by source (static proxy of the online rule at mid-training)
     probe = "slm0.6" if 0.6 in ratios else next((f"slm{r:g}" for r in ratios if r < 1.0), None)
@@ -171,8 +185,10 @@ def main() -> int:
                "sizes": {"reference_docs": len(reference), "heldout_docs": len(heldout), "math_docs": len(math),
                          "wikitext_paragraphs": sum(1 for r in corpus if r["source"] == "wikitext")}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    series = {("CLM" if n == "clm" else f"SLM {n[3:]}"): [(s, v) for s, v in c["valid"] if s > 0]
-              for n, c in curves.items() if n != "reference"}
+    def label(n: str) -> str:
+        return "CLM" if n == "clm" else f"SLM {n[3:]}" if n.startswith("slm") else f"doc filter {n[6:]}"
+
+    series = {label(n): [(s, v) for s, v in c["valid"] if s > 0] for n, c in curves.items() if n != "reference"}
     (out / "heldout_loss.svg").write_text(line_chart(series, "Held-out GSM8K loss (CLM vs SLM ratios)", "training step",
                                                      "loss (nats/token)"))
     if kept:

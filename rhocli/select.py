@@ -7,7 +7,10 @@ Scores per token (document-aligned, from ``rho score``):
 * ``reference`` = − reference loss: the tokens the reference model finds most predictable are kept.
 
 Scopes: top k of each ``document``, or of the ``global`` corpus. k = floor(ratio · n + 0.5) (the
-rounding of the fused op); ties go to the lower token index; NaN scores rank last. Output: a mask
+rounding of the fused op); ties go to the lower token index; NaN scores rank last. ``filter`` is the
+document-level baseline (perplexity filtering when ``--score reference``): whole documents ranked by
+their mean score, kept best first while the kept tokens stay within k of the corpus (a document
+that would overshoot is skipped and smaller ones further down may still fit). Output: a mask
 store ``MASK.bin/.idx`` (IndexedDataset of uint8 0/1, same document boundaries) + ``MASK.json``.
 """
 
@@ -35,7 +38,7 @@ class SelectConfig:
     output: str
     ratio: float
     base_scores: str | None = None
-    scope: Literal["document", "global"] = "document"
+    scope: Literal["document", "global", "filter"] = "document"
     score: Literal["excess", "reference"] = "excess"
     report: str | None = None
     report_documents: int = 20
@@ -89,6 +92,26 @@ def top_k_mask(values: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def document_filter_mask(values: np.ndarray, lengths: np.ndarray, k: int) -> np.ndarray:
+    """Whole documents, best mean score first (ties to the lower document index; documents with no
+    finite score last), kept while the total stays within k tokens."""
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    means = np.full(lengths.size, -np.inf)
+    for d in range(lengths.size):
+        doc = values[ends[d]:ends[d + 1]]
+        doc = doc[np.isfinite(doc)]
+        if doc.size:
+            means[d] = doc.mean()
+    mask = np.zeros(values.size, dtype=bool)
+    total = 0
+    for d in np.argsort(-means, kind="stable"):
+        n = int(lengths[d])
+        if n and total + n <= k:
+            mask[ends[d]:ends[d + 1]] = True
+            total += n
+    return mask
+
+
 def run_select(cfg: SelectConfig) -> SelectSummary:
     if not 0.0 <= cfg.ratio <= 1.0:
         raise UsageError(f"--ratio must be in [0, 1], got {cfg.ratio}")
@@ -106,6 +129,8 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     ends = np.concatenate([[0], np.cumsum(lengths)])
     if cfg.scope == "global":
         mask = top_k_mask(values, selection_k(values.size, cfg.ratio))
+    elif cfg.scope == "filter":
+        mask = document_filter_mask(values, lengths, selection_k(values.size, cfg.ratio))
     else:
         mask = np.zeros(values.size, dtype=bool)
         for d in range(lengths.size):

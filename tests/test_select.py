@@ -83,6 +83,26 @@ def test_reference_global(scored, capsys):
     assert np.array_equal(got, _expected_top(-np.concatenate(ref).astype(np.float64), 0.25))
 
 
+def test_document_filter_keeps_whole_documents_by_mean_score(scored, capsys):
+    d, ds, ref, base = scored
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--base-scores", d / "base", "--scope", "filter",
+                "--ratio", "0.5", "--output", d / "f")
+    assert r.exit_code == 0, r.stderr
+    got = _mask(d / "f")
+    # independent greedy: documents by mean excess (float64), best first, while within k tokens
+    total = sum(len(v) for v in ref)
+    k = int(np.floor(0.5 * total + 0.5))
+    means = [float(np.mean(b.astype(np.float64) - rf)) for b, rf in zip(base, ref)]
+    kept, used = set(), 0
+    for i in sorted(range(len(means)), key=lambda i: (-means[i], i)):
+        if used + len(ref[i]) <= k:
+            kept.add(i)
+            used += len(ref[i])
+    for i, m in enumerate(got):
+        assert m.all() if i in kept else not m.any(), i
+    assert 0 < used <= k and json.loads((d / "f.json").read_text())["kept"] == used
+
+
 def test_bad_inputs(scored, capsys, tmp_path):
     d, ds, ref, base = scored
     r = run_rho(capsys, "select", "--scores", d / "ref", "--ratio", "0.5", "--output", d / "x")

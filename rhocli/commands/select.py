@@ -4,6 +4,7 @@ CPU (selection is cheap; no GPU needed, no distributed run):
 
     rho select --scores out/corpus.ref --base-scores out/corpus.base --ratio 0.6 --output out/corpus.mask
     rho select --scores out/corpus.ref --score reference --ratio 0.6 --scope global --output out/m --report sel.html
+    rho select --scores out/corpus.ref --score reference --ratio 0.5 --scope filter --output out/docs   # perplexity filter
 
 On one GPU / under torchrun: the same command (it reads and writes files only).
 """
@@ -20,7 +21,7 @@ def select_command(
     output: Annotated[str, typer.Option("--output", "-o", help="Mask store prefix: writes PREFIX.bin/.idx/.json.")],
     ratio: Annotated[float, typer.Option("--ratio", help="Fraction of tokens to keep.")] = 0.6,
     base_scores: Annotated[Optional[str], typer.Option("--base-scores", help="Base-model score store of the same tokens (for --score excess).")] = None,
-    scope: Annotated[str, typer.Option("--scope", help="document (top k of each document) or global.")] = "document",
+    scope: Annotated[str, typer.Option("--scope", help="document (top k of each document), global (top k of the corpus) or filter (whole documents by mean score, up to --ratio of the tokens).")] = "document",
     score: Annotated[str, typer.Option("--score", help="excess (base - reference, high kept) or reference (low reference loss kept).")] = "excess",
     report: Annotated[Optional[str], typer.Option("--report", help="Also write a self-contained HTML report of the selection.")] = None,
     report_documents: Annotated[int, typer.Option(help="Documents shown in the report.")] = 20,
@@ -31,8 +32,8 @@ def select_command(
     from rhocli.errors import UsageError
     from rhocli.select import SelectConfig, run_select
 
-    if scope not in ("document", "global"):
-        raise UsageError(f"--scope: expected document or global, got {scope!r}")
+    if scope not in ("document", "global", "filter"):
+        raise UsageError(f"--scope: expected document, global or filter, got {scope!r}")
     if score not in ("excess", "reference"):
         raise UsageError(f"--score: expected excess or reference, got {score!r}")
     summary = run_select(SelectConfig(scores=scores, output=output, ratio=ratio, base_scores=base_scores, scope=scope,
