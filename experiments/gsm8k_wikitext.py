@@ -14,7 +14,8 @@ Every stage is the real rho command line (run in this process through rho's Type
 3. for each ratio: rho train on the corpus for the same steps (1.0 = plain CLM; otherwise
    --scores --select-ratio R --select-scope microbatch), validating on the held-out set; and the
    document-level baseline: rho select --score reference --scope filter (whole documents with the
-   lowest mean reference loss, --filter-ratio of the tokens) → rho train --mask;
+   lowest mean reference loss, --filter-ratio of the tokens) → rho train --mask, and the same
+   documents tokenized as a dataset of their own → rho train (a filtering pipeline's output);
 4. kept tokens by source: rho score a corpus sample with the ratio-0.6 run's mid checkpoint, then
    rho select (excess loss, global scope) and count the mask by source;
 5. results.json, report.md and SVG curves in --output.
@@ -71,6 +72,9 @@ def main() -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep what an earlier run in --output finished (token datasets, score stores, runs that "
+                         "reached their last step) and run only the rest; the data split is deterministic")
     args = ap.parse_args()
 
     import numpy as np
@@ -89,7 +93,7 @@ def main() -> int:
             print(f"error: {p}: not found (pass --shared DIR)", file=sys.stderr)
             return 3
     out = args.output
-    if out.exists() and any(out.iterdir()) and not args.force:
+    if out.exists() and any(out.iterdir()) and not (args.force or args.reuse):
         print(f"error: --output {out}: not empty; pass --force", file=sys.stderr)
         return 5
     for sub in ("data", "tokens", "runs", "scores", "select"):
@@ -101,9 +105,24 @@ def main() -> int:
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
+    def finished(c) -> bool:
+        """--reuse: whether command c's output is already complete in --output."""
+        if not args.reuse:
+            return False
+        if c[0] == "tokenize" or c[0] == "score":
+            prefix = c[c.index("--output") + 1]
+            return Path(f"{prefix}.json").is_file()
+        if c[0] == "train":
+            run, n_steps = Path(c[c.index("--save") + 1]), int(c[c.index("--steps") + 1])
+            return (run / "metrics.jsonl").is_file() and any(s == n_steps for s, _ in read_metrics(run)["valid"])
+        return False  # select: cheap, always redone
+
     def stage(name, commands):
         t0 = time.perf_counter()
         for c in commands:
+            if finished(c):
+                print("kept: rho " + " ".join(map(str, c)), flush=True)
+                continue
             print("rho " + " ".join(map(str, c)), flush=True)
             run_rho(c)
         timings[name] = time.perf_counter() - t0
@@ -150,6 +169,15 @@ def main() -> int:
              "--ratio", args.filter_ratio, "--output", out / "select" / "corpus.filter", "--force"],
             train(name, "corpus", steps, ["--mask", out / "select" / "corpus.filter"]),
         ])
+        # the same documents as a dataset of their own (what a filtering pipeline hands to training):
+        # every step then trains on 1,024 kept tokens, where the masked run above trains on ~half
+        filter_mask = indexed_dataset().IndexedDataset(str(out / "select" / "corpus.filter"), mmap=True)
+        write_jsonl(out / "data" / "filtered.jsonl",
+                    [{"text": r["text"]} for i, r in enumerate(corpus) if np.asarray(filter_mask[i]).any()])
+        stage(f"train {name} packed", [
+            ["tokenize", out / "data" / "filtered.jsonl", "--tokenizer", tokenizer, "--output", out / "tokens" / "filtered", "-q"],
+            train(f"packed{args.filter_ratio:g}", "filtered", steps),
+        ])
 
     # ---- 4. kept tokens by source (static proxy of the online rule at mid-training)
     probe = "slm0.6" if 0.6 in ratios else next((f"slm{r:g}" for r in ratios if r < 1.0), None)
@@ -160,7 +188,8 @@ def main() -> int:
             ["score", "--model", out / "runs" / probe / f"step_{steps // 2:06d}", "--data", out / "tokens" / "sample",
              "--output", out / "scores" / "sample.probe", *layout, "-q"],
             ["select", "--scores", out / "scores" / "sample.reference", "--base-scores", out / "scores" / "sample.probe",
-             "--ratio", 0.6, "--scope", "global", "--output", out / "select" / "sample.mask", "--report", out / "select" / "tokens.html"],
+             "--ratio", 0.6, "--scope", "global", "--output", out / "select" / "sample.mask", "--report", out / "select" / "tokens.html",
+             "--force"],
         ])
         mask = indexed_dataset().IndexedDataset(str(out / "select" / "sample.mask"), mmap=True)
         for source in ("gsm8k", "wikitext"):
@@ -186,7 +215,11 @@ def main() -> int:
                          "wikitext_paragraphs": sum(1 for r in corpus if r["source"] == "wikitext")}}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     def label(n: str) -> str:
-        return "CLM" if n == "clm" else f"SLM {n[3:]}" if n.startswith("slm") else f"doc filter {n[6:]}"
+        if n == "clm":
+            return "CLM"
+        if n.startswith("slm"):
+            return f"SLM {n[3:]}"
+        return f"doc filter {n[6:]}" if n.startswith("filter") else f"doc filter {n[6:]} packed"
 
     series = {label(n): [(s, v) for s, v in c["valid"] if s > 0] for n, c in curves.items() if n != "reference"}
     (out / "heldout_loss.svg").write_text(line_chart(series, "Held-out GSM8K loss (CLM vs SLM ratios)", "training step",
