@@ -222,7 +222,7 @@ def main() -> int:
         return f"doc filter {n[6:]}" if n.startswith("filter") else f"doc filter {n[6:]} packed"
 
     series = {label(n): [(s, v) for s, v in c["valid"] if s > 0] for n, c in curves.items() if n != "reference"}
-    (out / "heldout_loss.svg").write_text(line_chart(series, "Held-out GSM8K loss (CLM vs SLM ratios)", "training step",
+    (out / "heldout_loss.svg").write_text(line_chart(series, "Held-out GSM8K loss: CLM, SLM ratios, document filters", "training step",
                                                      "loss (nats/token)"))
     if kept:
         (out / "kept_by_source.svg").write_text(bar_chart({k: v["kept"] for k, v in kept.items()},
