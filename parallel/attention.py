@@ -3,8 +3,9 @@
 megatron-core's local layer spec (the one rho builds on, Transformer Engine being optional) uses
 ``DotProductAttention``: it materialises the [b, heads, s, s] scores, masks them with a causal mask
 and runs softmax and a second batched matmul, four passes over an s x s tensor per head. PyTorch's
-SDPA does the same maths fused (FlashAttention on CUDA, a blocked flash kernel on the CPU), never
-materialising the scores, with grouped-query attention natively (``enable_gqa``: no repeated K/V).
+SDPA does the same maths fused (on CUDA its FlashAttention or memory-efficient kernel, whichever
+supports the inputs; on the CPU a blocked flash kernel), never materialising the scores, with
+grouped-query attention natively (``enable_gqa``: no repeated K/V).
 
 ``SDPAttention`` is a drop-in ``core_attention`` for the local spec: same constructor, same
 [sq, b, np, hn] -> [sq, b, np*hn] contract, no parameters (checkpoints are unchanged). It takes the
