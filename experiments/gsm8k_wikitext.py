@@ -15,7 +15,8 @@ Every stage is the real rho command line (run in this process through rho's Type
    --scores --select-ratio R --select-scope microbatch), validating on the held-out set; and the
    document-level baseline: rho select --score reference --scope filter (whole documents with the
    lowest mean reference loss, --filter-ratio of the tokens) → rho train --mask, and the same
-   documents tokenized as a dataset of their own → rho train (a filtering pipeline's output);
+   documents tokenized as a dataset of their own → rho train (a filtering pipeline's output), and
+   SLM on that filtered dataset (--filter-slm-ratios: filter documents, then select tokens);
 4. kept tokens by source: rho score a corpus sample with the ratio-0.6 run's mid checkpoint, then
    rho select (excess loss, global scope) and count the mask by source;
 5. results.json, report.md and SVG curves in --output.
@@ -69,6 +70,8 @@ def main() -> int:
     ap.add_argument("--filter-ratio", type=float, default=0.5,
                     help="also train on a document-level perplexity filter of the corpus keeping this fraction of "
                          "its tokens (rho select --score reference --scope filter, rho train --mask); 0: skip")
+    ap.add_argument("--filter-slm-ratios", default="0.6",
+                    help="SLM ratios to train on the packed filtered corpus (filter, then select tokens); empty: skip")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
     ap.add_argument("--force", action="store_true")
@@ -178,6 +181,15 @@ def main() -> int:
             ["tokenize", out / "data" / "filtered.jsonl", "--tokenizer", tokenizer, "--output", out / "tokens" / "filtered", "-q"],
             train(f"packed{args.filter_ratio:g}", "filtered", steps),
         ])
+        # filter, then select tokens: SLM on the filtered corpus, scored by the same reference model
+        filter_slm = [float(r) for r in args.filter_slm_ratios.split(",") if r.strip()]
+        if filter_slm:
+            stage("score filtered", [["score", "--model", out / "runs" / "reference", "--data", out / "tokens" / "filtered",
+                                      "--output", out / "scores" / "filtered.reference", *layout, "-q"]])
+            for r in filter_slm:
+                stage(f"train packed + slm{r:g}", [train(
+                    f"packed{args.filter_ratio:g}slm{r:g}", "filtered", steps,
+                    ["--scores", out / "scores" / "filtered.reference", "--select-ratio", r, "--select-scope", "microbatch"])])
 
     # ---- 4. kept tokens by source (static proxy of the online rule at mid-training)
     probe = "slm0.6" if 0.6 in ratios else next((f"slm{r:g}" for r in ratios if r < 1.0), None)
@@ -219,7 +231,10 @@ def main() -> int:
             return "CLM"
         if n.startswith("slm"):
             return f"SLM {n[3:]}"
-        return f"doc filter {n[6:]}" if n.startswith("filter") else f"doc filter {n[6:]} packed"
+        if n.startswith("filter"):
+            return f"doc filter {n[6:]}"
+        base, _, slm = n[6:].partition("slm")
+        return f"doc filter {base} packed" + (f" + SLM {slm}" if slm else "")
 
     series = {label(n): [(s, v) for s, v in c["valid"] if s > 0] for n, c in curves.items() if n != "reference"}
     (out / "heldout_loss.svg").write_text(line_chart(series, "Held-out GSM8K loss: CLM, SLM ratios, document filters", "training step",
