@@ -6,7 +6,8 @@ from __future__ import annotations
 import html
 import math
 
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f", "#e377c2",
+           "#bcbd22")
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -45,6 +46,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     y0, y1 = y0 - pad, y1 + pad
     left, right, top, bottom = 60, 190, 30, 45
     pw, ph = width - left - right, height - top - bottom
+    # the legend gets the room its longest name needs (~7 px a character at 12 px): the chart widens
+    right = max(right, 48 + 7 * max(len(name) for name in series))
+    width = left + pw + right
 
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * pw
@@ -67,7 +71,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     parts.append(f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle">{html.escape(ylabel)}</text>')
     for i, (name, s) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
-        dash = ' stroke-dasharray="6 4"' if styles.get(name) == "dashed" else ""
+        # past the palette, colours repeat dashed so that no two series look the same
+        dashed = styles.get(name) == "dashed" or (i // len(PALETTE)) % 2 == 1
+        dash = ' stroke-dasharray="6 4"' if dashed else ""
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s if math.isfinite(y))
         if path:
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}>'
