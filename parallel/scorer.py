@@ -1,9 +1,10 @@
 """``rho score`` on each rank: the reference model forward only, per-token losses into a score store.
 
 Documents are cut into windows (``parallel.scores.document_windows``). A shard's windows are sorted by
-length and packed ``micro_batch_size`` at a time (default: ``default_micro_batch_size``), each micro-batch padded only to its longest window
-(rounded up to ``PAD_MULTIPLE``); megatron's forward-only schedule runs them through the TP/PP model,
-one call per run of equal-shape micro-batches. The last stage's GPTModel returns its final hidden
+length and packed ``micro_batch_size`` at a time (default: ``default_micro_batch_size``), each
+micro-batch padded only to its longest window (rounded up to ``PAD_MULTIPLE``); megatron's
+forward-only schedule runs them through the TP/PP model, one call per run of equal-shape
+micro-batches. The last stage's GPTModel returns its final hidden
 states (``post_process`` is turned off after loading), and ``Scorer._scored_losses`` applies the
 vocab-parallel output layer to the positions each window scores only (a window's context positions,
 half of a sliding window, never reach the output layer), reducing the logits to (logsumexp, target
@@ -54,7 +55,7 @@ class ScoreSpec:
     output: str
     window: int
     stride: int
-    #: windows per forward; None: ``positions_per_forward(device) // window`` (at least 1)
+    #: windows per forward; None: ``default_micro_batch_size(window, on_gpu)``
     micro_batch_size: int | None
     microbatches_per_call: int
     shard_documents: int
@@ -110,10 +111,12 @@ class Scorer:
         self.is_last = ps.is_pipeline_last_stage()
         self.writer = self.is_last and ps.get_tensor_model_parallel_rank() == 0
         self.dp_rank = ps.get_data_parallel_rank()
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        on_gpu = torch.cuda.is_available()
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+        self.micro_batch_size = spec.micro_batch_size or default_micro_batch_size(spec.window, on_gpu)
         shape = model_shape(spec.model, spec.vocab_size, layout.tp, dtype)
         model = build_model(spec.model, shape, layout.tp, layout.pp, ps.is_pipeline_first_stage(), self.is_last)
-        if torch.cuda.is_available():
+        if on_gpu:
             model.cuda(torch.cuda.current_device())
         if spec.model_format == "huggingface":
             from parallel.hf import load_hf_into_model
@@ -134,7 +137,7 @@ class Scorer:
     def _micro_batches(self, windows: list[Window]) -> list[_MicroBatch]:
         """Windows sorted by length (longest first), ``micro_batch_size`` per micro-batch, each padded
         only to its own longest window (rounded up to a multiple of ``PAD_MULTIPLE``)."""
-        mbs = self.spec.micro_batch_size or default_micro_batch_size(self.spec.window, torch.cuda.is_available())
+        mbs = self.micro_batch_size
         order = sorted(range(len(windows)), key=lambda i: (-len(windows[i].inputs), i))
         batches = []
         for k in range(0, len(order), mbs):

@@ -145,6 +145,7 @@ def _batched_loop(hf, windows, out, micro_batch_size):
     import torch
     import torch.nn.functional as F
 
+    device = hf.device
     order = sorted(windows, key=lambda w: -len(w.inputs))
     for k in range(0, len(order), micro_batch_size):
         group = order[k:k + micro_batch_size]
@@ -158,7 +159,6 @@ def _batched_loop(hf, windows, out, micro_batch_size):
             attention[r, :len(w.inputs)] = 1
             labels[r, :len(w.labels)] = torch.tensor(w.labels)
             scored[r, w.window_positions.start:w.window_positions.stop] = True
-        device = hf.device
         scored, labels = scored.to(device), labels.to(device)
         logits = hf(ids.to(device), attention_mask=attention.to(device)).logits
         ce = F.cross_entropy(logits[scored].float(), labels[scored], reduction="none").cpu().split(
