@@ -23,14 +23,12 @@ from pathlib import Path
 
 import torch
 
+from cuda_ext.errors import KernelUnavailableError
+
 logger = logging.getLogger("rho.kernel")
 CSRC = Path(__file__).resolve().parent / "csrc"
 BACKENDS = ("cuda", "cpu", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-class KernelUnavailableError(RuntimeError):
-    """A forced implementation (RHO_KERNEL) cannot run here; the message lists why."""
 
 
 @dataclasses.dataclass(frozen=True)

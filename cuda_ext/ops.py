@@ -16,8 +16,8 @@ Building blocks (each dispatched to the cuda / cpu / torch implementation by ``c
   registered autograd formula (composes with torch.compile).
 
 Under tensor parallelism the per-row statistics of all ranks are combined with ONE all-gather of a
-[2, tokens] tensor (local logsumexp, local target logit), as flash-attn's cross-entropy does; the
-backward needs no collective: each rank already holds the global logsumexp.
+[2, tokens] tensor (local logsumexp, local target logit; ``cuda_ext.tp``), as flash-attn's
+cross-entropy does; the backward needs no collective: each rank already holds the global logsumexp.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from cuda_ext import dispatch
 from cuda_ext import reference as ref
 from cuda_ext.reference import SelectiveLoss
+from cuda_ext.tp import gather_row_stats
 
 # ---------------------------------------------------------------------------- building blocks
 
@@ -132,15 +133,9 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, tp_group, inplace_backward):
-        import torch.distributed as dist
-
         lse_local, target_local = row_stats(logits, targets, vocab_start)
-        stats = torch.stack([lse_local, target_local])  # [2, tokens]
-        gathered = [torch.empty_like(stats) for _ in range(dist.get_world_size(tp_group))]
-        dist.all_gather(gathered, stats, group=tp_group)
-        stacked = torch.stack(gathered)  # [tp, 2, tokens]
-        lse = torch.logsumexp(stacked[:, 0], dim=0)
-        loss = lse - stacked[:, 1].sum(dim=0)
+        lse, target_logit = gather_row_stats(lse_local, target_local, tp_group)  # whole rows, every rank
+        loss = lse - target_logit
         ctx.save_for_backward(logits, targets, lse)
         ctx.vocab_start = vocab_start
         ctx.inplace = inplace_backward

@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 import torch
 
+from cuda_ext.tp import gather_row_stats
+
 
 class SelectiveLoss(NamedTuple):
     #: per-token cross-entropy [tokens], float32 (float64 for float64 logits), same on all TP ranks
@@ -100,27 +102,6 @@ def grad_logits_reference(logits, targets, vocab_start, lse, grad_loss) -> torch
     return (grad * grad_loss.to(acc).unsqueeze(-1)).to(logits.dtype)
 
 
-class _GatherOwnGrad(torch.autograd.Function):
-    """All-gather along a new leading dim; backward hands each rank the gradient of its own slice.
-
-    Every TP rank computes the same objective from the gathered statistics, so the gradient that
-    reaches rank r's slice is already complete on rank r: no reduction in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor, group):
-        import torch.distributed as dist
-
-        ctx.rank = dist.get_rank(group)
-        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(out, tensor.contiguous(), group=group)
-        return torch.stack(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[ctx.rank], None
-
-
 def selective_loss_reference(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -133,20 +114,10 @@ def selective_loss_reference(
 ) -> SelectiveLoss:
     """The spec, differentiable through ``loss``. logits: [tokens, vocab/tp]; the rest: [tokens]."""
     _check_ratio(ratio)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    z = logits.to(acc)
-    local = targets - vocab_start_index
-    inside = (local >= 0) & (local < z.shape[-1])
-    picked = torch.gather(z, -1, local.clamp(0, max(z.shape[-1] - 1, 0)).unsqueeze(-1)).squeeze(-1)
-    target_logit = torch.where(inside, picked, torch.zeros_like(picked))
-    lse_local = torch.logsumexp(z, dim=-1)
+    lse, target_logit = row_stats_reference(logits, targets, vocab_start_index)  # differentiable
     if tp_group is not None:
-        stats = _GatherOwnGrad.apply(torch.stack([lse_local, target_logit]), tp_group)  # [tp, 2, tokens]
-        lse = torch.logsumexp(stats[:, 0], dim=0)
-        target_logit = stats[:, 1].sum(dim=0)
-    else:
-        lse = lse_local
+        lse, target_logit = gather_row_stats(lse, target_logit, tp_group)
     loss = lse - target_logit
-    excess = loss.detach() - ref_loss.to(acc)
+    excess = loss.detach() - ref_loss.to(loss.dtype)
     kept = topk_mask_reference(excess, loss_mask > 0, ratio, segment_len)
     return SelectiveLoss(loss=loss, kept=kept, n_kept=kept.sum())

@@ -4,7 +4,8 @@ WikiText-2, held-out loss on GSM8K problems neither model saw. docs/experiment.m
     python experiments/gsm8k_wikitext.py --shared ../shared --output experiment-gsm8k
     python experiments/gsm8k_wikitext.py --shared ../shared --output exp-big --steps 2000 --ratios 0.6,1.0 --tp 2
 
-Every stage is the real rho command line (run in this process through rho's Typer app):
+Every stage is the real rho command line, run in this process through rho's one public entry
+(``rhocli.app.invoke``); results are read back with rho's format readers (``rhocli.core.formats``):
 
 1. data: GSM8K train shuffled (seed 1234) → reference set (first --reference-docs problems),
    held-out set (last --heldout-docs), and the corpus: the next --math-docs problems mixed with every
@@ -83,9 +84,11 @@ def main() -> int:
     import numpy as np
     import yaml
 
-    from rhocli.demo.pipeline import read_metrics, run_rho, steps_to_reach
-    from rhocli.megatron_io import indexed_dataset, quiet_megatron
-    from rhocli.plots import bar_chart, line_chart
+    from rhocli.app import invoke as run_rho
+    from rhocli.core.formats.masks import read_masks
+    from rhocli.core.formats.metrics import read_metrics, steps_to_reach
+    from rhocli.core.megatron_io import quiet_megatron
+    from rhocli.core.plots import bar_chart, line_chart
 
     quiet_megatron()
     gsm8k = args.shared / "data" / "gsm8k" / "train.jsonl"
@@ -174,9 +177,9 @@ def main() -> int:
         ])
         # the same documents as a dataset of their own (what a filtering pipeline hands to training):
         # every step then trains on 1,024 kept tokens, where the masked run above trains on ~half
-        filter_mask = indexed_dataset().IndexedDataset(str(out / "select" / "corpus.filter"), mmap=True)
+        filter_mask = read_masks(out / "select" / "corpus.filter")
         write_jsonl(out / "data" / "filtered.jsonl",
-                    [{"text": r["text"]} for i, r in enumerate(corpus) if np.asarray(filter_mask[i]).any()])
+                    [{"text": r["text"]} for i, r in enumerate(corpus) if filter_mask[i].any()])
         stage(f"train {name} packed", [
             ["tokenize", out / "data" / "filtered.jsonl", "--tokenizer", tokenizer, "--output", out / "tokens" / "filtered", "-q"],
             train(f"packed{args.filter_ratio:g}", "filtered", steps),
@@ -203,10 +206,10 @@ def main() -> int:
              "--ratio", 0.6, "--scope", "global", "--output", out / "select" / "sample.mask", "--report", out / "select" / "tokens.html",
              "--force"],
         ])
-        mask = indexed_dataset().IndexedDataset(str(out / "select" / "sample.mask"), mmap=True)
+        mask = read_masks(out / "select" / "sample.mask")
         for source in ("gsm8k", "wikitext"):
             idx = [i for i, r in enumerate(sample) if r["source"] == source]
-            values = np.concatenate([np.asarray(mask[i]) for i in idx])
+            values = np.concatenate([mask[i] for i in idx]).astype(np.uint8)
             kept[source] = {"tokens": int(values.size), "kept": float(values.mean())}
 
     # ---- 5. results

@@ -1,70 +1,28 @@
-"""Checkpoints: megatron-core ``dist_checkpointing`` (reshardable across TP/PP/DP) + a rho manifest.
+"""Saving and loading a model (and optimizer) with megatron-core ``dist_checkpointing``: reshardable
+across TP/PP/DP, plus each rank's RNG states for an exact resume.
 
-A run directory looks like::
+Where a checkpoint goes and how it is published is the caller's: ``save_checkpoint`` writes through a
+store (``rhocli.core.formats.checkpoint.CheckpointStore`` or anything with its ``staging_dir`` /
+``begin`` / ``publish``), so the engine never decides a file layout or writes a manifest itself.
 
-    RUN/
-      latest                  -> "step_000200" (written last; names only complete checkpoints)
-      step_000100/            a dist_checkpointing directory + rho_checkpoint.json + rng/
-      step_000200/
-      metrics.jsonl, train.config.yaml
-
-A checkpoint is written into ``RUN/.tmp-step_NNNNNN`` by every rank, completed with the rho manifest
-by rank 0, then renamed into place, and only then is ``latest`` replaced (write + rename), so a run
-killed at any moment leaves ``latest`` on the previous complete checkpoint.
+    save_checkpoint(store, step, [model], optimizer, fields)     # every rank (collective)
+    load_checkpoint(step_dir, [model], optimizer, saved_world_size=4)
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-CHECKPOINT_FORMAT = "rho.checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
-MANIFEST_NAME = "rho_checkpoint.json"
-LATEST_NAME = "latest"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint path that is missing, incomplete or not a rho checkpoint (one-line message)."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The step directory ``path`` names: a step directory itself, or a run directory's ``latest``."""
-    p = Path(path)
-    if (p / MANIFEST_NAME).is_file():
-        return p
-    latest = p / LATEST_NAME
-    if latest.is_file():
-        target = p / latest.read_text().strip()
-        if not (target / MANIFEST_NAME).is_file():
-            raise CheckpointError(f"{latest}: names {target.name}, which is not a complete checkpoint")
-        return target
-    if not p.exists():
-        raise CheckpointError(f"{p}: checkpoint not found")
-    raise CheckpointError(f"{p}: not a rho checkpoint (no {MANIFEST_NAME}, no '{LATEST_NAME}' pointer)")
-
-
-def read_manifest(step_dir: Path) -> dict[str, Any]:
-    from parallel.manifest import read_versioned_json
-
-    return read_versioned_json(Path(step_dir) / MANIFEST_NAME, CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_VERSION,
-                               CheckpointError, "checkpoint")
-
-
-def latest_step_dir(run_dir: Path) -> Path | None:
-    try:
-        return resolve_checkpoint(run_dir)
-    except CheckpointError:
-        return None
+class CheckpointSink(Protocol):
+    def step_dir(self, step: int) -> Path: ...
+    def staging_dir(self, step: int) -> Path: ...
+    def begin(self, step: int) -> Path: ...
+    def publish(self, step: int, fields: dict[str, Any]) -> Path: ...
 
 
 def _sharded_state_dict(model_chunks, optimizer, is_loading: bool) -> dict[str, Any]:
@@ -99,20 +57,16 @@ def _set_rng_state(state: dict[str, Any]) -> bool:
     return True
 
 
-def save_checkpoint(run_dir: Path, step: int, model_chunks, optimizer, manifest: dict[str, Any]) -> Path:
-    """Save on every rank (collective). Returns the published step directory."""
+def save_checkpoint(store: CheckpointSink, step: int, model_chunks, optimizer, fields: dict[str, Any]) -> Path:
+    """Save on every rank (collective); rank 0 publishes with ``fields`` (plus the world size) as the
+    manifest. Returns the published step directory."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    run_dir = Path(run_dir)
     rank = dist.get_rank()
-    name = step_dir_name(step)
-    tmp = run_dir / f".tmp-{name}"
-    final = run_dir / name
+    tmp = store.staging_dir(step)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        store.begin(step)
     dist.barrier()
     # dist_checkpointing wants an empty directory; per-rank RNG states go in beside its files after.
     dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), str(tmp))
@@ -121,22 +75,9 @@ def save_checkpoint(run_dir: Path, step: int, model_chunks, optimizer, manifest:
     _fault_injection_pause()
     dist.barrier()
     if rank == 0:
-        full = {
-            "format": CHECKPOINT_FORMAT,
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "step": step,
-            "world_size": dist.get_world_size(),
-            **manifest,
-        }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(full, indent=2) + "\n")
-        if final.exists():  # an older run's checkpoint of the same step (e.g. after --init restart)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer_tmp = run_dir / f".{LATEST_NAME}.tmp"
-        pointer_tmp.write_text(name + "\n")
-        os.replace(pointer_tmp, run_dir / LATEST_NAME)
+        store.publish(step, {"world_size": dist.get_world_size(), **fields})
     dist.barrier()
-    return final
+    return store.step_dir(step)
 
 
 def _fault_injection_pause() -> None:
@@ -149,54 +90,17 @@ def _fault_injection_pause() -> None:
         time.sleep(float(seconds))
 
 
-def model_tensor_names(step_dir: Path) -> list[str]:
-    """Names of the model's (unsharded) tensors stored in a checkpoint, read from its metadata."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    metadata = FileSystemReader(str(step_dir)).read_metadata()
-    return sorted(
-        key for key, meta in metadata.state_dict_metadata.items()
-        if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.") and "_extra_state" not in key
-    )
-
-
-def load_model_tensors(step_dir: Path, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-    """Model tensors of a checkpoint, unsharded (TP/PP merged), without a process group.
-
-    dist_checkpointing's default format is torch.distributed.checkpoint, which stores every tensor
-    in its global shape; reading a subset of keys keeps memory near the tensors asked for.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
-
-    reader = FileSystemReader(str(step_dir))
-    metadata = reader.read_metadata().state_dict_metadata
-    wanted = names if names is not None else model_tensor_names(step_dir)
-    state = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in wanted}
-    dcp.load(state, storage_reader=reader, no_dist=True)
-    return state
-
-
-def load_checkpoint(step_dir: Path, model_chunks, optimizer=None, load_rng: bool = False) -> dict[str, Any]:
-    """Load weights (and optimizer state, RNG when asked) on every rank; returns the rho manifest."""
+def load_checkpoint(step_dir: Path, model_chunks, optimizer=None, saved_world_size: int | None = None) -> None:
+    """Load weights (and optimizer state) on every rank; with ``saved_world_size`` equal to this
+    world's, also this rank's RNG states (an exact resume; another layout keeps the seeds)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    manifest = read_manifest(step_dir)
     state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), str(step_dir))
-    model = model_chunks[0]
-    model.load_state_dict(state["model"], strict=True)
+    model_chunks[0].load_state_dict(state["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    if load_rng:
+    if saved_world_size is not None:
         rng_file = Path(step_dir) / "rng" / f"rank{dist.get_rank():05d}.pt"
-        if manifest.get("world_size") == dist.get_world_size() and rng_file.is_file():
+        if saved_world_size == dist.get_world_size() and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))
-    return manifest
-
-
-def clean_stale_temporaries(run_dir: Path) -> None:
-    """Remove checkpoints a killed run left half-written (rank 0, before training starts)."""
-    for tmp in Path(run_dir).glob(".tmp-step_*"):
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Plain frozen dataclasses for the engine: the model's shape and a training run's options.
 
-``rhocli`` fills them from YAML + flags (``rhocli.config.resolve_config``); ``parallel`` only reads
+``rhocli`` fills them from YAML + flags (``rhocli.core.config``); ``parallel`` only reads
 them. Field docstrings are the documentation of the YAML keys (docs/train.md).
 """
 
@@ -29,21 +29,10 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
-    """The embedding is padded to a multiple of this; the TP size must divide it (see padded_vocab_size)."""
+    """The embedding is padded to a multiple of this; the TP size must divide it
+    (``parallel.layout.padded_vocab_size``)."""
     sliding_window: int | None = None
     """Mistral's attention window; recorded for export. Training sequences must not exceed it."""
-
-
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int) -> int:
-    """Round the vocabulary up to a multiple of ``multiple``, which ``tp`` must divide.
-
-    Megatron-LM pads to a multiple of ``multiple * tp``, so the padded size (and the embedding's shape
-    in a checkpoint) changes with TP and a checkpoint cannot always be resharded. rho pads
-    independently of TP, and requires TP to divide ``multiple`` (128: TP 1, 2, 4, ... 128).
-    """
-    if multiple % tp:
-        raise ValueError(f"--tp {tp} must divide make_vocab_size_divisible_by={multiple}")
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 @dataclasses.dataclass(frozen=True)

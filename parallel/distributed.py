@@ -25,6 +25,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from parallel.cpu_compat import apply_cpu_compat
+from parallel.errors import DistributedSetupError
+from parallel.layout import data_parallel_size
 
 __all__ = ["Layout", "init_distributed", "destroy_distributed"]
 
@@ -49,36 +51,24 @@ class Layout:
     backend: str
     """"nccl" or "gloo"."""
 
-    def describe(self) -> str:
-        """One line for the banner, e.g. "rank 0/4: tp=2 pp=2 dp=1 (gloo)"."""
-        return (
-            f"rank {self.rank}/{self.world_size}: tp={self.tp} pp={self.pp} dp={self.dp} "
-            f"({self.backend})"
-        )
-
 
 def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600) -> Layout:
     """Create the process group and megatron's TP/PP/DP groups, seed every RNG; return the Layout.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK (default: RANK), MASTER_ADDR and MASTER_PORT from the
     environment. With CUDA: NCCL on device LOCAL_RANK. Without: gloo, after `apply_cpu_compat()`.
-    Raises ValueError (one line, for the CLI) when the environment is incomplete or --tp x --pp
-    does not divide the world size.
+    Raises DistributedSetupError when the environment is incomplete, LayoutError when tp x pp does
+    not divide the world size.
     """
     missing = [name for name in _ENV_VARS if name not in os.environ]
     if missing:
-        raise ValueError(
+        raise DistributedSetupError(
             f"{', '.join(missing)} not set: start the workers with torchrun or `rho train`"
         )
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if tp < 1 or pp < 1:
-        raise ValueError(f"--tp and --pp must be at least 1 (got --tp {tp} --pp {pp})")
-    if world_size % (tp * pp) != 0:
-        raise ValueError(
-            f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the world size {world_size}"
-        )
+    dp = data_parallel_size(world_size, tp, pp)
     if dist.is_initialized():
         raise RuntimeError("init_distributed called twice; call destroy_distributed() first")
 
@@ -108,7 +98,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600) -> Lay
         world_size=world_size,
         tp=tp,
         pp=pp,
-        dp=world_size // (tp * pp),
+        dp=dp,
         rank=rank,
         local_rank=local_rank,
         backend=backend,

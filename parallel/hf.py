@@ -1,56 +1,75 @@
-"""Hugging Face Llama / Mistral <-> megatron-core GPTModel weights (the Llama flavour rho builds).
+"""Hugging Face Llama / Mistral <-> megatron-core GPTModel weights: the one name map, both directions.
 
-Name map for layer i (megatron module keys; HF keys under ``model.``):
+``PARAMS`` lists every parameter once: its megatron module key, its key in a rho checkpoint (layers
+stored stacked ``[layers, ...]``), its HF key(s) and its ``kind``, which says how HF tensors combine
+into the megatron tensor and how tensor parallelism slices it:
 
-    embedding.word_embeddings.weight                      embed_tokens.weight        (rows padded)
-    decoder.layers.i.input_layernorm.weight               layers.i.input_layernorm.weight
-                      (stored in checkpoints as self_attention.linear_qkv.layer_norm_weight)
-    decoder.layers.i.self_attention.linear_qkv.weight     q_proj, k_proj, v_proj     (interleaved, below)
-    decoder.layers.i.self_attention.linear_proj.weight    layers.i.self_attn.o_proj.weight
-    decoder.layers.i.pre_mlp_layernorm.weight             layers.i.post_attention_layernorm.weight
-                      (stored in checkpoints as mlp.linear_fc1.layer_norm_weight)
-    decoder.layers.i.mlp.linear_fc1.weight                cat(gate_proj, up_proj)    (SwiGLU: gate first)
-    decoder.layers.i.mlp.linear_fc2.weight                layers.i.mlp.down_proj.weight
-    decoder.final_layernorm.weight                        norm.weight
-    output_layer.weight                                   lm_head.weight             (rows padded)
+    kind    HF tensors -> megatron                  TP slice of rank r (of tp)
+    norm    one, as is                              replicated
+    vocab   one, rows padded to the padded vocab    rows (vocab-parallel)
+    row     one, as is                              columns (row-parallel linear: input features)
+    qkv     q, k, v interleaved per KV group        rows (whole KV groups per rank)
+    glu     [gate; up] (SwiGLU: gate first)         [gate rows r; up rows r]
 
 megatron stores QKV per KV group: for each of the ``g`` groups, its ``h/g`` query heads, then its key
-head, then its value head (each ``head_dim`` rows). HF keeps q, k, v separate with heads in order.
-Both use RoPE on the two halves of each head (no permutation needed). Padding rows of the vocabulary
-are zeros on import and dropped on export.
+head, then its value head (each ``head_dim`` rows); HF keeps q, k, v separate with heads in order.
+Both apply RoPE to the two halves of each head, so no permutation is needed. Padding rows of the
+vocabulary are zeros on import and dropped on export.
 
-``megatron_state_from_hf`` builds the whole (TP1 PP1) state that ``rho convert-hf --from-hf`` saves;
-``local_megatron_state_from_hf`` builds one rank's shard of it directly (its pipeline stage's layers,
-its tensor-parallel slices), which is how ``rho score --model HF_DIR`` loads a HF model with no
-conversion. Tensor-parallel slicing follows megatron-core's layers: column-parallel weights
-(embedding, output layer, QKV, fc1) are split by rows into ``tp`` contiguous chunks (the per-group QKV
-layout keeps whole KV groups on a rank), row-parallel weights (attention output, fc2) by columns, and
-fc1 holds ``[gate chunk; up chunk]`` of this rank (megatron's SwiGLU splits its local output in two).
+Import (``local_megatron_state_from_hf``) builds one rank's module state (its pipeline stage's layers,
+its TP slices) directly from HF tensors, so ``rho score --model HF_DIR`` reads only its shard; TP1 PP1
+is the whole model (``rho convert-hf --from-hf``). Export (``hf_tensors_from_checkpoint``) inverts
+the same table from a checkpoint's unsharded tensors. Tensors come in through ``get(name)`` /
+``load(name)`` callables: the engine reads no files itself.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Callable
+import dataclasses
+from typing import Callable, Iterator
 
 import torch
 
 from parallel.config import ModelConfig
+from parallel.errors import UnsupportedModelError, WeightsMismatchError
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
 
-class HFConversionError(ValueError):
-    """An HF model rho refuses to convert (unsupported architecture or option), or broken files."""
+@dataclasses.dataclass(frozen=True)
+class Param:
+    #: module state-dict key (a layer's key is relative to ``decoder.layers.{i}.``)
+    megatron: str
+    #: dist_checkpointing key in a rho checkpoint (a layer's: relative to ``decoder.layers.``, stacked)
+    stored: str
+    #: HF key(s) (a layer's: relative to ``model.layers.{i}.``)
+    hf: tuple[str, ...]
+    kind: str
+    #: "first" / "last" pipeline stage, or "layer" (every stage, its own layers)
+    where: str
+
+
+PARAMS: tuple[Param, ...] = (
+    Param("embedding.word_embeddings.weight", "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab", "first"),
+    Param("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight", ("input_layernorm.weight",), "norm", "layer"),
+    Param("self_attention.linear_qkv.weight", "self_attention.linear_qkv.weight",
+          ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv", "layer"),
+    Param("self_attention.linear_proj.weight", "self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "row", "layer"),
+    Param("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", ("post_attention_layernorm.weight",), "norm", "layer"),
+    Param("mlp.linear_fc1.weight", "mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "glu", "layer"),
+    Param("mlp.linear_fc2.weight", "mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "row", "layer"),
+    Param("decoder.final_layernorm.weight", "decoder.final_layernorm.weight", ("model.norm.weight",), "norm", "last"),
+    Param("output_layer.weight", "output_layer.weight", ("lm_head.weight",), "vocab", "last"),
+)
 
 
 def model_config_from_hf(config: dict) -> ModelConfig:
+    """rho's model config for a HF config.json; UnsupportedModelError names what rho does not build."""
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     model_type = config.get("model_type")
     if arch is None and model_type not in ("llama", "mistral"):
-        raise HFConversionError(f"architecture {archs or model_type} is not supported (Llama and Mistral are)")
+        raise UnsupportedModelError(f"architecture {archs or model_type} is not supported (Llama and Mistral are)")
     kind = SUPPORTED.get(arch) or model_type
     problems = []
     if config.get("attention_bias") or config.get("mlp_bias"):
@@ -68,7 +87,7 @@ def model_config_from_hf(config: dict) -> ModelConfig:
     if head_dim * heads != config["hidden_size"]:
         problems.append("head_dim * num_attention_heads != hidden_size")
     if problems:
-        raise HFConversionError("unsupported option(s): " + ", ".join(problems))
+        raise UnsupportedModelError("unsupported option(s): " + ", ".join(problems))
     theta = config.get("rope_theta", rope_params.get("rope_theta", 10000.0))
     return ModelConfig(
         num_layers=int(config["num_hidden_layers"]),
@@ -115,197 +134,97 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-def megatron_state_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype) -> dict:
-    """megatron GPTModel (TP1 PP1) module state dict from HF tensors (``get(name)``)."""
-    sd = {
-        "embedding.word_embeddings.weight": _pad_rows(get("model.embed_tokens.weight"), padded_vocab),
-        "decoder.final_layernorm.weight": get("model.norm.weight"),
-        "output_layer.weight": _pad_rows(get("lm_head.weight"), padded_vocab),
-    }
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        m = f"decoder.layers.{i}."
-        sd[m + "input_layernorm.weight"] = get(p + "input_layernorm.weight")
-        sd[m + "self_attention.linear_qkv.weight"] = interleave_qkv(
-            get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"), get(p + "self_attn.v_proj.weight"),
-            cfg.num_query_groups)
-        sd[m + "self_attention.linear_proj.weight"] = get(p + "self_attn.o_proj.weight")
-        sd[m + "pre_mlp_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
-        sd[m + "mlp.linear_fc1.weight"] = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0)
-        sd[m + "mlp.linear_fc2.weight"] = get(p + "mlp.down_proj.weight")
-    return {k: v.to(dtype) for k, v in sd.items()}
+def _to_megatron(p: Param, hf: list[torch.Tensor], cfg: ModelConfig, padded_vocab: int, tp: int, tp_rank: int) -> torch.Tensor:
+    """This TP rank's slice of the megatron tensor from its HF tensor(s) (tp=1: the whole tensor)."""
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # column-parallel: output features split
+        return t.chunk(tp, dim=0)[tp_rank].contiguous() if tp > 1 else t
+
+    if p.kind == "norm":
+        return hf[0]
+    if p.kind == "vocab":
+        return rows(_pad_rows(hf[0], padded_vocab))
+    if p.kind == "row":  # row-parallel: input features split
+        return hf[0].chunk(tp, dim=1)[tp_rank].contiguous() if tp > 1 else hf[0]
+    if p.kind == "qkv":
+        return rows(interleave_qkv(*hf, cfg.num_query_groups))
+    if p.kind == "glu":  # megatron's SwiGLU splits its local output in two: [gate chunk; up chunk]
+        return torch.cat([rows(hf[0]), rows(hf[1])], dim=0)
+    raise AssertionError(p.kind)
+
+
+def _to_hf(p: Param, full: torch.Tensor, cfg: ModelConfig, vocab_size: int) -> tuple[torch.Tensor, ...]:
+    """The HF tensor(s) of an unsharded megatron tensor: the inverse of ``_to_megatron`` at tp=1."""
+    if p.kind in ("norm", "row"):
+        return (full,)
+    if p.kind == "vocab":
+        return (full[:vocab_size],)
+    if p.kind == "qkv":
+        return split_qkv(full, cfg.num_attention_heads, cfg.num_query_groups)
+    if p.kind == "glu":
+        return tuple(t.contiguous() for t in full.chunk(2, dim=0))
+    raise AssertionError(p.kind)
 
 
 def local_megatron_state_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig, padded_vocab: int,
-                                 dtype: torch.dtype, tp: int, tp_rank: int, pp: int, pp_rank: int) -> dict:
+                                 dtype: torch.dtype, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0) -> dict:
     """The module state dict of one rank's GPTModel (pipeline stage ``pp_rank``, TP slice ``tp_rank``)
-    from HF tensors; equal to loading the converted checkpoint at that layout."""
-
-    def rows(t: torch.Tensor) -> torch.Tensor:  # column-parallel: output features split
-        return t.chunk(tp, dim=0)[tp_rank].contiguous()
-
-    def cols(t: torch.Tensor) -> torch.Tensor:  # row-parallel: input features split
-        return t.chunk(tp, dim=1)[tp_rank].contiguous()
-
+    from HF tensors; equal to loading the converted checkpoint at that layout. TP1 PP1: the whole model."""
     per_stage = cfg.num_layers // pp
+    stage = {"first": pp_rank == 0, "last": pp_rank == pp - 1}
     sd = {}
-    if pp_rank == 0:
-        sd["embedding.word_embeddings.weight"] = rows(_pad_rows(get("model.embed_tokens.weight"), padded_vocab))
-    if pp_rank == pp - 1:
-        sd["decoder.final_layernorm.weight"] = get("model.norm.weight")
-        sd["output_layer.weight"] = rows(_pad_rows(get("lm_head.weight"), padded_vocab))
-    for i in range(per_stage):
-        p = f"model.layers.{pp_rank * per_stage + i}."
-        m = f"decoder.layers.{i}."
-        sd[m + "input_layernorm.weight"] = get(p + "input_layernorm.weight")
-        sd[m + "self_attention.linear_qkv.weight"] = rows(interleave_qkv(
-            get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"), get(p + "self_attn.v_proj.weight"),
-            cfg.num_query_groups))
-        sd[m + "self_attention.linear_proj.weight"] = cols(get(p + "self_attn.o_proj.weight"))
-        sd[m + "pre_mlp_layernorm.weight"] = get(p + "post_attention_layernorm.weight")
-        sd[m + "mlp.linear_fc1.weight"] = torch.cat([rows(get(p + "mlp.gate_proj.weight")), rows(get(p + "mlp.up_proj.weight"))])
-        sd[m + "mlp.linear_fc2.weight"] = cols(get(p + "mlp.down_proj.weight"))
+    for p in PARAMS:
+        if p.where != "layer":
+            if stage[p.where]:
+                sd[p.megatron] = _to_megatron(p, [get(n) for n in p.hf], cfg, padded_vocab, tp, tp_rank)
+            continue
+        for i in range(per_stage):
+            hf_prefix = f"model.layers.{pp_rank * per_stage + i}."
+            sd[f"decoder.layers.{i}.{p.megatron}"] = _to_megatron(
+                p, [get(hf_prefix + n) for n in p.hf], cfg, padded_vocab, tp, tp_rank)
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
-def load_hf_into_model(model, directory: Path, cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype,
-                       tp: int, tp_rank: int, pp: int, pp_rank: int) -> None:
-    """Load this rank's shard of the HF model in ``directory`` into ``model`` (strict: every
-    parameter set, no tensor left over). Raises HFConversionError for unreadable or mismatched files."""
-    reader = HFReader(directory)
+def load_hf_into_model(model, get: Callable[[str], torch.Tensor], cfg: ModelConfig, padded_vocab: int,
+                       dtype: torch.dtype, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
+                       source: str = "the HF model") -> None:
+    """Load this rank's shard of a HF model (tensors from ``get``) into ``model``: every parameter
+    set, no tensor left over, shapes checked. ``source`` names the model in messages."""
     try:
-        state = local_megatron_state_from_hf(reader.get, cfg, padded_vocab, dtype, tp, tp_rank, pp, pp_rank)
+        state = local_megatron_state_from_hf(get, cfg, padded_vocab, dtype, tp, tp_rank, pp, pp_rank)
     except RuntimeError as err:  # shape mismatch between config.json and the tensors
-        raise HFConversionError(f"{directory}: tensors do not match config.json ({str(err).splitlines()[0]})") from None
-    expected = {k for k in model.state_dict() if "_extra_state" not in k}
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise HFConversionError(f"{directory}: tensors do not map onto the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    wrong = [k for k, v in model.state_dict().items() if k in state and tuple(v.shape) != tuple(state[k].shape)]
+        raise WeightsMismatchError(f"{source}: tensors do not match config.json ({str(err).splitlines()[0]})") from None
+    mine = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
+    if set(state) != set(mine):
+        missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        raise WeightsMismatchError(f"{source}: tensors do not map onto the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    wrong = [k for k, v in mine.items() if tuple(v.shape) != tuple(state[k].shape)]
     if wrong:
         k = wrong[0]
-        raise HFConversionError(f"{directory}: tensors do not match config.json ({k}: {tuple(state[k].shape)} "
-                                f"vs {tuple(model.state_dict()[k].shape)})")
+        raise WeightsMismatchError(f"{source}: tensors do not match config.json ({k}: {tuple(state[k].shape)} "
+                                   f"vs {tuple(mine[k].shape)})")
     model.load_state_dict(state, strict=False)
 
 
-class HFReader:
-    """Tensor-by-tensor access to a HF checkpoint: model.safetensors (sharded or not) or .bin."""
-
-    def __init__(self, directory: Path):
-        self.dir = Path(directory)
-        self._files: dict[str, Path] = {}
-        st_index = self.dir / "model.safetensors.index.json"
-        bin_index = self.dir / "pytorch_model.bin.index.json"
-        if st_index.is_file() or bin_index.is_file():
-            index = json.loads((st_index if st_index.is_file() else bin_index).read_text())
-            self._files = {k: self.dir / f for k, f in index["weight_map"].items()}
-        elif (self.dir / "model.safetensors").is_file():
-            self._files = {k: self.dir / "model.safetensors" for k in self._safetensor_keys(self.dir / "model.safetensors")}
-        elif (self.dir / "pytorch_model.bin").is_file():
-            self._files = {k: self.dir / "pytorch_model.bin" for k in self._bin(self.dir / "pytorch_model.bin")}
-        else:
-            raise HFConversionError(f"{self.dir}: no model.safetensors or pytorch_model.bin")
-        self._bins: dict[Path, dict] = {}
-
-    @staticmethod
-    def _safetensor_keys(path: Path) -> list[str]:
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as err:  # truncated / corrupt header
-            raise HFConversionError(f"{path}: unreadable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
-
-    def _bin(self, path: Path) -> dict:
-        if path not in self._bins:
-            try:
-                self._bins[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as err:
-                raise HFConversionError(f"{path}: unreadable PyTorch checkpoint ({type(err).__name__})") from err
-        return self._bins[path]
-
-    def names(self) -> list[str]:
-        return list(self._files)
-
-    def files(self) -> list[Path]:
-        """The weight files (and index) this model is read from."""
-        files = sorted(set(self._files.values()))
-        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-            if (self.dir / index).is_file():
-                files.insert(0, self.dir / index)
-        return files
-
-    def fingerprint(self) -> str:
-        """sha256 over config.json and every weight file's name and content (the model's identity)."""
-        import hashlib
-
-        digest = hashlib.sha256()
-        for path in [self.dir / "config.json", *self.files()]:
-            digest.update(path.name.encode() + b"\0")
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    digest.update(chunk)
-        return "sha256:" + digest.hexdigest()
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self._files:
-            raise HFConversionError(f"{self.dir}: tensor {name} is missing")
-        path = self._files[name]
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    return f.get_tensor(name)
-            except Exception as err:
-                raise HFConversionError(f"{path}: cannot read tensor {name} (truncated or corrupt file?)") from err
-        return self._bin(path)[name]
-
-
-def hf_tensors_from_checkpoint(step_dir: Path, cfg: ModelConfig, vocab_size: int, dtype: torch.dtype):
-    """Yield (HF name, tensor) from a rho checkpoint, one checkpoint tensor at a time.
-
-    Tensors are read unsharded (any TP/PP) with ``parallel.checkpoint.load_model_tensors``; layer
-    tensors are stored stacked ``[layers, ...]`` and are split here.
-    """
-    from parallel.checkpoint import load_model_tensors
-
-    def load(name: str) -> torch.Tensor:
-        return load_model_tensors(step_dir, [name])[name]
-
-    yield "model.embed_tokens.weight", load("embedding.word_embeddings.weight")[:vocab_size].to(dtype)
-    per_layer = {
-        "decoder.layers.self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-        "decoder.layers.self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-        "decoder.layers.mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
-        "decoder.layers.mlp.linear_fc2.weight": "mlp.down_proj.weight",
-    }
-    for stored, hf in per_layer.items():
-        stacked = load(stored)
+def hf_tensors_from_checkpoint(load: Callable[[str], torch.Tensor], cfg: ModelConfig, vocab_size: int,
+                               dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, tensor) from a rho checkpoint's unsharded tensors (``load(stored name)``, any
+    TP/PP), one stored tensor at a time: first-stage parameters, the layers, last-stage parameters."""
+    order = [p for w in ("first", "layer", "last") for p in PARAMS if p.where == w]
+    for p in order:
+        if p.where != "layer":
+            for name, t in zip(p.hf, _to_hf(p, load(p.stored), cfg, vocab_size)):
+                yield name, t.to(dtype)
+            continue
+        stacked = load("decoder.layers." + p.stored)
         for i in range(cfg.num_layers):
-            yield f"model.layers.{i}.{hf}", stacked[i].to(dtype).clone()
+            for name, t in zip(p.hf, _to_hf(p, stacked[i], cfg, vocab_size)):
+                yield f"model.layers.{i}.{name}", t.to(dtype).clone()
         del stacked
-    qkv = load("decoder.layers.self_attention.linear_qkv.weight")
-    for i in range(cfg.num_layers):
-        q, k, v = split_qkv(qkv[i], cfg.num_attention_heads, cfg.num_query_groups)
-        yield f"model.layers.{i}.self_attn.q_proj.weight", q.to(dtype)
-        yield f"model.layers.{i}.self_attn.k_proj.weight", k.to(dtype)
-        yield f"model.layers.{i}.self_attn.v_proj.weight", v.to(dtype)
-    del qkv
-    fc1 = load("decoder.layers.mlp.linear_fc1.weight")
-    for i in range(cfg.num_layers):
-        gate, up = fc1[i].chunk(2, dim=0)
-        yield f"model.layers.{i}.mlp.gate_proj.weight", gate.to(dtype).contiguous()
-        yield f"model.layers.{i}.mlp.up_proj.weight", up.to(dtype).contiguous()
-    del fc1
-    yield "model.norm.weight", load("decoder.final_layernorm.weight").to(dtype)
-    yield "lm_head.weight", load("output_layer.weight")[:vocab_size].to(dtype)
 
 
-def hf_config(cfg: ModelConfig, vocab_size: int, bos: int | None, eos: int | None, dtype_name: str) -> dict:
-    """config.json contents for LlamaForCausalLM / MistralForCausalLM."""
+def hf_config(cfg: ModelConfig, vocab_size: int, bos: int | None, eos: int | None, dtype_name: str):
+    """config.json contents for LlamaForCausalLM / MistralForCausalLM (a transformers config)."""
     from transformers import LlamaConfig, MistralConfig
 
     common = dict(

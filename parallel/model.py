@@ -15,7 +15,9 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from parallel.config import ModelConfig, padded_vocab_size
+from parallel.config import ModelConfig
+from parallel.errors import ModelConfigError
+from parallel.layout import check_model_fits, padded_vocab_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,49 +30,49 @@ class ModelShape:
 
 
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.dtype):
+    """megatron-core's TransformerConfig for this model and layout. Raises LayoutError when the layout
+    does not fit the model, ModelConfigError when megatron-core's own checks refuse the shape."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if cfg.num_attention_heads % tp:
-        raise ValueError(f"--tp {tp} must divide num_attention_heads={cfg.num_attention_heads}")
-    if cfg.num_query_groups % tp:
-        raise ValueError(f"--tp {tp} must divide num_query_groups={cfg.num_query_groups}")
-    if cfg.num_layers % pp:
-        raise ValueError(f"--pp {pp} must divide num_layers={cfg.num_layers}")
+    check_model_fits(cfg, tp, pp)
     bf16 = params_dtype == torch.bfloat16
-    return TransformerConfig(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.norm_epsilon,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=cfg.init_method_std,
-        use_cpu_initialization=True,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=bf16,
-        # The (loss_sum, num_tokens) convention: schedules sum token counts over micro-batches and
-        # finalize_model_grads divides gradients by the global count (exact across DP and PP).
-        calculate_per_token_loss=True,
-        batch_p2p_sync=False,
-        # On a GPU, activations are recomputed nowhere and the defaults of megatron-core apply.
-    )
+    try:
+        return TransformerConfig(
+            num_layers=cfg.num_layers,
+            hidden_size=cfg.hidden_size,
+            ffn_hidden_size=cfg.ffn_hidden_size,
+            num_attention_heads=cfg.num_attention_heads,
+            num_query_groups=cfg.num_query_groups,
+            kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            normalization="RMSNorm",
+            layernorm_epsilon=cfg.norm_epsilon,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            init_method_std=cfg.init_method_std,
+            use_cpu_initialization=True,
+            params_dtype=params_dtype,
+            pipeline_dtype=params_dtype,
+            bf16=bf16,
+            # The (loss_sum, num_tokens) convention: schedules sum token counts over micro-batches and
+            # finalize_model_grads divides gradients by the global count (exact across DP and PP).
+            calculate_per_token_loss=True,
+            batch_p2p_sync=False,
+            # On a GPU, activations are recomputed nowhere and the defaults of megatron-core apply.
+        )
+    except ValueError as err:  # megatron-core's own checks of the shape
+        raise ModelConfigError(str(err)) from None
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
 """``rho score`` on each rank: the reference model forward only, per-token losses into a score store.
 
-Documents are cut into windows (``parallel.scores.document_windows``). A shard's windows are sorted by
+Documents are cut into windows (``parallel.windows.document_windows``). A shard's windows are sorted by
 length and packed ``micro_batch_size`` at a time (default: ``default_micro_batch_size``), each
 micro-batch padded only to its longest window (rounded up to ``PAD_MULTIPLE``); megatron's
 forward-only schedule runs them through the TP/PP model, one call per run of equal-shape
@@ -9,50 +9,42 @@ states (``post_process`` is turned off after loading), and ``Scorer._scored_loss
 vocab-parallel output layer to the positions each window scores only (a window's context positions,
 half of a sliding window, never reach the output layer), reducing the logits to (logsumexp, target
 logit) per row with cuda_ext's fused ``row_stats`` kernel, in cache-sized blocks on CPU; one
-all-gather of those two numbers per row combines TP ranks (no full-vocabulary gather). Values equal
-the training loss path's (``parallel.loss.token_losses``) up to fp32 summation order.
+all-gather of those two numbers per row combines TP ranks (``cuda_ext.tp``: no full-vocabulary
+gather). Values equal the training loss path's (``parallel.loss.token_losses``) up to fp32
+summation order.
 
-The model is a rho checkpoint or, with ``ScoreSpec.model_format == "huggingface"``, a HF
-Llama/Mistral directory: every rank then reads its own TP/PP shard of the HF tensors
-(``parallel.hf.load_hf_into_model``), with no conversion step and no temporary checkpoint.
+The weights come in through ``load_weights`` (the caller's: a rho checkpoint, or each rank's shard of
+a HF model through ``parallel.hf.load_hf_into_model``); the losses go out through ``sink`` (the
+caller's store writer: ``is_done`` / ``write_shard`` / ``prepare`` / ``publish``).
 
 Work is divided into shards of ``shard_documents`` consecutive documents; data-parallel ranks take
-shards round-robin. A finished shard is written by the last stage's first TP rank as a small
-IndexedDataset in ``OUTPUT.rho-work/`` and marked done, so a killed run resumes where it stopped.
-At the end rank 0 concatenates the shards in order (megatron's ``IndexedDatasetBuilder.add_index``)
-and publishes the store. Which rank scores a document does not change its numbers: the store is the
-same for any DP size (and equal within fp32 reduction order for any TP/PP layout).
+shards round-robin. A finished shard is handed to the sink by the last stage's first TP rank, which
+marks it done, so a killed run resumes where it stopped; at the end rank 0 has the sink publish the
+store. Which rank scores a document does not change its numbers: the store is the same for any DP
+size (and equal within fp32 reduction order for any TP/PP layout).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
 
-from parallel import checkpoint as ckpt
 from parallel.config import ModelConfig
 from parallel.distributed import Layout
-from parallel.model import build_model, model_shape
-from parallel.manifest import store_fingerprint
-from parallel.scores import SCORES_FORMAT, SCORES_FORMAT_VERSION, Window, document_windows
+from parallel.model import ModelShape, build_model, model_shape
+from parallel.windows import Window, document_windows
 
 
 @dataclasses.dataclass(frozen=True)
 class ScoreSpec:
     model: ModelConfig
     vocab_size: int
-    checkpoint: str
+    #: the token dataset to score (a megatron IndexedDataset prefix)
     tokens: str
-    tokens_fingerprint: str
-    output: str
     window: int
     stride: int
     #: windows per forward; None: ``default_micro_batch_size(window, on_gpu)``
@@ -62,10 +54,17 @@ class ScoreSpec:
     eod_id: int
     tp: int
     pp: int
-    manifest_extra: dict[str, Any]
-    #: "rho": ``checkpoint`` is a rho step directory; "huggingface": a HF Llama/Mistral directory whose
-    #: tensors each rank slices for itself (parallel.hf.load_hf_into_model)
-    model_format: str = "rho"
+
+
+class ScoreSink(Protocol):
+    def prepare(self) -> None: ...
+    def is_done(self, shard: int) -> bool: ...
+    def write_shard(self, shard: int, values: dict[int, np.ndarray]) -> None: ...
+    def publish(self, n_shards: int, token_lengths: np.ndarray) -> dict[str, Any]: ...
+
+
+#: load_weights(model, shape, tp_rank, pp_rank): fill this rank's freshly built model
+WeightLoader = Callable[[Any, ModelShape, int, int], None]
 
 
 #: on CPU the output layer's logits are made CPU_ROW_BLOCK rows x CPU_VOCAB_BLOCK ids at a time
@@ -101,13 +100,14 @@ class _MicroBatch:
 
 
 class Scorer:
-    def __init__(self, spec: ScoreSpec, layout: Layout, on_event: Callable[[str, dict], None] | None = None):
+    def __init__(self, spec: ScoreSpec, layout: Layout, sink: ScoreSink, load_weights: WeightLoader,
+                 on_event: Callable[[str, dict], None] | None = None):
         from megatron.core import parallel_state as ps
 
         self.spec = spec
         self.layout = layout
+        self.sink = sink
         self.on_event = on_event or (lambda kind, payload: None)
-        self.work = Path(spec.output + ".rho-work")
         self.is_last = ps.is_pipeline_last_stage()
         self.writer = self.is_last and ps.get_tensor_model_parallel_rank() == 0
         self.dp_rank = ps.get_data_parallel_rank()
@@ -118,13 +118,7 @@ class Scorer:
         model = build_model(spec.model, shape, layout.tp, layout.pp, ps.is_pipeline_first_stage(), self.is_last)
         if on_gpu:
             model.cuda(torch.cuda.current_device())
-        if spec.model_format == "huggingface":
-            from parallel.hf import load_hf_into_model
-
-            load_hf_into_model(model, Path(spec.checkpoint), spec.model, shape.padded_vocab_size, dtype, layout.tp,
-                               ps.get_tensor_model_parallel_rank(), layout.pp, ps.get_pipeline_model_parallel_rank())
-        else:
-            ckpt.load_checkpoint(Path(spec.checkpoint), [model], optimizer=None)
+        load_weights(model, shape, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
         model.eval()
         if self.is_last:
             # GPTModel then returns the final (normed) hidden states [s, b, h]; the output layer is
@@ -224,30 +218,28 @@ class Scorer:
             lse_parts, target_parts = self._row_stats_blocks(h, labels, weight, vocab_start, row_block, v_local)
         lse, target = torch.cat(lse_parts), torch.cat(target_parts)
         if self.layout.tp > 1:
-            import torch.distributed as dist
+            from cuda_ext.tp import gather_row_stats
 
-            stats = torch.stack([lse, target])
-            gathered = [torch.empty_like(stats) for _ in range(self.layout.tp)]
-            dist.all_gather(gathered, stats, group=ps.get_tensor_model_parallel_group())
-            stacked = torch.stack(gathered)  # [tp, 2, n]
-            return torch.logsumexp(stacked[:, 0], dim=0) - stacked[:, 1].sum(dim=0)
+            lse, target = gather_row_stats(lse, target, ps.get_tensor_model_parallel_group())
         return lse - target
 
     def _row_stats_blocks(self, h, labels, weight, vocab_start: int, row_block: int, vocab_block: int):
         """(logsumexp, target logit) of ``h @ weight.T`` per row, made ``row_block`` x ``vocab_block``
-        logits at a time; blocks of the vocabulary combine like TP shards (logsumexp of the parts,
-        sum of the target logits, which are 0 outside the block holding the target)."""
+        logits at a time; blocks of the vocabulary combine like TP shards (``cuda_ext.tp``)."""
+        from cuda_ext.tp import merge_row_stats
+
         if self._row_stats is None:
             self._row_stats = _row_stats_kernel(h.device, weight.dtype)
         lse_parts, target_parts = [], []
         for r in range(0, h.shape[0], row_block):
             hr, lr = h[r:r + row_block], labels[r:r + row_block]
-            lse_v, target = [], None
+            lse_v, target_v = [], []
             for v in range(0, weight.shape[0], vocab_block):
                 lse, t = self._row_stats(torch.nn.functional.linear(hr, weight[v:v + vocab_block]), lr, vocab_start + v)
                 lse_v.append(lse)
-                target = t if target is None else target + t
-            lse_parts.append(lse_v[0] if len(lse_v) == 1 else torch.logsumexp(torch.stack(lse_v), dim=0))
+                target_v.append(t)
+            lse, target = (lse_v[0], target_v[0]) if len(lse_v) == 1 else merge_row_stats(torch.stack(lse_v), torch.stack(target_v))
+            lse_parts.append(lse)
             target_parts.append(target)
         return lse_parts, target_parts
 
@@ -261,91 +253,42 @@ class Scorer:
         n_docs = len(doc_index) - 1
         n_shards = (n_docs + spec.shard_documents - 1) // spec.shard_documents
         if self.layout.rank == 0:
-            self.work.mkdir(parents=True, exist_ok=True)
+            self.sink.prepare()
         dist.barrier()
         mine = [s for s in range(n_shards) if s % self.layout.dp == self.dp_rank]
-        done_before = sum(1 for s in range(n_shards) if (self.work / f"shard_{s:06d}.done").exists())
+        done_before = sum(1 for s in range(n_shards) if self.sink.is_done(s))
         self.on_event("start", {"documents": n_docs, "shards": n_shards, "resumed_shards": done_before,
                                 "tokens": int(np.asarray(tokens.sequence_lengths, dtype=np.int64).sum())})
         t0 = time.perf_counter()
         scored_tokens = 0
         for shard in mine:
-            if (self.work / f"shard_{shard:06d}.done").exists():
+            if self.sink.is_done(shard):
                 continue
             first, last = shard * spec.shard_documents, min(n_docs, (shard + 1) * spec.shard_documents)
             docs = {d: _document(tokens, doc_index, d) for d in range(first, last)}
             windows = [w for d, toks in docs.items() for w in document_windows(d, toks.tolist(), spec.eod_id, spec.window, spec.stride)]
             losses = self._score_windows(windows)
             if self.writer:
-                self._write_shard(shard, docs, windows, losses)
+                self.sink.write_shard(shard, _document_values(docs, windows, losses))
             scored_tokens += sum(len(t) for t in docs.values())
             self.on_event("progress", {"shard": shard, "tokens": scored_tokens * self.layout.dp,
                                        "elapsed_s": time.perf_counter() - t0, "shards_total": n_shards})
         dist.barrier()
         result = {}
         if self.layout.rank == 0:
-            result = self._publish(n_shards, tokens)
+            result = self.sink.publish(n_shards, np.asarray(tokens.sequence_lengths))
         dist.barrier()
         self.on_event("done", result)
         return result
 
-    def _write_shard(self, shard: int, docs: dict[int, np.ndarray], windows: list[Window], losses) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-        values = {d: np.full(len(t), np.nan, dtype=np.float32) for d, t in docs.items()}
-        for w, loss in zip(windows, losses):
-            values[w.document][w.doc_positions.start:w.doc_positions.stop] = loss.numpy()
-        tmp = self.work / f".shard_{shard:06d}.tmp"
-        builder = IndexedDatasetBuilder(str(tmp) + ".bin", dtype=np.float32)
-        for d in sorted(values):
-            builder.add_document(values[d], [len(values[d])])
-        builder.finalize(str(tmp) + ".idx")
-        final = self.work / f"shard_{shard:06d}"
-        os.replace(str(tmp) + ".bin", str(final) + ".bin")
-        os.replace(str(tmp) + ".idx", str(final) + ".idx")
-        (self.work / f"shard_{shard:06d}.done").write_text("ok\n")
-
-    def _publish(self, n_shards: int, tokens) -> dict[str, Any]:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-
-        spec = self.spec
-        out = Path(spec.output)
-        staging = self.work / "final"
-        builder = IndexedDatasetBuilder(str(staging) + ".bin", dtype=np.float32)
-        for s in range(n_shards):
-            builder.add_index(str(self.work / f"shard_{s:06d}"))
-        builder.finalize(str(staging) + ".idx")
-        scores = IndexedDataset(str(staging), mmap=True)
-        lengths = np.asarray(scores.sequence_lengths)
-        if not np.array_equal(lengths, np.asarray(tokens.sequence_lengths)):
-            raise RuntimeError("score store and token dataset disagree on document lengths")  # invariant
-        all_values = np.memmap(str(staging) + ".bin", dtype=np.float32, mode="r")
-        hist, edges = np.histogram(all_values[np.isfinite(all_values)], bins=40, range=(0.0, 20.0))
-        manifest = {
-            "format": SCORES_FORMAT,
-            "format_version": SCORES_FORMAT_VERSION,
-            "fingerprint": store_fingerprint(staging),
-            "dtype": "float32",
-            "value": "reference model's cross-entropy (nats) for predicting each token",
-            "first_token": "predicted from the end-of-document id alone",
-            "window": {"tokens": spec.window, "stride": spec.stride},
-            "token_dataset": {"prefix": spec.tokens, "fingerprint": spec.tokens_fingerprint,
-                              "documents": int(len(lengths)), "tokens": int(lengths.sum())},
-            "statistics": {
-                "mean": float(all_values.mean()) if all_values.size else None,
-                "std": float(all_values.std()) if all_values.size else None,
-                "min": float(all_values.min()) if all_values.size else None,
-                "max": float(all_values.max()) if all_values.size else None,
-                "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in hist]},
-            },
-            **spec.manifest_extra,
-        }
-        Path(str(staging) + ".json").write_text(json.dumps(manifest, indent=2) + "\n")
-        for ext in (".bin", ".idx", ".json"):  # manifest last: it marks a complete store
-            os.replace(str(staging) + ext, str(out) + ext)
-        shutil.rmtree(self.work, ignore_errors=True)
-        return {"output": str(out), "documents": int(len(lengths)), "tokens": int(lengths.sum()),
-                "mean": manifest["statistics"]["mean"]}
+def _document_values(docs: dict[int, np.ndarray], windows: list[Window], losses) -> dict[int, np.ndarray]:
+    """{document: float32 [length]} from the windows' losses (every position is scored exactly once;
+    NaN would mark one that was not)."""
+    values = {d: np.full(len(t), np.nan, dtype=np.float32) for d, t in docs.items()}
+    for w, loss in zip(windows, losses):
+        values[w.document][w.doc_positions.start:w.doc_positions.stop] = loss.numpy()
+    return values
 
 
 def _row_stats_kernel(device: torch.device, dtype: torch.dtype):

@@ -10,7 +10,9 @@ micro-batches and ``finalize_model_grads`` divides the gradients by the global c
 all-reduce, so normalisation is exact whatever the split into micro-batches and DP ranks. Plain and
 selective training share that path (``parallel.loss``): only the kept tokens differ.
 
-Library code: it raises, and reports progress through ``on_event``; it never prints.
+Library code: it raises ``parallel.errors`` types, reports progress through ``on_event`` (structured
+payloads; the caller renders them), writes metrics through ``metrics`` and checkpoints through
+``checkpoints`` (sinks the caller owns); it never prints and never decides a file layout.
 """
 
 from __future__ import annotations
@@ -21,32 +23,31 @@ import json
 import math
 import signal
 import time
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
-from parallel import checkpoint as ckpt
+from parallel.checkpoint import CheckpointSink, load_checkpoint, save_checkpoint
 from parallel.config import ModelConfig, TrainConfig
 from parallel.data import DataSpec, MicroBatches, build_datasets
 from parallel.distributed import Layout
+from parallel.errors import NonFiniteValueError, PreemptedError
+from parallel.layout import micro_batches_per_step
 from parallel.loss import Selection
 from parallel.model import build_model, count_parameters, model_shape
 
 Event = Callable[[str, dict[str, Any]], None]
 
 
-class NonFiniteError(RuntimeError):
-    """Loss or gradient norm is NaN/Inf; raised before the optimizer step, nothing is saved."""
+class MetricsSink(Protocol):
+    def append(self, record: dict[str, Any]) -> None: ...
+    def truncate_after(self, step: int) -> None: ...
 
 
-class Preempted(RuntimeError):
-    """SIGTERM arrived; a checkpoint was saved at ``step``."""
-
-    def __init__(self, message: str, step: int):
-        super().__init__(message)
-        self.step = step
+class CheckpointStore(CheckpointSink, Protocol):
+    def latest(self) -> tuple[Path, dict[str, Any]] | None: ...
+    def clean_stale_temporaries(self) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,12 @@ class RunSpec:
     scores: tuple[DatasetRef, ...] = ()
     #: static mask stores aligned with ``datasets`` (rho select), or empty
     masks: tuple[DatasetRef, ...] = ()
-    #: validation datasets of their own (``--eval-data``), or empty: the split of ``datasets``
+    #: validation datasets of their own (``TrainConfig.eval_data``), or empty: the split of ``datasets``
     eval_datasets: tuple[DatasetRef, ...] = ()
+    #: the step directory ``TrainConfig.init`` names (weights only), resolved by the caller
+    init_checkpoint: str | None = None
+    #: the tokenizer's begin-of-sequence id (recorded in checkpoints, for export), if it has one
+    bos_id: int | None = None
 
     def config_hash(self) -> str:
         text = json.dumps(self.config_snapshot, sort_keys=True)
@@ -116,29 +121,31 @@ class _SigtermFlag:
 
 
 class Trainer:
-    def __init__(self, spec: RunSpec, layout: Layout, on_event: Event | None = None):
+    """One rank of a training run. ``checkpoints`` is where every rank saves and resumes from;
+    ``metrics`` (rank 0's; None elsewhere) receives one record per logged step; ``on_event`` (rank 0's
+    renderer, or None) receives ``start``/``resumed``/``initialized``/``eval``/``step``/``checkpoint``/
+    ``done`` with structured payloads."""
+
+    def __init__(self, spec: RunSpec, layout: Layout, checkpoints: CheckpointStore, metrics: MetricsSink | None = None,
+                 on_event: Event | None = None):
         from megatron.core import parallel_state as ps
 
         self.spec = spec
         self.cfg = spec.train
         self.layout = layout
+        self.checkpoints = checkpoints
+        self.metrics = metrics
         self.on_event = on_event or (lambda kind, payload: None)
         self.run_dir = Path(spec.run_dir)
         self.is_last_stage = ps.is_pipeline_last_stage()
         self.dp_rank = ps.get_data_parallel_rank()
         self.params_dtype = _params_dtype(self.cfg.precision)
         self.shape = model_shape(spec.model, spec.vocab_size, layout.tp, self.params_dtype)
-        if self.cfg.global_batch_size % (self.cfg.micro_batch_size * layout.dp):
-            raise ValueError(
-                f"global_batch_size {self.cfg.global_batch_size} must be a multiple of "
-                f"micro_batch_size {self.cfg.micro_batch_size} x data-parallel size {layout.dp}"
-            )
-        self.num_microbatches = self.cfg.global_batch_size // (self.cfg.micro_batch_size * layout.dp)
+        self.num_microbatches = micro_batches_per_step(self.cfg.global_batch_size, self.cfg.micro_batch_size, layout.dp)
         self.selection = Selection(ratio=self.cfg.select_ratio, scope=self.cfg.select_scope)
         self._build_model_and_optimizer()
         self.step = 0
         self.consumed_samples = 0
-        self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ------------------------------------------------------------------ setup
     def _build_model_and_optimizer(self) -> None:
@@ -235,6 +242,7 @@ class Trainer:
             "params_dtype": str(self.params_dtype).replace("torch.", ""),
             "tokenizer_fingerprint": self.spec.tokenizer_fingerprint,
             "eod_id": self.spec.eod_id,
+            "bos_id": self.spec.bos_id,
             "datasets": [dataclasses.asdict(d) for d in self.spec.datasets],
             "model": dataclasses.asdict(self.spec.model),
             "config": self.spec.config_snapshot,
@@ -262,47 +270,38 @@ class Trainer:
 
     def save(self) -> Path:
         self._check_finite_params()
-        path = ckpt.save_checkpoint(self.run_dir, self.step, [self.model], self.optimizer, self._manifest())
+        path = save_checkpoint(self.checkpoints, self.step, [self.model], self.optimizer, self._manifest())
         self.on_event("checkpoint", {"step": self.step, "path": str(path)})
         return path
 
     def restore(self) -> None:
-        """--resume: continue from RUN/latest exactly. --init: weights only, step 0."""
+        """Resume: continue from the latest checkpoint exactly. Init: weights only, step 0."""
         import torch.distributed as dist
 
         if self.layout.rank == 0:
-            ckpt.clean_stale_temporaries(self.run_dir)
+            self.checkpoints.clean_stale_temporaries()
         dist.barrier()
         if self.cfg.resume:
-            step_dir = ckpt.latest_step_dir(self.run_dir)
-            if step_dir is None:
+            latest = self.checkpoints.latest()
+            if latest is None:
                 return  # nothing saved yet: a fresh start
-            manifest = ckpt.load_checkpoint(step_dir, [self.model], self.optimizer, load_rng=True)
+            step_dir, manifest = latest
+            load_checkpoint(step_dir, [self.model], self.optimizer, saved_world_size=manifest.get("world_size"))
             self.step = int(manifest["step"])
             self.consumed_samples = int(manifest["consumed_samples"])
             self.scheduler.load_state_dict(manifest["scheduler"])
             self.selection.threshold = (manifest.get("selection") or {}).get("threshold")
-            self._truncate_metrics(self.step)
+            if self.metrics is not None:  # drop what a killed run logged after this checkpoint
+                self.metrics.truncate_after(self.step)
             self.on_event("resumed", {"step": self.step, "path": str(step_dir)})
-        elif self.cfg.init:
-            step_dir = ckpt.resolve_checkpoint(self.cfg.init)
-            ckpt.load_checkpoint(step_dir, [self.model], optimizer=None)
-            self.on_event("initialized", {"path": str(step_dir)})
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop metrics a killed run logged after the checkpoint we resume from."""
-        if self.layout.rank != 0 or not self.metrics_path.exists():
-            return
-        kept = [
-            line for line in self.metrics_path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        elif self.spec.init_checkpoint:
+            load_checkpoint(Path(self.spec.init_checkpoint), [self.model], optimizer=None)
+            self.on_event("initialized", {"path": self.spec.init_checkpoint})
 
     def _check_finite_params(self) -> None:
         for name, param in self.model.module.named_parameters():
             if not torch.isfinite(param).all():
-                raise NonFiniteError(f"step {self.step}, rank {self.layout.rank}: parameter {name} is not finite; not saving")
+                raise NonFiniteValueError(f"step {self.step}, rank {self.layout.rank}: parameter {name} is not finite; not saving")
 
     # ------------------------------------------------------------------ steps
     def _reduce_report(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -344,7 +343,7 @@ class Trainer:
         grad_norm = float(self.optimizer.get_grad_norm())
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
-            raise NonFiniteError(
+            raise NonFiniteValueError(
                 f"step {self.step + 1}, rank {self.layout.rank}: {what} is not finite "
                 f"(loss {loss}, grad norm {grad_norm}); stopped before the optimizer step"
             )
@@ -404,10 +403,8 @@ class Trainer:
         return total_loss / total_tokens if total_tokens else None
 
     def _log(self, record: dict[str, Any]) -> None:
-        if self.layout.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.metrics is not None:
+            self.metrics.append(record)
 
     def _sigterm_agreed(self, flag: _SigtermFlag) -> bool:
         import torch.distributed as dist
@@ -441,7 +438,7 @@ class Trainer:
                 self.on_event("step", metrics)
                 if self._sigterm_agreed(flag):
                     path = self.save()
-                    raise Preempted(f"SIGTERM: saved checkpoint {path} at step {self.step}", self.step)
+                    raise PreemptedError(f"SIGTERM: saved checkpoint {path} at step {self.step}", self.step)
                 if cfg.checkpoint and cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and self.step < end:
                     self.save()
             if cfg.checkpoint:
@@ -453,21 +450,30 @@ class Trainer:
         return summary
 
     def banner(self) -> dict[str, Any]:
+        """What this run is, as data (the caller formats it)."""
         cfg = self.cfg
         return {
-            "layout": self.layout.describe(),
-            "backend": self.layout.backend + (f" + CPU shims: {', '.join(_cpu_shims())}" if _cpu_shims() else ""),
+            "rank": self.layout.rank,
+            "world_size": self.layout.world_size,
+            "tp": self.layout.tp,
+            "pp": self.layout.pp,
+            "dp": self.layout.dp,
+            "backend": self.layout.backend,
+            "cpu_shims": _cpu_shims(),
             "parameters": count_parameters(self.spec.model, self.spec.vocab_size),
-            "vocab": f"{self.shape.vocab_size} (padded {self.shape.padded_vocab_size})",
+            "vocab_size": self.shape.vocab_size,
+            "padded_vocab_size": self.shape.padded_vocab_size,
             "precision": str(self.params_dtype).replace("torch.", ""),
-            "data": ", ".join(d.prefix + (f":{d.weight}" if d.weight is not None else "") for d in self.spec.datasets),
-            "batch": f"{cfg.global_batch_size} x {cfg.seq_length} tokens = {self.num_microbatches} micro-batches of "
-                     f"{cfg.micro_batch_size} per DP rank",
-            "selection": (f"top {cfg.select_ratio:.0%} by excess loss per {cfg.select_scope}; scores "
-                          + ", ".join(s.prefix for s in self.spec.scores)) if self.selection.selective else "all tokens (causal LM)",
-            "optimizer": f"{cfg.optimizer} ({'distributed' if self.use_dist_opt else 'fp32'}), lr {cfg.lr} "
-                         f"warmup {cfg.warmup_steps} {cfg.lr_decay_style} to {cfg.min_lr}, clip {cfg.clip_grad}",
-            "steps": f"{self.step} -> {cfg.steps}",
+            "datasets": [{"prefix": d.prefix, "weight": d.weight} for d in self.spec.datasets],
+            "global_batch_size": cfg.global_batch_size,
+            "seq_length": cfg.seq_length,
+            "num_microbatches": self.num_microbatches,
+            "micro_batch_size": cfg.micro_batch_size,
+            "selection": ({"ratio": cfg.select_ratio, "scope": cfg.select_scope,
+                           "scores": [s.prefix for s in self.spec.scores]} if self.selection.selective else None),
+            "optimizer": {"name": cfg.optimizer, "kind": "distributed" if self.use_dist_opt else "fp32", "lr": cfg.lr,
+                          "warmup_steps": cfg.warmup_steps, "decay_style": cfg.lr_decay_style, "min_lr": cfg.min_lr,
+                          "clip_grad": cfg.clip_grad},
             "start_step": self.step,
             "total_steps": cfg.steps,
             "config_hash": self.spec.config_hash(),

@@ -1,4 +1,4 @@
-from rhocli.cli import main
+from rhocli.app import main
 
 if __name__ == "__main__":
     main()

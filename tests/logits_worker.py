@@ -13,10 +13,11 @@ def main() -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from parallel import checkpoint as ckpt
+    from parallel.checkpoint import load_checkpoint
     from parallel.config import ModelConfig
     from parallel.distributed import destroy_distributed, init_distributed
     from parallel.model import build_model, model_shape
+    from rhocli.core.formats import checkpoint as ckpt
 
     init_distributed(tp, pp, seed=0)
     step = ckpt.resolve_checkpoint(ckpt_path)
@@ -24,7 +25,7 @@ def main() -> None:
     cfg = ModelConfig(**manifest["model"])
     shape = model_shape(cfg, manifest["vocab_size"], tp, torch.float32)
     model = build_model(cfg, shape, tp, pp, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
-    ckpt.load_checkpoint(step, [model])
+    load_checkpoint(step, [model])
     model.eval()
     tokens = torch.load(tokens_path)  # [b, s]
     b, s = tokens.shape

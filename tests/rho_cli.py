@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from rhocli.cli import main
+from rhocli.app import main
 
 
 @dataclasses.dataclass

@@ -12,7 +12,7 @@ import pytest
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_sdpa_attention_equals_megatron_dot_product_attention(tp, tmp_path):
-    from rhocli.launch import free_port
+    from rhocli.core.launch import free_port
 
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

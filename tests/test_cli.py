@@ -12,7 +12,7 @@ import pytest
 
 from rho_cli import run_rho
 from rhocli import __version__
-from rhocli.errors import EXIT_CODES
+from rhocli.core.errors import ENGINE_ERRORS, EXIT_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["tokenize", "train", "score", "select", "convert-hf", "demo", "bench"]
@@ -32,7 +32,7 @@ def test_version(capsys):
 
 def test_cli_import_is_light():
     """`rho --help` must not pay for torch / megatron-core (seconds): they are imported lazily."""
-    code = "import sys, rhocli.cli; print(sorted(m for m in ('torch', 'megatron', 'numpy') if m in sys.modules))"
+    code = "import sys, rhocli.app; print(sorted(m for m in ('torch', 'megatron', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -76,3 +76,29 @@ def test_errors_doc_matches_exit_codes():
     documented = {name: int(code) for name, code in re.findall(r"^\|\s*`(\w+)`\s*\|\s*(\d+)\s*\|", text, re.M)}
     assert documented == EXIT_CODES
     assert len(set(EXIT_CODES.values())) == len(EXIT_CODES), "exit codes must be distinct"
+    engine = dict(re.findall(r"^\|\s*`((?:parallel|cuda_ext)\.errors\.\w+)`\s*\|\s*`(\w+)`\s*\|", text, re.M))
+    assert engine == {name: cls.__name__ for name, cls in ENGINE_ERRORS.items()}
+
+
+def test_engine_errors_exit_with_their_category():
+    """One table, whoever raises: the engine's types map onto rho's categories; a LayoutError's sizes
+    are named by their flags; anything else is a bug (exit 1)."""
+    from cuda_ext.errors import KernelUnavailableError
+    from parallel.errors import LayoutError, NonFiniteValueError, PreemptedError, WeightsMismatchError
+    from rhocli.app import message_for
+    from rhocli.core.errors import exit_code_for
+
+    layout = LayoutError("{tp} x {pp} = 4 does not divide the world size 6", tp=2, pp=2)
+    assert str(layout) == "tp 2 x pp 2 = 4 does not divide the world size 6"
+    assert message_for(layout) == "--tp 2 x --pp 2 = 4 does not divide the world size 6"
+    assert exit_code_for(layout) == 2
+    assert exit_code_for(NonFiniteValueError("loss is nan")) == 11
+    assert exit_code_for(PreemptedError("SIGTERM", 3)) == 12
+    assert exit_code_for(WeightsMismatchError("x")) == 9
+    assert exit_code_for(KernelUnavailableError("x")) == 7
+
+    class Sub(WeightsMismatchError):
+        pass
+
+    assert exit_code_for(Sub("x")) == 9
+    assert exit_code_for(KeyError("x")) == 1 and exit_code_for(ValueError("x")) == 1

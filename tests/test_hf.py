@@ -170,15 +170,22 @@ def test_export_round_trip_reshard_and_trained_model(tmp_path, hf_tokenizer_dir)
 
 
 def test_export_shards_with_an_index(tmp_path, hf_tokenizer_dir):
+    import json
+
     from transformers import AutoModelForCausalLM
 
-    from rhocli.convert import export_hf
+    from rhocli.convert.hf import export_hf
 
     hf_dir = tmp_path / "hf"
     original = _hf_model("mistral", hf_dir, hf_tokenizer_dir)
     rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
     result = export_hf(str(tmp_path / "ckpt"), str(tmp_path / "out"), dtype="fp32", max_shard_bytes=200_000)
     assert result["shards"] > 2 and (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    # the token ids are the source model's (config.json and generation_config.json alike)
+    source_cfg = json.loads((hf_dir / "config.json").read_text())
+    for name in ("config.json", "generation_config.json"):
+        exported = json.loads((tmp_path / "out" / name).read_text())
+        assert (exported["bos_token_id"], exported["eos_token_id"]) == (source_cfg["bos_token_id"], source_cfg["eos_token_id"]) == (1, 0)
     assert "tokenizer.json" in result["tokenizer_files"]  # from the HF model the checkpoint came from
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
     assert type(back).__name__ == "MistralForCausalLM" and not info["missing_keys"] and not info["unexpected_keys"]
@@ -199,7 +206,7 @@ def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir, kind):
 
     from transformers import AutoModelForCausalLM
 
-    from rhocli.launch import free_port
+    from rhocli.core.launch import free_port
 
     hf_dir = tmp_path / "hf"
     model = _hf_model(kind, hf_dir, hf_tokenizer_dir)
@@ -226,3 +233,22 @@ def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir, kind):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     with torch.no_grad():
         assert (back(tokens).logits.float() - torch.load(tmp_path / "logits_11.pt")).abs().max() < 1e-4
+
+
+def test_export_of_a_trained_model_carries_the_tokenizers_ids(tmp_path, llama2_sp):
+    """A model rho trained on SentencePiece-tokenized text exports with that tokenizer's BOS and EOS
+    ids (ground truth: sentencepiece itself), not null."""
+    import json
+
+    import sentencepiece as spm
+
+    from train_utils import write_tiny_config
+
+    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
+    rho("tokenize", tmp_path / "c.jsonl", "-t", llama2_sp, "-o", tmp_path / "c", "-w", "1")
+    rho("train", write_tiny_config(tmp_path), "--data", tmp_path / "c", "--save", tmp_path / "run", "--steps", 2, "-q")
+    rho("convert-hf", tmp_path / "run", tmp_path / "hf", "--dtype", "fp32", "--tokenizer", llama2_sp)
+    sp = spm.SentencePieceProcessor(model_file=str(llama2_sp))
+    for name in ("config.json", "generation_config.json"):
+        exported = json.loads((tmp_path / "hf" / name).read_text())
+        assert (exported["bos_token_id"], exported["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (1, 2), name

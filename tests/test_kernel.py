@@ -1,6 +1,9 @@
-"""The fused selective loss against independent ground truth: the float64 reference (cuda_ext's
-spec), torch.nn.functional.cross_entropy, autograd's gradcheck and torch.library's opcheck.
-Each available implementation (torch reference path, C++ CPU kernel) is forced in turn."""
+"""The fused selective loss against independent ground truth: an oracle written here from
+torch.nn.functional.cross_entropy (float64), a top-k by Python's own sort and autograd (it shares no
+code with cuda_ext, so the ``RHO_KERNEL=torch`` path, which runs the reference's building blocks, is
+checked against something else than itself); autograd's gradcheck and torch.library's opcheck. Each
+available implementation (torch reference path, C++ CPU kernel) is forced in turn, and the reference
+(cuda_ext's spec) is checked against the oracle too."""
 
 from __future__ import annotations
 
@@ -33,6 +36,28 @@ def _inputs(tokens, vocab, dtype=torch.float32, seed=0, scale=3.0):
     return logits, targets, ref_loss, mask
 
 
+class Oracle:
+    """The selective loss from its definition (docs/kernel.md), in float64, with no cuda_ext code."""
+
+    def __init__(self, logits, targets, ref_loss, mask, ratio, segment_len=None):
+        z = logits.detach().double().requires_grad_()
+        self.loss = F.cross_entropy(z, targets, reduction="none")  # [tokens], float64
+        excess = (self.loss.detach() - ref_loss.double()).tolist()
+        n = len(excess)
+        seg = segment_len or n
+        self.kept = torch.zeros(n, dtype=torch.bool)
+        for start in range(0, n, seg):
+            candidates = [i for i in range(start, start + seg) if mask[i] > 0]
+            k = int(math.floor(ratio * len(candidates) + 0.5))
+            # larger excess first, then the lower index; NaN below every number
+            order = sorted(candidates, key=lambda i: (math.inf if math.isnan(excess[i]) else -excess[i], i))
+            self.kept[order[:k]] = True
+        self.n_kept = int(self.kept.sum())
+        ((self.loss * self.kept).sum() / max(self.n_kept, 1)).backward()
+        self.grad = z.grad
+        self.excess = torch.tensor(excess, dtype=torch.float64)
+
+
 def _run(fn, logits, *args, **kwargs):
     z = logits.detach().clone().requires_grad_()
     out = fn(z, *args, **kwargs)
@@ -48,21 +73,36 @@ def test_matches_float64_reference(impl, tokens, vocab, dtype):
     logits, targets, ref_loss, mask = _inputs(tokens, vocab, dtype, seed=tokens + vocab)
     seg = 1 if tokens in (1, 7) else None
     out, grad = _run(selective_loss, logits, targets, ref_loss, mask, 0.6, seg)
-    ref, ref_grad = _run(selective_loss_reference, logits.double(), targets, ref_loss.double(), mask, 0.6, seg)
+    oracle = Oracle(logits, targets, ref_loss, mask, 0.6, seg)  # from the same (rounded) logits
     tol = TOL[dtype]
     assert out.loss.dtype == torch.float32
     # loss from the same (rounded) logits: only accumulation order differs
-    assert torch.allclose(out.loss.double(), ref.loss, rtol=tol, atol=tol)
+    assert torch.allclose(out.loss.double(), oracle.loss.detach(), rtol=tol, atol=tol)
     # selection may differ only where two excess values are within rounding of each other: at most a
     # swapped pair at the k-th boundary, whose excesses agree within the loss tolerance
-    mismatch = out.kept != ref.kept
+    mismatch = out.kept != oracle.kept
     if mismatch.any():
-        excess = (ref.loss - ref_loss.double())[mismatch]
+        excess = oracle.excess[mismatch]
         assert excess.numel() == 2 and (excess.max() - excess.min()) <= 2 * tol * (1 + excess.abs().max())
-    assert int(out.n_kept) == int(ref.n_kept)
+    assert int(out.n_kept) == oracle.n_kept
     assert grad.dtype == dtype
     if not mismatch.any():
-        assert torch.allclose(grad.double(), ref_grad, rtol=tol, atol=tol / max(1, int(ref.n_kept)) + tol * 1e-2)
+        assert torch.allclose(grad.double(), oracle.grad, rtol=tol, atol=tol / max(1, oracle.n_kept) + tol * 1e-2)
+
+
+@pytest.mark.parametrize("segment_len", [None, 5, 1])
+def test_reference_is_the_definition(segment_len):
+    """cuda_ext's float64 spec equals the oracle: loss, selection (NaN and ties included), gradient."""
+    logits, targets, ref_loss, mask = _inputs(40, 23, torch.float64, seed=12)
+    ref_loss[3] = float("nan")
+    ref_loss[10:15] = 0.0
+    logits[10:15] = logits[10]  # five identical rows, equal reference: exact ties in excess
+    targets[10:15] = targets[10]
+    out, grad = _run(selective_loss_reference, logits, targets, ref_loss, mask, 0.45, segment_len)
+    oracle = Oracle(logits, targets, ref_loss, mask, 0.45, segment_len)
+    assert torch.allclose(out.loss.detach(), oracle.loss.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(out.kept, oracle.kept) and int(out.n_kept) == oracle.n_kept
+    assert torch.allclose(grad, oracle.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_ratio_one_is_plain_cross_entropy(impl):

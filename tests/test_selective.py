@@ -57,24 +57,26 @@ def test_score_store_is_aligned_and_complete(corpus):
 
 
 def test_scores_equal_a_direct_forward_of_the_same_windows(corpus, tmp_path):
-    """Ground truth for the window logic: rho's scores equal the per-token losses of the same model
-    on the same context, computed here window by window with megatron's own GPTModel loss
-    (vocab_parallel_cross_entropy: independent of rho's fused kernel, packing and padding)."""
+    """Ground truth for the window logic: rho's scores equal the per-token losses of the same model on
+    the same context, computed here window by window from megatron's GPTModel logits with PyTorch's
+    own ``F.cross_entropy`` (independent of rho's fused kernel, packing and padding)."""
     d, _ = corpus
     script = tmp_path / "direct.py"
     script.write_text(f'''
 import json, os, sys, numpy as np, torch
+import torch.nn.functional as F
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="{29700 + os.getpid() % 200}")
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
 from parallel.distributed import init_distributed
-from parallel import checkpoint as ckpt
+from parallel.checkpoint import load_checkpoint
 from parallel.config import ModelConfig
 from parallel.model import build_model, model_shape
+from rhocli.core.formats import checkpoint as ckpt
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 init_distributed(1, 1, 0)
 step = ckpt.resolve_checkpoint({str(d / "ref")!r}); man = ckpt.read_manifest(step)
 cfg = ModelConfig(**man["model"]); shape = model_shape(cfg, man["vocab_size"], 1, torch.float32)
-m = build_model(cfg, shape, 1, 1, True, True); ckpt.load_checkpoint(step, [m]); m.eval()
+m = build_model(cfg, shape, 1, 1, True, True); load_checkpoint(step, [m]); m.eval()
 toks = IndexedDataset({str(d / "c")!r}); scores = IndexedDataset({str(d / "c.ref")!r})
 eod = json.load(open({str(d / "c.json")!r}))["tokenizer"]["eod_id"]
 worst, checked = 0.0, 0
@@ -84,11 +86,12 @@ for i in range(40):
     # its positions 16..31 score tokens 32..47
     spans = [(0, min(n, 32), 0)] + ([(16, min(n, 48), 16)] if n > 32 else [])
     for start, end, first_new in spans:
-        inp = torch.tensor([ext[start:end]]); lab = torch.tensor([ext[start + 1:end + 1]])
+        inp = torch.tensor([ext[start:end]]); lab = torch.tensor(ext[start + 1:end + 1])
         with torch.no_grad():
-            loss = m(inp, torch.arange(end - start)[None], attention_mask=None, labels=lab)[0]
+            logits = m(inp, torch.arange(end - start)[None], attention_mask=None)[0]  # [s, padded vocab]
+        loss = F.cross_entropy(logits.double(), lab, reduction="none")  # over every row, padding included
         new = loss[first_new:] if start else loss
-        got = torch.from_numpy(scores[i].copy())[start + first_new:end] if start else torch.from_numpy(scores[i].copy())[:end]
+        got = torch.from_numpy(scores[i].copy()).double()[start + first_new:end] if start else torch.from_numpy(scores[i].copy()).double()[:end]
         worst = max(worst, float((new - got).abs().max())); checked += 1
 print("RESULT", worst, checked)
 ''')
@@ -101,8 +104,12 @@ print("RESULT", worst, checked)
 
 def test_score_dp2_identical_and_tp2_within_tolerance(corpus, tmp_path):
     d, _ = corpus
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "dp2", "--seq-len", 32,
-        "--shard-documents", 80, "--dp", 2, "-q", timeout=600)
+        "--shard-documents", 80, "--dp", 2, "-q", timeout=600, env_extra={"TMPDIR": str(scratch)})
+    # the launcher's error reports and the elastic agent's logs are removed with the run
+    assert list(scratch.iterdir()) == []
     assert (tmp_path / "dp2.bin").read_bytes() == (d / "c.ref.bin").read_bytes()
     assert (tmp_path / "dp2.idx").read_bytes() == (d / "c.ref.idx").read_bytes()
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "tp2", "--seq-len", 32,
@@ -187,8 +194,13 @@ def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope):
         assert lb[step] == pytest.approx(la[step], abs=1e-5)
     metrics = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if l.strip()]
     m = [r for r in metrics if "loss" in r][0]
-    assert m["kept_fraction"] == pytest.approx(0.6, abs=0.05)
-    assert m["kept_loss"] == m["loss"] and "dropped_loss" in m and "ref_loss" in m and "mean_excess" in m
+    # every label is a candidate; k = floor(0.6 * n + 0.5) of each 32-token sequence (19) or of each
+    # 2 x 32-token micro-batch (38): 19/32 of the tokens either way
+    assert m["kept_fraction"] == 19 / 32
+    # the kept and dropped means, summed separately, recombine into the mean over every token
+    f = m["kept_fraction"]
+    assert f * m["kept_loss"] + (1 - f) * m["dropped_loss"] == pytest.approx(m["all_tokens_loss"], rel=1e-9)
+    assert m["dropped_loss"] != m["kept_loss"] and "ref_loss" in m and "mean_excess" in m
     # Rho-1's premise: kept tokens have the larger excess
     assert m["kept_loss"] - m["kept_ref_loss"] > m["mean_excess"]
 
@@ -204,6 +216,15 @@ def test_resume_is_exact_with_batch_selection(corpus, tmp_path):
     rho("train", config, "--data", d / "c", "--save", tmp_path / "split", "--steps", 4, "--scores", d / "c.ref",
         "--select-ratio", "0.6", "--select-scope", "batch", "--set", "train.optimizer=adam", "--resume", "-q")
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+
+
+def test_score_checks_the_layout_like_train(corpus, tmp_path):
+    """rho score refuses a --dp that does not match the world size, as rho train does (one check)."""
+    d, _ = corpus
+    r = rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "s", "--dp", 3, check=False,
+            env_extra={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"})
+    assert r.returncode == 2 and "--dp 3 does not match world size 2 / (tp 1 x pp 1) = 2" in r.stderr, r.stderr
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_scores_of_other_tokens_are_refused(corpus, tmp_path, hf_tokenizer_dir):

@@ -24,6 +24,13 @@ def megatron_documents(prefix: Path) -> list[list[int]]:
     return [ds[i].tolist() for i in range(len(ds))]
 
 
+def hf_tokenizer(directory: Path):
+    """The HF fast tokenizer itself (``tokenizers``), not rho's wrapper around it."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(directory / "tokenizer.json"))
+
+
 def test_gsm8k_llama2_sentencepiece_matches_encode(tmp_path, capsys, gsm8k, llama2_sp):
     import sentencepiece as spm
 
@@ -47,10 +54,11 @@ def test_gsm8k_llama2_sentencepiece_matches_encode(tmp_path, capsys, gsm8k, llam
     assert manifest["tokenizer"]["vocab_size"] == 32000
     assert (manifest["tokenizer"]["bos_id"], manifest["tokenizer"]["eod_id"]) == (1, 2)
     assert manifest["tokenizer"]["fingerprint"].startswith("sha256:")
-    from rhocli.formats.tokens import dataset_fingerprint
-    assert manifest["fingerprint"] == dataset_fingerprint(prefix)
-    assert manifest["sources"][0]["bytes"] == gsm8k.stat().st_size
     import hashlib
+    # docs/formats.md: sha256 of the .idx bytes followed by the .bin bytes
+    idx_then_bin = (tmp_path / "gsm8k.idx").read_bytes() + (tmp_path / "gsm8k.bin").read_bytes()
+    assert manifest["fingerprint"] == "sha256:" + hashlib.sha256(idx_then_bin).hexdigest()
+    assert manifest["sources"][0]["bytes"] == gsm8k.stat().st_size
     assert manifest["sources"][0]["sha256"] == "sha256:" + hashlib.sha256(gsm8k.read_bytes()).hexdigest()
     assert "7,473" in r.stdout  # the summary table
 
@@ -89,8 +97,6 @@ def test_every_input_format_gives_the_same_documents(tmp_path, capsys, hf_tokeni
     import pyarrow.parquet as pq
     import zstandard
 
-    from rhocli.tokenizers import load_tokenizer
-
     texts = [t.replace("\n", " ") for t in CORPUS[:6]]
     lines = "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)).encode()
     (tmp_path / "a.jsonl").write_bytes(lines)
@@ -99,9 +105,10 @@ def test_every_input_format_gives_the_same_documents(tmp_path, capsys, hf_tokeni
     pq.write_table(pa.table({"text": texts, "id": list(range(len(texts)))}), tmp_path / "a.parquet")
     # line mode: blank lines between documents are ignored
     (tmp_path / "lines.txt").write_text("\n\n".join(texts) + "\n", encoding="utf-8")
-    tok = load_tokenizer(hf_tokenizer_dir)
-    eod = tok.info.eod_id
-    expected = [ids + [eod] for ids in tok.encode_batch(texts)]
+    # ground truth: HF tokenizers itself (the conftest tokenizer's EOS is <|endoftext|>)
+    tok = hf_tokenizer(hf_tokenizer_dir)
+    eod = tok.token_to_id("<|endoftext|>")
+    expected = [tok.encode(t, add_special_tokens=False).ids + [eod] for t in texts]
     for name, extra in (("a.jsonl", ()), ("a.jsonl.gz", ()), ("a.jsonl.zst", ()), ("a.parquet", ()),
                         ("lines.txt", ("--txt-mode", "line"))):
         prefix = tmp_path / ("out_" + name.replace(".", "_"))
@@ -114,19 +121,17 @@ def test_every_input_format_gives_the_same_documents(tmp_path, capsys, hf_tokeni
     r = run_rho(capsys, "tokenize", str(tmp_path / "doc*.txt"), "-t", hf_tokenizer_dir, "-o", tmp_path / "docs", "-w", "1")
     assert r.exit_code == 0, r.stderr
     assert megatron_documents(tmp_path / "docs") == [
-        ids + [eod] for ids in tok.encode_batch([t + "\nsecond line\n" for t in texts[:3]])
+        tok.encode(t + "\nsecond line\n", add_special_tokens=False).ids + [eod] for t in texts[:3]
     ]
 
 
 def test_no_append_eod_and_several_inputs_in_order(tmp_path, capsys, hf_tokenizer_dir):
-    from rhocli.tokenizers import load_tokenizer
-
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": "first"}, {"text": "second"}])
     b = write_jsonl(tmp_path / "b.jsonl", [{"text": "third"}])
     r = run_rho(capsys, "tokenize", b, a, "-t", hf_tokenizer_dir, "-o", tmp_path / "o", "--no-append-eod", "-w", "1")
     assert r.exit_code == 0, r.stderr
-    tok = load_tokenizer(hf_tokenizer_dir)
-    assert megatron_documents(tmp_path / "o") == tok.encode_batch(["third", "first", "second"])
+    tok = hf_tokenizer(hf_tokenizer_dir)
+    assert megatron_documents(tmp_path / "o") == [tok.encode(t, add_special_tokens=False).ids for t in ("third", "first", "second")]
     manifest = json.loads((tmp_path / "o.json").read_text())
     assert [s["documents"] for s in manifest["sources"]] == [1, 2]
 
@@ -137,7 +142,7 @@ def test_rho_reads_megatron_manifestless_dataset(tmp_path):
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from rhocli.formats.tokens import TokenDataset, dataset_fingerprint
+    from rhocli.core.formats.tokens import TokenDataset, dataset_fingerprint
 
     prefix = tmp_path / "megatron_text_document"
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.int32)
@@ -156,7 +161,7 @@ def test_rho_reads_megatron_manifestless_dataset(tmp_path):
 
 
 def test_token_dataset_reader_uses_rho_manifest(tmp_path, capsys, hf_tokenizer_dir):
-    from rhocli.formats.tokens import TokenDataset
+    from rhocli.core.formats.tokens import TokenDataset
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t} for t in CORPUS[:4]])
     r = run_rho(capsys, "tokenize", data, "-t", hf_tokenizer_dir, "-o", tmp_path / "o", "-w", "1")
@@ -176,10 +181,8 @@ def test_config_file_supplies_options_and_flags_override(tmp_path, capsys, hf_to
     r = run_rho(capsys, "tokenize", "--config", cfg, "-o", tmp_path / "flag_out")
     assert r.exit_code == 0, r.stderr
     assert not (tmp_path / "from_yaml.bin").exists()
-    from rhocli.tokenizers import load_tokenizer
-
-    tok = load_tokenizer(hf_tokenizer_dir)
-    assert megatron_documents(tmp_path / "flag_out") == tok.encode_batch(["Greeting\nhello there"])
+    tok = hf_tokenizer(hf_tokenizer_dir)
+    assert megatron_documents(tmp_path / "flag_out") == [tok.encode("Greeting\nhello there", add_special_tokens=False).ids]
     import yaml
 
     resolved = yaml.safe_load((tmp_path / "flag_out.config.yaml").read_text())["tokenize"]

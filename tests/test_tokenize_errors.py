@@ -16,7 +16,7 @@ import pytest
 
 from conftest import write_jsonl
 from rho_cli import run_rho
-from rhocli.errors import BadInputError, LoadError, MissingInputError, OutputExistsError, UsageError
+from rhocli.core.errors import BadInputError, LoadError, MissingInputError, OutputExistsError, UsageError
 
 BAD_LINES = {
     # category: (line text, message fragment)
@@ -49,7 +49,7 @@ def test_bad_document_fails_with_file_and_line(tmp_path, capsys, hf_tokenizer_di
     r = run_rho(capsys, "tokenize", data, "-t", hf_tokenizer_dir, "-o", tmp_path / "out", "-w", "1")
     assert r.exit_code == BadInputError.exit_code
     assert f"{data}:3: " in r.stderr and fragment in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 or "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert _leftovers(tmp_path, "out") == []
 

@@ -12,7 +12,7 @@ from train_utils import write_tiny_config
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory, hf_tokenizer_dir):
-    from rhocli.tokenize import TokenizeConfig, run_tokenize
+    from rhocli.tokenize.pipeline import TokenizeConfig, run_tokenize
 
     d = tmp_path_factory.mktemp("errdata")
     write_jsonl(d / "c.jsonl", [{"text": t} for t in CORPUS])

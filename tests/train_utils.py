@@ -63,6 +63,6 @@ def valid_losses(run_dir: Path) -> dict[int, float]:
 
 
 def model_tensors(step_dir: Path):
-    from parallel.checkpoint import load_model_tensors
+    from rhocli.core.formats.checkpoint import load_model_tensors
 
     return load_model_tensors(step_dir)

@@ -13,7 +13,7 @@ def stage(fn):
         try:
             return fn(*args, **kwargs)
         except KeyboardInterrupt:
-            from rhocli.errors import Interrupted
+            from rhocli.core.errors import Interrupted
 
             raise Interrupted("interrupted; nothing was written under the output name") from None
 

@@ -14,6 +14,15 @@ Training (CPU, one GPU; the benchmark starts its own workers like rho train):
 
     rho bench train configs/tiny.yaml --steps 20
     rho bench train configs/tinyllama-1.1b.yaml --steps 10 --set train.micro_batch_size=4
+
+Scoring (CPU, one GPU): rho score against a transformers loop on the same windows and weights:
+
+    rho bench score --model runs/ref --data out/gsm8k --documents 1500 --repeats 3
+
+Under torchrun: not supported; each benchmark starts the processes it measures.
+
+Each benchmark lives with the stage it measures (``rhocli/<stage>/bench.py``; the kernel's in
+``rhocli/bench/kernel.py``) and returns its numbers; the tables are made here.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from typing import Annotated, Optional
 import typer
 
 from rhocli.commands import stage
+from rhocli.commands.console import human_bytes, out
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
 
@@ -45,8 +55,7 @@ def bench_tokenize_command(
     keep: Annotated[Optional[Path], typer.Option(help="Keep outputs in this directory instead of a temp dir.")] = None,
 ) -> None:
     """Documents/s, MB/s, tokens/s of rho tokenize: whole process and steady state."""
-    from rhocli.bench_tokenize import run_bench_tokenize
-    from rhocli.console import out
+    from rhocli.tokenize.bench import run_bench_tokenize
 
     report = run_bench_tokenize(
         inputs=inputs,
@@ -56,7 +65,22 @@ def bench_tokenize_command(
         megatron_lm=megatron_lm,
         keep=keep,
     )
-    out.print(report.table())
+    out.print(_tokenize_table(report))
+
+
+def _tokenize_table(report):
+    from rich.table import Table
+
+    table = Table(title=f"rho bench tokenize: {', '.join(report.inputs)}  workers={report.workers}", title_justify="left")
+    for col in ("run", "wall s", "docs/s", "MB/s", "Mtok/s"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for row in report.rows:
+        table.add_row(*row.row())
+    speedup = report.speedup()
+    if speedup is not None:
+        same = "token-identical" if report.megatron_identical else "DIFFERENT TOKENS"
+        table.caption = f"rho is {speedup:.2f}× faster whole-process; {report.megatron_documents:,} documents {same}"
+    return table
 
 
 @bench_app.command("train")
@@ -73,16 +97,30 @@ def bench_train_command(
     select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Also run selective training (synthetic scores) and print its overhead.")] = None,
 ) -> None:
     """Step time, tokens/s and MFU of rho train on synthetic data (no checkpoints)."""
-    from rhocli.bench_train import run_bench_train
-    from rhocli.console import out
+    from rhocli.train.bench import run_bench_train
 
     plain = run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops)
-    out.print(plain.table())
+    out.print(_train_table(plain))
     if select_ratio is not None:
         slm = run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops, select_ratio=select_ratio)
-        out.print(slm.table())
+        out.print(_train_table(slm))
         overhead = slm.step_time_s / plain.step_time_s - 1
         out.print(f"selective ({select_ratio:.0%}) vs plain step time: {overhead * 100:+.1f} %")
+
+
+def _train_table(r):
+    from rich.table import Table
+
+    t = Table(title=f"rho bench train: {r.config} ({r.layout}, {r.device})", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    t.add_row("parameters", f"{r.parameters:,}")
+    t.add_row("tokens / step", f"{r.tokens_per_step:,}")
+    t.add_row("step time (median)", f"{r.step_time_s * 1000:.1f} ms over {r.steps_measured} steps")
+    t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}  ({r.tokens_per_s_per_device:,.0f} per device)")
+    t.add_row("model TFLOP/s per device", f"{r.tflops_per_device:.2f}")
+    t.add_row("MFU", f"{r.mfu * 100:.1f} %" if r.mfu is not None else "n/a (pass --peak-tflops)")
+    return t
 
 
 @bench_app.command("kernel")
@@ -96,9 +134,8 @@ def bench_kernel_command(
     """Forward+backward time and peak extra memory of the fused selective loss vs eager PyTorch."""
     from rich.table import Table
 
-    from rhocli.bench_kernel import DEFAULT_SHAPES, available_impls, copy_bandwidth_gbs, measure
-    from rhocli.console import human_bytes, out
-    from rhocli.errors import UsageError
+    from rhocli.bench.kernel import DEFAULT_SHAPES, available_impls, copy_bandwidth_gbs, measure
+    from rhocli.core.errors import UsageError
 
     parsed = []
     for text in shapes or [f"{t}x{v}" for t, v in DEFAULT_SHAPES]:
@@ -134,6 +171,7 @@ def bench_kernel_command(
 @bench_app.command("score")
 @stage
 def bench_score_command(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", help="rho checkpoint (run or step directory).")],
     data: Annotated[str, typer.Option("--data", help="Token dataset; its first --documents documents are scored.")],
     documents: Annotated[int, typer.Option(help="Documents to score.")] = 500,
@@ -143,10 +181,25 @@ def bench_score_command(
     repeats: Annotated[int, typer.Option("--repeats", help="Runs of each side, alternating; the best is kept.")] = 2,
 ) -> None:
     """Tokens/s of rho score vs a transformers forward loop with the same weights and windows."""
-    from rhocli.bench_score import run_bench_score
-    from rhocli.console import out
-    from rhocli.errors import UsageError
+    from rhocli.core.errors import UsageError
+    from rhocli.score.bench import run_bench_score
 
     if repeats < 1 or (micro_batch_size is not None and micro_batch_size < 1):
         raise UsageError("--repeats and --micro-batch-size must be >= 1")
-    out.print(run_bench_score(model, data, documents, seq_len, stride, micro_batch_size, [], repeats=repeats).table())
+    report = run_bench_score(model, data, documents, seq_len, stride, micro_batch_size, [], ctx.find_root().obj,
+                             repeats=repeats)
+    out.print(_score_table(report))
+
+
+def _score_table(r):
+    from rich.table import Table
+
+    t = Table(title="rho bench score", title_justify="left")
+    for c in ("run", "seconds", "tokens/s", "max |diff| vs rho"):
+        t.add_column(c, justify="left" if c == "run" else "right")
+    t.add_row("rho score (whole process)", f"{r.rho_s:.2f}", f"{r.tokens / r.rho_s:,.0f}", "")
+    for name, (secs, diff) in r.transformers.items():
+        t.add_row(f"transformers: {name}", f"{secs:.2f}", f"{r.tokens / secs:,.0f}", f"{diff:.1e}")
+    t.caption = (f"{r.tokens:,} tokens; rho {r.speedup:.2f}x the faster transformers loop "
+                 f"(loop alone, model loaded); micro-batch {r.micro_batch_size}; best of {r.repeats}")
+    return t

@@ -25,18 +25,18 @@ def convert_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Convert between Hugging Face Llama/Mistral and rho checkpoints."""
-    from rhocli.console import out
-    from rhocli.megatron_io import quiet_megatron
+    from rhocli.commands.console import out
+    from rhocli.core.megatron_io import quiet_megatron
 
     quiet_megatron()
     if not from_hf:
-        from rhocli.convert import export_hf
+        from rhocli.convert.hf import export_hf
 
         result = export_hf(source, output, dtype=dtype, tokenizer=tokenizer, force=force)
         note = "" if result["tokenizer_files"] else " (no tokenizer files: pass --tokenizer)"
         out.print(f"[green]wrote[/] {result['output']}: {result['shards']} safetensors shard(s){note}")
         return
-    from rhocli.convert import import_hf
+    from rhocli.convert.hf import import_hf
 
     result = import_hf(source, output, force=force)
     out.print(f"[green]wrote[/] {result['output']} ({result['architecture']}, {result['layers']} layers, vocab {result['vocab']}); "

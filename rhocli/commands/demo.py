@@ -20,10 +20,11 @@ from typing import Annotated
 
 import typer
 
-from rhocli.console import out
+from rhocli.commands.console import out
 
 
 def demo_command(
+    ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for everything the demo writes.")] = Path("rho-demo"),
     size: Annotated[str, typer.Option("--size", help="tiny (seconds), small (minutes on 2 CPU cores) or large (GPU).")] = "small",
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size for train and score (1 or 2).")] = 1,
@@ -35,15 +36,15 @@ def demo_command(
     """Run tokenize → train reference → score → train CLM and SLM → evaluate → select on an embedded corpus."""
     import os
 
+    from rhocli.core.errors import UsageError
+    from rhocli.core.launch import under_torchrun
     from rhocli.demo.pipeline import DemoConfig, DemoRun, check_output_dir
-    from rhocli.errors import UsageError
-    from rhocli.launch import under_torchrun
 
     if under_torchrun():
         raise UsageError("rho demo starts its own workers; run it without torchrun (--tp/--pp choose the layout)")
     cfg = DemoConfig(output=output, size=size, tp=tp, pp=pp, ratio=ratio, seed=seed, force=force)
     check_output_dir(cfg)
-    from rhocli.megatron_io import quiet_megatron
+    from rhocli.core.megatron_io import quiet_megatron
 
     quiet_megatron()
     out.print(f"[bold]rho demo[/]: selective language modeling in miniature (size {size}, tp {tp}, pp {pp}, "
@@ -66,9 +67,10 @@ def demo_command(
             out.print(f"  [green]done[/] in {e.seconds:.1f} s: {e.summary}", soft_wrap=True)
 
     try:
-        results = DemoRun(cfg, on_event).run()
+        # every stage is a rho command line, run through the app's own entry point (rhocli.app.invoke)
+        results = DemoRun(cfg, ctx.find_root().obj, on_event).run()
     except KeyboardInterrupt:
-        from rhocli.errors import Interrupted
+        from rhocli.core.errors import Interrupted
 
         raise Interrupted(f"demo interrupted; what it wrote so far stays in {output} (run again with --force)") from None
     finally:

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from rhocli.console import human_count, out
+from rhocli.commands.console import human_count, out
 
 
 class ScoreRenderer:
@@ -78,16 +78,17 @@ def score_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Score every token of a dataset with a reference model (forward only, TP/PP/DP)."""
-    from rhocli.launch import run_ranks, under_torchrun
-    from rhocli.megatron_io import quiet_megatron
-    from rhocli.score_run import build_score_spec, clear_work, spec_to_dict
+    from rhocli.core.launch import run_ranks, world_from_env
+    from rhocli.core.megatron_io import quiet_megatron
+    from rhocli.score.rank import run_score_rank
+    from rhocli.score.spec import build_score_job, start_over
 
     quiet_megatron()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    spec, world, work = build_score_spec(
+    job, world = build_score_job(
         model, data, output, tp, pp, dp, seq_len, stride, micro_batch_size, resume, force, shard_documents,
-        world_size=int(os.environ["WORLD_SIZE"]) if under_torchrun() else None,
+        world_size=world_from_env(),
     )
-    if force and not resume and int(os.environ.get("RANK", 0)) == 0:
-        clear_work(work)
-    run_ranks(world, "score", spec_to_dict(spec), quiet)
+    if force and not resume:
+        start_over(job)
+    run_ranks(world, run_score_rank, job.to_dict(), None if quiet else ScoreRenderer)

@@ -28,9 +28,9 @@ def select_command(
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
 ) -> None:
     """Select tokens offline by excess (or reference) loss: a mask store aligned to the tokens."""
-    from rhocli.console import out
-    from rhocli.errors import UsageError
-    from rhocli.select import SelectConfig, run_select
+    from rhocli.commands.console import out
+    from rhocli.core.errors import UsageError
+    from rhocli.select.selection import SelectConfig, run_select
 
     if scope not in ("document", "global", "filter"):
         raise UsageError(f"--scope: expected document, global or filter, got {scope!r}")

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rhocli.console import human_bytes, human_count, out
+from rhocli.commands.console import human_bytes, human_count, out
 
 
 def tokenize_command(
@@ -59,9 +59,9 @@ def tokenize_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary (errors still print).")] = False,
 ) -> None:
     """Tokenize text into a Megatron IndexedDataset (.bin/.idx) with a rho manifest (.json)."""
-    from rhocli.config import resolve_config
-    from rhocli.errors import UsageError
-    from rhocli.tokenize import TokenizeConfig, run_tokenize
+    from rhocli.core.config import resolve_config
+    from rhocli.core.errors import UsageError
+    from rhocli.tokenize.pipeline import TokenizeConfig, run_tokenize
 
     if txt_mode is not None and txt_mode not in ("document", "line"):
         raise UsageError(f"--txt-mode: expected 'document' or 'line', got {txt_mode!r}")
@@ -106,7 +106,7 @@ def _run_with_progress(cfg, run_tokenize):
         TransferSpeedColumn,
     )
 
-    from rhocli.console import err
+    from rhocli.commands.console import err
 
     columns = (
         TextColumn("[bold]tokenize[/]"),

@@ -23,13 +23,12 @@ Multi-node: plain torchrun, one agent per node; each process runs as a worker di
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from rhocli.console import out
+from rhocli.commands.console import out
 
 
 def train_command(
@@ -61,13 +60,13 @@ def train_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No banner or progress (errors still print).")] = False,
 ) -> None:
     """Train a causal LM, or a selective one, on megatron-core with TP / PP / DP."""
-    from rhocli.config import write_resolved_config
-    from rhocli.megatron_io import quiet_megatron
+    from rhocli.core.errors import UsageError
+    from rhocli.core.launch import run_ranks, world_from_env
+    from rhocli.core.megatron_io import quiet_megatron
+    from rhocli.train.rank import run_train_rank
+    from rhocli.train.spec import build_run_spec, load_run_configs, prepare_run_dir, run_plan, spec_to_dict
 
     quiet_megatron()
-    from rhocli.launch import under_torchrun
-    from rhocli.train_spec import build_run_spec, load_run_configs, spec_to_dict, world_from_env
-
     flags = {
         "tp": tp, "pp": pp, "dp": dp, "data": tuple(data) if data else None, "save": save, "steps": steps,
         "resume": resume, "init": init, "lr": lr, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
@@ -76,53 +75,40 @@ def train_command(
         "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, "select_ratio": select_ratio, "select_scope": select_scope,
     }
     if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):
-        from rhocli.errors import UsageError
-
         raise UsageError(f"--select-scope: expected sequence, microbatch or batch, got {select_scope!r}")
     model_cfg, train_cfg = load_run_configs(config, flags, list(set_ or []))
-    spec, world = build_run_spec(model_cfg, train_cfg, config, force=force,
-                                 world_size=world_from_env() if under_torchrun() else None)
+    spec, world = build_run_spec(model_cfg, train_cfg, config, force=force, world_size=world_from_env())
     if dry_run:
-        _print_plan(spec, world)
+        _print_plan(run_plan(spec, world))
         return
-    run_dir = Path(spec.run_dir)
-    rank = int(os.environ.get("RANK", 0))
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_resolved_config(spec.train, run_dir / "train.config.yaml", stage="train")
-        if force and not spec.train.resume:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    spec_dict = spec_to_dict(spec)
+    prepare_run_dir(spec, force)
+    from rhocli.commands.train_render import TrainRenderer
 
-    from rhocli.launch import run_ranks
-
-    run_ranks(world, "train", spec_dict, quiet)
+    run_ranks(world, run_train_rank, spec_to_dict(spec), None if quiet else TrainRenderer)
 
 
-def _print_plan(spec, world: int) -> None:
+def _datasets(refs) -> str:
+    return ", ".join(d["prefix"] + (f":{d['weight']}" if d["weight"] else "") for d in refs)
+
+
+def _print_plan(plan: dict) -> None:
     from rich.table import Table
 
-    from parallel.model import count_parameters, model_shape
-
-    cfg = spec.train
-    import torch
-
-    shape = model_shape(spec.model, spec.vocab_size, cfg.tp, torch.float32)
-    dp = world // (cfg.tp * cfg.pp)
     table = Table(title="rho train --dry-run: plan", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("layout", f"world {world} = tp {cfg.tp} x pp {cfg.pp} x dp {dp}")
-    table.add_row("model", f"{spec.model.architecture}, {count_parameters(spec.model, spec.vocab_size):,} parameters, "
-                           f"{spec.model.num_layers} layers ({spec.model.num_layers // cfg.pp} per stage)")
-    table.add_row("vocab", f"{shape.vocab_size} (padded {shape.padded_vocab_size}, {shape.padded_vocab_size // cfg.tp} per TP rank)")
-    table.add_row("data", ", ".join(f"{d.prefix}" + (f":{d.weight}" if d.weight else "") for d in spec.datasets))
-    if spec.eval_datasets:
-        table.add_row("validation", ", ".join(f"{d.prefix}" + (f":{d.weight}" if d.weight else "") for d in spec.eval_datasets))
-    micro = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-    table.add_row("batch", f"{cfg.global_batch_size} x {cfg.seq_length} tokens; {micro} micro-batches of {cfg.micro_batch_size} per DP rank")
-    table.add_row("steps", f"{cfg.steps} ({cfg.steps * cfg.global_batch_size * cfg.seq_length:,} tokens)")
-    table.add_row("run dir", spec.run_dir + (" (resume)" if cfg.resume else ""))
-    table.add_row("config hash", spec.config_hash())
+    table.add_row("layout", f"world {plan['world_size']} = tp {plan['tp']} x pp {plan['pp']} x dp {plan['dp']}")
+    table.add_row("model", f"{plan['architecture']}, {plan['parameters']:,} parameters, "
+                           f"{plan['num_layers']} layers ({plan['num_layers'] // plan['pp']} per stage)")
+    table.add_row("vocab", f"{plan['vocab_size']} (padded {plan['padded_vocab_size']}, "
+                           f"{plan['padded_vocab_size'] // plan['tp']} per TP rank)")
+    table.add_row("data", _datasets(plan["datasets"]))
+    if plan["eval_datasets"]:
+        table.add_row("validation", _datasets(plan["eval_datasets"]))
+    table.add_row("batch", f"{plan['global_batch_size']} x {plan['seq_length']} tokens; {plan['num_microbatches']} "
+                           f"micro-batches of {plan['micro_batch_size']} per DP rank")
+    table.add_row("steps", f"{plan['steps']} ({plan['steps'] * plan['global_batch_size'] * plan['seq_length']:,} tokens)")
+    table.add_row("run dir", plan["run_dir"] + (" (resume)" if plan["resume"] else ""))
+    table.add_row("config hash", plan["config_hash"])
     out.print(table)
     out.print("[green]config, data and layout are valid[/]")

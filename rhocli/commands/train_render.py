@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rhocli.console import human_count, out
+from rhocli.commands.console import human_count, out
 
 
 class TrainRenderer:
@@ -26,13 +26,8 @@ class TrainRenderer:
         table = Table(title="rho train", show_header=False, title_justify="left")
         table.add_column(style="bold")
         table.add_column()
-        for key in ("layout", "backend", "parameters", "vocab", "precision", "data", "selection", "batch", "optimizer", "steps", "config_hash", "run_dir"):
-            value = p[key]
-            if key == "parameters":
-                value = f"{human_count(value)} ({value:,})"
-            if key == "layout":
-                value = value.split(": ", 1)[-1]
-            table.add_row(key.replace("_", " "), str(value))
+        for key, value in banner_rows(p):
+            table.add_row(key, value)
         out.print(table)
         if self._interactive:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -89,3 +84,28 @@ class TrainRenderer:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def banner_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    """The start-up banner's rows from the engine's ``Trainer.banner()`` data."""
+    opt, sel = p["optimizer"], p["selection"]
+    backend = p["backend"] + (f" + CPU shims: {', '.join(p['cpu_shims'])}" if p["cpu_shims"] else "")
+    data = ", ".join(d["prefix"] + (f":{d['weight']}" if d["weight"] is not None else "") for d in p["datasets"])
+    selection = (f"top {sel['ratio']:.0%} by excess loss per {sel['scope']}; scores " + ", ".join(sel["scores"])
+                 if sel else "all tokens (causal LM)")
+    return [
+        ("layout", f"tp={p['tp']} pp={p['pp']} dp={p['dp']} ({p['backend']})"),
+        ("backend", backend),
+        ("parameters", f"{human_count(p['parameters'])} ({p['parameters']:,})"),
+        ("vocab", f"{p['vocab_size']} (padded {p['padded_vocab_size']})"),
+        ("precision", p["precision"]),
+        ("data", data),
+        ("selection", selection),
+        ("batch", f"{p['global_batch_size']} x {p['seq_length']} tokens = {p['num_microbatches']} micro-batches of "
+                  f"{p['micro_batch_size']} per DP rank"),
+        ("optimizer", f"{opt['name']} ({opt['kind']}), lr {opt['lr']} warmup {opt['warmup_steps']} {opt['decay_style']} "
+                      f"to {opt['min_lr']}, clip {opt['clip_grad']}"),
+        ("steps", f"{p['start_step']} -> {p['total_steps']}"),
+        ("config hash", p["config_hash"]),
+        ("run dir", p["run_dir"]),
+    ]

@@ -1,8 +1,9 @@
 """``rho demo`` as a library: the whole pipeline on the demo's own corpus, through the real commands.
 
-Every stage is the real ``rho`` command line, run in this process through the Typer app (so the
-demo exercises exactly what a user types; with ``--tp/--pp`` the train and score stages start their
-worker processes as usual). The stage's command line is reported so it can be re-run by hand.
+Every stage is the real ``rho`` command line, run through the entry function the caller passes
+(``rhocli.app.invoke``: in this process, exactly what a user types; with ``--tp/--pp`` the train and
+score stages start their worker processes as usual). The stage's command line is reported so it can
+be re-run by hand.
 
 Layout of the output directory (everything the demo writes is under it):
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shlex
 import time
 from pathlib import Path
@@ -27,8 +27,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rhocli.core.errors import OutputExistsError, UsageError
+from rhocli.core.formats.metrics import read_metrics, steps_to_reach
 from rhocli.demo import corpus as gen
-from rhocli.errors import OutputExistsError, UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +118,16 @@ def check_output_dir(cfg: DemoConfig) -> None:
 
 
 class DemoRun:
-    """Runs the stages in order; ``on_event`` sees each stage start and finish."""
+    """Runs the stages in order through ``run_command`` (``rho ARGV`` as a function, e.g.
+    ``rhocli.app.invoke``); ``on_event`` sees each stage start and finish."""
 
     STAGES = ("generate", "tokenize", "train reference", "score corpus", "train CLM", "train SLM",
               "evaluate held-out", "select sample", "report")
 
-    def __init__(self, cfg: DemoConfig, on_event: Callable[[StageEvent], None] | None = None):
+    def __init__(self, cfg: DemoConfig, run_command: Callable[[list[str]], None],
+                 on_event: Callable[[StageEvent], None] | None = None):
         self.cfg = cfg
+        self.run_command = run_command
         self.size = SIZES[cfg.size]
         self.out = cfg.output
         self.on_event = on_event or (lambda e: None)
@@ -135,7 +139,7 @@ class DemoRun:
         return str(self.out.joinpath(*parts))
 
     def _rho(self, args: list[str]) -> None:
-        run_rho(args)
+        self.run_command(args)
 
     def _stage(self, name: str, commands: list[list[str]], body: Callable[[], str]) -> None:
         self._stage_index += 1
@@ -231,7 +235,7 @@ class DemoRun:
                 f"{VOCAB_SIZE}-piece SentencePiece tokenizer")
 
     def _tokens_summary(self) -> str:
-        from rhocli.formats.tokens import TokenDataset
+        from rhocli.core.formats.tokens import TokenDataset
 
         parts = []
         for n in ("reference", "corpus", "heldout"):
@@ -241,7 +245,7 @@ class DemoRun:
     def _write_run_yaml(self) -> None:
         import yaml
 
-        from rhocli.formats.tokens import TokenDataset
+        from rhocli.core.formats.tokens import TokenDataset
 
         heldout_tokens = TokenDataset(self.p("tokens", "heldout")).num_tokens
         # validation covers the held-out set once (whole global batches)
@@ -276,25 +280,22 @@ class DemoRun:
 
     # ---------------------------------------------------------------- analysis
     def _kinds(self, name: str) -> list[np.ndarray]:
+        from rhocli.core.formats.tokens import TokenDataset
         from rhocli.demo.labels import token_kinds
-        from rhocli.formats.tokens import TokenDataset
 
         ds = TokenDataset(self.p("tokens", name))
         docs = gen.read_kinds(Path(self.p("data", f"{name}.kinds.jsonl")))
         return token_kinds(self.p("data", "tokenizer.model"), docs, [ds.document(i) for i in range(ds.num_documents)])
 
-    def _store(self, prefix: str) -> list[np.ndarray]:
-        from rhocli.megatron_io import indexed_dataset
-
-        ds = indexed_dataset().IndexedDataset(prefix, mmap=True)
-        return [np.asarray(ds[i], dtype=np.float64) for i in range(len(ds))]
 
     def heldout_losses(self) -> dict[str, dict[str, float]]:
         """Mean held-out loss per run: all tokens, and per token kind present (text, result)."""
+        from rhocli.core.formats.scores import open_scores
+
         kinds = np.concatenate(self._kinds("heldout"))
         out = {}
         for run in ("reference", "clm", "slm"):
-            values = np.concatenate(self._store(self.p("scores", f"heldout.{run}")))
+            values = open_scores(self.p("scores", f"heldout.{run}")).values.astype(np.float64)
             row = {"all": float(values.mean())}
             for i, k in enumerate(gen.KINDS):
                 if (kinds == i).any():
@@ -303,8 +304,10 @@ class DemoRun:
         return out
 
     def kept_by_kind(self) -> dict[str, dict[str, float]]:
+        from rhocli.core.formats.masks import read_masks
+
         kinds = np.concatenate(self._kinds("sample"))
-        mask = np.concatenate(self._store(self.p("select", "sample.mask")))
+        mask = np.concatenate(read_masks(self.p("select", "sample.mask")))
         return {k: {"tokens": int((kinds == i).sum()), "kept": float(mask[kinds == i].mean()) if (kinds == i).any() else 0.0}
                 for i, k in enumerate(gen.KINDS)}
 
@@ -327,20 +330,6 @@ class DemoRun:
         return self.p("report.html")
 
 
-def run_rho(args: list[str]) -> None:
-    """Run ``rho ARGS`` in this process through the real Typer app (its output silenced); a failing
-    stage raises its RhoError."""
-    from rhocli.cli import app
-    from rhocli.console import out
-
-    was_quiet = out.quiet
-    out.quiet = True
-    try:
-        app(args=[str(a) for a in args], prog_name="rho", standalone_mode=False)
-    finally:
-        out.quiet = was_quiet
-
-
 def train_sentencepiece(texts: list[str], model_prefix: Path) -> None:
     """The demo's tokenizer: BPE, digits split, no text normalisation (its pieces spell the text, so
     token kinds can be read off character offsets)."""
@@ -351,30 +340,3 @@ def train_sentencepiece(texts: list[str], model_prefix: Path) -> None:
         split_digits=True, byte_fallback=False, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
     )
-
-
-def read_metrics(run_dir: Path) -> dict[str, list]:
-    """A run's curves from metrics.jsonl: validation [(step, loss)], training loss, kept fraction."""
-    valid, train, kept = [], [], []
-    with open(run_dir / "metrics.jsonl", encoding="utf-8") as f:
-        for line in f:
-            m = json.loads(line)
-            if m.get("valid_loss") is not None:
-                valid.append((int(m["step"]), float(m["valid_loss"])))
-            if "loss" in m:
-                train.append((int(m["step"]), float(m["loss"])))
-            if "kept_fraction" in m:
-                kept.append(float(m["kept_fraction"]))
-    return {"valid": valid, "train": train, "kept_fraction": kept}
-
-
-def steps_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
-    """First step at which ``curve`` (step, loss) reaches ``target``, interpolated between points."""
-    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
-        if l1 <= target:
-            if l0 <= target or math.isclose(l0, l1):
-                return float(s0 if l0 <= target else s1)
-            return s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
-    if curve and curve[0][1] <= target:
-        return float(curve[0][0])
-    return None

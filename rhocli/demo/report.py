@@ -8,10 +8,9 @@ import html
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from rhocli.demo.corpus import KINDS
-from rhocli.plots import bar_chart, line_chart
+from rhocli.core.plots import bar_chart, line_chart
 
 KIND_COLOURS = dict(zip(KINDS, ("#888888", "#2ca02c", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#8c564b")))
 
@@ -44,14 +43,16 @@ def _token_view(run, documents: int = 12) -> str:
     """The first sample documents, token by token: kept tokens on green, dropped ones grey."""
     import sentencepiece as spm
 
-    from rhocli.formats.tokens import TokenDataset
+    from rhocli.core.formats.masks import read_masks
+    from rhocli.core.formats.scores import open_scores
+    from rhocli.core.formats.tokens import TokenDataset
 
     sp = spm.SentencePieceProcessor(model_file=run.p("data", "tokenizer.model"))
     tokens = TokenDataset(run.p("tokens", "sample"))
     kinds = run._kinds("sample")
-    mask = run._store(run.p("select", "sample.mask"))
-    ref = run._store(run.p("scores", "sample.reference"))
-    base = run._store(run.p("scores", "sample.slm"))
+    mask = read_masks(run.p("select", "sample.mask"))
+    ref = [v.astype("float64") for v in open_scores(run.p("scores", "sample.reference")).documents()]
+    base = [v.astype("float64") for v in open_scores(run.p("scores", "sample.slm")).documents()]
     blocks = []
     for d in range(min(documents, tokens.num_documents)):
         spans = []

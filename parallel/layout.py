@@ -1,0 +1,58 @@
+"""The one home of layout checks: does a tp x pp x dp layout fit the world, the model and the batch?
+
+Every caller (``rho train``/``rho score`` validation before any worker starts, process-group setup,
+model building) asks here, so a layout is refused with the same words wherever it is met. Errors are
+``LayoutError``s whose sizes the caller names its own way (``err.render({"tp": "--tp"})``).
+"""
+
+from __future__ import annotations
+
+from parallel.config import ModelConfig
+from parallel.errors import LayoutError
+
+
+def data_parallel_size(world_size: int, tp: int, pp: int, dp: int | None = None) -> int:
+    """world_size // (tp * pp), after checking that the sizes are positive, that tp x pp divides the
+    world and that an explicit ``dp`` agrees."""
+    if tp < 1 or pp < 1 or (dp is not None and dp < 1) or world_size < 1:
+        raise LayoutError("{tp}, {pp} and {dp} must be >= 1", tp=None, pp=None, dp=None)
+    if world_size % (tp * pp):
+        raise LayoutError(f"{{tp}} x {{pp}} = {tp * pp} does not divide the world size {world_size}", tp=tp, pp=pp)
+    derived = world_size // (tp * pp)
+    if dp is not None and dp != derived:
+        raise LayoutError(f"{{dp}} does not match world size {world_size} / (tp {tp} x pp {pp}) = {derived}", dp=dp)
+    return derived
+
+
+def check_model_fits(cfg: ModelConfig, tp: int, pp: int) -> None:
+    """Tensor parallelism splits attention heads, key/value groups and the padded vocabulary; pipeline
+    parallelism splits the layers evenly."""
+    if cfg.num_attention_heads % tp:
+        raise LayoutError(f"{{tp}} must divide num_attention_heads={cfg.num_attention_heads}", tp=tp)
+    if cfg.num_query_groups % tp:
+        raise LayoutError(f"{{tp}} must divide num_query_groups={cfg.num_query_groups}", tp=tp)
+    if cfg.num_layers % pp:
+        raise LayoutError(f"{{pp}} must divide num_layers={cfg.num_layers}", pp=pp)
+    padded_vocab_size(1, tp, cfg.make_vocab_size_divisible_by)
+
+
+def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
+    """Micro-batches each data-parallel rank runs per optimizer step."""
+    if global_batch_size % (micro_batch_size * dp):
+        raise LayoutError(
+            f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
+            f"{micro_batch_size} x data-parallel size {dp}"
+        )
+    return global_batch_size // (micro_batch_size * dp)
+
+
+def padded_vocab_size(vocab_size: int, tp: int, multiple: int) -> int:
+    """Round the vocabulary up to a multiple of ``multiple``, which ``tp`` must divide.
+
+    Megatron-LM pads to a multiple of ``multiple * tp``, so the padded size (and the embedding's shape
+    in a checkpoint) changes with TP and a checkpoint cannot always be resharded. rho pads
+    independently of TP, and requires TP to divide ``multiple`` (128: TP 1, 2, 4, ... 128).
+    """
+    if multiple % tp:
+        raise LayoutError(f"{{tp}} must divide make_vocab_size_divisible_by={multiple}", tp=tp)
+    return ((vocab_size + multiple - 1) // multiple) * multiple

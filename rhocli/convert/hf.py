@@ -1,0 +1,127 @@
+"""``rho convert-hf`` as a library: Hugging Face Llama/Mistral -> rho checkpoint (``import_hf``) and
+back (``export_hf``). The name map is the engine's (``parallel.hf``); the files on both sides are
+``rhocli.core.formats`` (``hf`` and ``checkpoint``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+from rhocli.core.errors import OutputExistsError, UsageError
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
+    """Write ``out`` (a rho run directory with step_000000) from the HF model in ``hf_dir``."""
+    import torch
+
+    from parallel.checkpoint import save_checkpoint
+    from parallel.distributed import destroy_distributed, init_distributed
+    from parallel.hf import load_hf_into_model, model_config_from_hf
+    from parallel.model import build_model, model_shape
+    from rhocli.core.formats.checkpoint import CheckpointStore
+    from rhocli.core.formats.hf import open_hf_dir
+    from rhocli.core.launch import single_rank_env
+
+    hf = open_hf_dir(hf_dir, model_config_from_hf)
+    src, cfg = hf.path, hf.model
+    dest = Path(out)
+    if dest.exists() and not force:
+        raise OutputExistsError(f"{dest}: already exists; pass --force to replace it")
+
+    single_rank_env()
+    init_distributed(1, 1, seed=0)
+    tmp = dest.parent / f".rho-tmp-{dest.name}"
+    try:
+        shape = model_shape(cfg, cfg.vocab_size, 1, torch.float32)
+        model = build_model(cfg, shape, 1, 1, True, True)
+        load_hf_into_model(model, hf.reader.get, cfg, shape.padded_vocab_size, torch.float32, source=str(src))
+        shutil.rmtree(tmp, ignore_errors=True)
+        fields = {
+            "consumed_samples": 0,
+            "layout": {"tp": 1, "pp": 1, "dp": 1},
+            "vocab_size": cfg.vocab_size,
+            "padded_vocab_size": shape.padded_vocab_size,
+            "params_dtype": "float32",
+            "tokenizer_fingerprint": hf.tokenizer_fingerprint,
+            "eod_id": hf.eos_id,
+            "bos_id": hf.bos_id,
+            "datasets": [],
+            "model": dataclasses.asdict(cfg),
+            "config": {"train": {"seq_length": hf.seq_length}},
+            "config_hash": None,
+            "source": {"huggingface": str(src.resolve()), "architecture": cfg.architecture},
+        }
+        save_checkpoint(CheckpointStore(tmp), 0, [model], None, fields)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        destroy_distributed()
+    return {"output": str(dest), "architecture": cfg.architecture, "layers": cfg.num_layers, "vocab": cfg.vocab_size}
+
+
+def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str | None = None,
+              force: bool = False, max_shard_bytes: int | None = None) -> dict:
+    """Write a HF model directory from a rho checkpoint (any TP/PP), streaming tensor by tensor."""
+    import torch
+    from transformers import GenerationConfig
+
+    from parallel.config import ModelConfig
+    from parallel.hf import hf_config, hf_tensors_from_checkpoint
+    from rhocli.core.formats import checkpoint as ckpt
+    from rhocli.core.formats.hf import MAX_SHARD_BYTES, write_safetensors
+    from rhocli.core.formats.staging import check_outputs_free
+
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype: expected bf16, fp16 or fp32, got {dtype!r}")
+    step_dir = ckpt.resolve_checkpoint(ckpt_path)
+    manifest = ckpt.read_manifest(step_dir)
+    cfg = ModelConfig(**manifest["model"])
+    vocab = int(manifest["vocab_size"])
+    dest = Path(out_dir)
+    check_outputs_free([dest], force)
+    tok_files = _tokenizer_files(tokenizer, manifest)
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    tmp = dest.parent / f".rho-tmp-{dest.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        def load(name: str):
+            return ckpt.load_model_tensors(step_dir, [name])[name]
+
+        shards = write_safetensors(tmp, hf_tensors_from_checkpoint(load, cfg, vocab, torch_dtype),
+                                   max_shard_bytes or MAX_SHARD_BYTES)
+        eos, bos = manifest.get("eod_id"), manifest.get("bos_id")
+        hf_config(cfg, vocab, bos, eos, DTYPES[dtype]).save_pretrained(tmp)
+        GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
+        for f in tok_files:
+            shutil.copy(f, tmp / f.name)
+        if dest.exists():
+            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"output": str(dest), "shards": shards, "tokenizer_files": [f.name for f in tok_files]}
+
+
+def _tokenizer_files(tokenizer: str | None, manifest: dict) -> list[Path]:
+    """Tokenizer files to ship: from --tokenizer, else from the HF model the checkpoint came from."""
+    from rhocli.core.errors import MissingInputError
+    from rhocli.core.formats.hf import TOKENIZER_FILES
+
+    if tokenizer:
+        p = Path(tokenizer)
+        if not p.exists():
+            raise MissingInputError(f"--tokenizer {p}: not found")
+        if p.is_file():
+            return [p]
+        return [p / n for n in TOKENIZER_FILES if (p / n).is_file()]
+    source = (manifest.get("source") or {}).get("huggingface")
+    if source and Path(source).is_dir():
+        return [Path(source) / n for n in TOKENIZER_FILES if (Path(source) / n).is_file()]
+    return []

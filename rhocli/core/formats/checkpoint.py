@@ -1,0 +1,145 @@
+"""The rho checkpoint: a megatron-core ``dist_checkpointing`` directory plus a rho manifest.
+
+A run directory looks like::
+
+    RUN/
+      latest                  -> "step_000200" (written last; names only complete checkpoints)
+      step_000100/            a dist_checkpointing directory + rho_checkpoint.json + rng/
+      step_000200/
+      metrics.jsonl, train.config.yaml
+
+``CheckpointStore`` is the sink the engine saves through (``parallel.checkpoint.save_checkpoint``):
+every rank writes into ``RUN/.tmp-step_NNNNNN`` (``begin`` makes it), then rank 0 ``publish``es: the
+manifest, the rename into place, and only then ``latest`` (write + rename). A run killed at any moment
+leaves ``latest`` on the previous complete checkpoint. The readers here need no process group:
+``resolve_checkpoint`` (a step or run directory), ``read_manifest``, and ``load_model_tensors``
+(unsharded tensors, any TP/PP, through torch.distributed.checkpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rhocli.core.errors import MissingInputError
+from rhocli.core.formats.manifest import ManifestType
+
+CHECKPOINT = ManifestType("rho.checkpoint", 1, "checkpoint")
+MANIFEST_NAME = "rho_checkpoint.json"
+LATEST_NAME = "latest"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def resolve_checkpoint(path: str | os.PathLike, label: str = "") -> Path:
+    """The step directory ``path`` names: a step directory itself, or a run directory's ``latest``."""
+    p = Path(path)
+    if (p / MANIFEST_NAME).is_file():
+        return p
+    latest = p / LATEST_NAME
+    if latest.is_file():
+        target = p / latest.read_text().strip()
+        if not (target / MANIFEST_NAME).is_file():
+            raise MissingInputError(f"{label}{latest}: names {target.name}, which is not a complete checkpoint")
+        return target
+    if not p.exists():
+        raise MissingInputError(f"{label}{p}: checkpoint not found")
+    raise MissingInputError(f"{label}{p}: not a rho checkpoint (no {MANIFEST_NAME}, no '{LATEST_NAME}' pointer)")
+
+
+def read_manifest(step_dir: str | Path, label: str = "") -> dict[str, Any]:
+    return CHECKPOINT.read(Path(step_dir) / MANIFEST_NAME, label)
+
+
+def latest_step_dir(run_dir: str | Path) -> Path | None:
+    try:
+        return resolve_checkpoint(run_dir)
+    except MissingInputError:
+        return None
+
+
+def checkpoint_fingerprint(step_dir: str | Path) -> str:
+    """Identity of a checkpoint: its manifest and dist_checkpointing metadata (cheap; the tensors'
+    bytes are named by the metadata's shard layout and the manifest's step and config)."""
+    from rhocli.core.fingerprint import sha256_files
+
+    step_dir = Path(step_dir)
+    return sha256_files([p for p in (step_dir / MANIFEST_NAME, step_dir / "metadata.json") if p.exists()])
+
+
+class CheckpointStore:
+    """A run directory's checkpoints: where they are staged, published and found."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+
+    def step_dir(self, step: int) -> Path:
+        return self.run_dir / step_dir_name(step)
+
+    def staging_dir(self, step: int) -> Path:
+        return self.run_dir / f".tmp-{step_dir_name(step)}"
+
+    def begin(self, step: int) -> Path:
+        """Rank 0, before every rank writes: an empty staging directory (dist_checkpointing wants one)."""
+        tmp = self.staging_dir(step)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return tmp
+
+    def publish(self, step: int, fields: dict[str, Any]) -> Path:
+        """Rank 0, after every rank wrote: the manifest (``step`` first, then ``fields``), the staging
+        directory renamed into place, then ``latest``. Returns the step directory."""
+        tmp, final = self.staging_dir(step), self.step_dir(step)
+        CHECKPOINT.write(tmp / MANIFEST_NAME, {"step": step, **fields})
+        if final.exists():  # an older run's checkpoint of the same step (e.g. after --init restart)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = self.run_dir / f".{LATEST_NAME}.tmp"
+        pointer_tmp.write_text(step_dir_name(step) + "\n")
+        os.replace(pointer_tmp, self.run_dir / LATEST_NAME)
+        return final
+
+    def latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """(step directory, manifest) of the latest complete checkpoint, or None."""
+        step_dir = latest_step_dir(self.run_dir)
+        return None if step_dir is None else (step_dir, read_manifest(step_dir))
+
+    def clean_stale_temporaries(self) -> None:
+        """Remove checkpoints a killed run left half-written (rank 0, before training starts)."""
+        for tmp in self.run_dir.glob(".tmp-step_*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_tensor_names(step_dir: str | Path) -> list[str]:
+    """Names of the model's (unsharded) tensors stored in a checkpoint, read from its metadata."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(step_dir)).read_metadata()
+    return sorted(
+        key for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and not key.startswith("optimizer.") and "_extra_state" not in key
+    )
+
+
+def load_model_tensors(step_dir: str | Path, names: list[str] | None = None):
+    """Model tensors of a checkpoint, unsharded (TP/PP merged), without a process group.
+
+    dist_checkpointing's default format is torch.distributed.checkpoint, which stores every tensor
+    in its global shape; reading a subset of keys keeps memory near the tensors asked for.
+    """
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    reader = FileSystemReader(str(step_dir))
+    metadata = reader.read_metadata().state_dict_metadata
+    wanted = names if names is not None else model_tensor_names(step_dir)
+    state = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in wanted}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return state

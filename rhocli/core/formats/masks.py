@@ -1,0 +1,56 @@
+"""The mask store: which tokens to train on, with the same document boundaries as a token dataset.
+
+``MASK.bin`` / ``MASK.idx``: a megatron ``IndexedDataset`` of uint8 0/1, one sequence per document;
+``MASK.json``: the manifest (format ``rho.mask``, version 1) naming the token dataset it masks (by
+fingerprint), the scores it came from and the selection rule. Written by ``rho select`` (and any
+tool that wants ``rho train --mask``), read by ``rho train --mask``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rhocli.core.errors import MissingInputError
+from rhocli.core.formats.manifest import ManifestType, content_fingerprint, store_paths
+from rhocli.core.formats.staging import StagedOutput
+
+MASKS = ManifestType("rho.mask", 1, "mask store")
+
+
+def write_mask_store(output: str | Path, mask: np.ndarray, lengths: np.ndarray, fields: dict[str, Any],
+                     force: bool = False) -> dict[str, Any]:
+    """Publish ``mask`` [tokens] bool, split into documents of ``lengths``; the manifest is the store's
+    fingerprint, then ``fields``. Returns the manifest."""
+    from rhocli.core.megatron_io import indexed_dataset
+
+    outputs = list(store_paths(output))
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    with StagedOutput(outputs, force=force) as stage:
+        bin_file, idx_file, manifest_file = (stage.path(p) for p in outputs)
+        builder = indexed_dataset().IndexedDatasetBuilder(str(bin_file), dtype=np.uint8)
+        for d in range(lengths.size):
+            builder.add_document(mask[ends[d]:ends[d + 1]].astype(np.uint8), [int(lengths[d])])
+        builder.finalize(str(idx_file))
+        manifest = MASKS.write(manifest_file, {"fingerprint": content_fingerprint(idx_file, bin_file), **fields})
+        stage.commit()
+    return manifest
+
+
+def read_mask_manifest(prefix: str | Path, label: str = "") -> dict[str, Any]:
+    """The manifest, after checking that the store's three files exist."""
+    paths = store_paths(prefix)
+    if not all(p.is_file() for p in paths):
+        raise MissingInputError(f"{label}{prefix}: mask store not found (PREFIX.bin/.idx/.json from rho select)")
+    return MASKS.read(paths[2], label)
+
+
+def read_masks(prefix: str | Path) -> list[np.ndarray]:
+    """Every document's mask as bool [document_length]."""
+    from rhocli.core.megatron_io import indexed_dataset
+
+    read_mask_manifest(prefix)
+    ds = indexed_dataset().IndexedDataset(str(prefix), mmap=True)
+    return [np.asarray(ds[i]).astype(bool) for i in range(len(ds))]

@@ -1,0 +1,153 @@
+"""The score store: per-token reference losses with the same document boundaries as a token dataset.
+
+``SCORES.bin`` / ``SCORES.idx`` are a megatron ``IndexedDataset`` of float32, one sequence per
+document, each as long as the token document it scores; ``SCORES.json`` is the manifest (format
+``rho.scores``, version 1). Value ``i`` of document ``d`` is the reference model's loss for predicting
+token ``i`` of ``d``; the first token is predicted from the end-of-document id alone. How documents
+longer than the context are scored is the engine's (``parallel.windows``); docs/score.md.
+
+``ScoreStoreWriter`` is the sink ``rho score``'s ranks write through: finished shards go to
+``SCORES.rho-work/`` (each marked done, so a killed run resumes), and ``publish`` concatenates them
+in order and moves the store into place, manifest last. ``open_scores`` reads a finished store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rhocli.core.errors import MissingInputError
+from rhocli.core.formats.manifest import ManifestType, content_fingerprint, store_paths
+
+SCORES = ManifestType("rho.scores", 1, "score store")
+#: histogram of the published values: HISTOGRAM_BINS bins over [0, HISTOGRAM_MAX) nats
+HISTOGRAM_BINS = 40
+HISTOGRAM_MAX = 20.0
+
+
+@dataclasses.dataclass
+class ScoreStore:
+    """A finished score store: its manifest, document lengths [documents] and values [tokens]."""
+
+    prefix: str
+    manifest: dict[str, Any]
+    lengths: np.ndarray
+    values: np.ndarray
+
+    def documents(self) -> list[np.ndarray]:
+        """The values split per document."""
+        ends = np.cumsum(self.lengths)[:-1]
+        return np.split(self.values, ends) if self.lengths.size else []
+
+
+def read_scores_manifest(prefix: str | Path, label: str = "") -> dict[str, Any]:
+    """The manifest, after checking that the store's three files exist."""
+    bin_file, idx_file, manifest_file = store_paths(prefix)
+    manifest = SCORES.read(manifest_file, label)
+    for path in (bin_file, idx_file):
+        if not path.is_file():
+            raise MissingInputError(f"{label}{path}: score store file not found")
+    return manifest
+
+
+def open_scores(prefix: str | Path, label: str = "") -> ScoreStore:
+    """Read a whole score store (values as float32)."""
+    from rhocli.core.megatron_io import indexed_dataset
+
+    manifest = read_scores_manifest(prefix, label)
+    ds = indexed_dataset().IndexedDataset(str(prefix), mmap=True)
+    lengths = np.array(ds.sequence_lengths, dtype=np.int64)
+    values = np.fromfile(store_paths(prefix)[0], dtype=np.float32)
+    return ScoreStore(str(prefix), manifest, lengths, values)
+
+
+class ScoreStoreWriter:
+    """Where ``rho score`` writes: shards in ``OUTPUT.rho-work/``, then the published store.
+
+    Every rank may ask ``is_done``; the rank that holds a shard's losses calls ``write_shard``; rank
+    0 calls ``prepare`` first and ``publish`` last.
+    """
+
+    def __init__(self, output: str | Path, manifest_fields: dict[str, Any] | None = None):
+        self.output = str(output)
+        self.work = Path(self.output + ".rho-work")
+        #: fields of the manifest known before scoring (window, token dataset, reference model, ...)
+        self.manifest_fields = dict(manifest_fields or {})
+
+    @property
+    def final_paths(self) -> tuple[Path, Path, Path]:
+        return store_paths(self.output)
+
+    def _shard(self, shard: int) -> Path:
+        return self.work / f"shard_{shard:06d}"
+
+    def prepare(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+
+    def is_done(self, shard: int) -> bool:
+        return self._shard(shard).with_suffix(".done").exists()
+
+    def write_shard(self, shard: int, values: dict[int, np.ndarray]) -> None:
+        """One shard's documents {document index: float32 values}, written then marked done."""
+        from rhocli.core.megatron_io import indexed_dataset
+
+        tmp = self.work / f".shard_{shard:06d}.tmp"
+        builder = indexed_dataset().IndexedDatasetBuilder(str(tmp) + ".bin", dtype=np.float32)
+        for d in sorted(values):
+            builder.add_document(values[d], [len(values[d])])
+        builder.finalize(str(tmp) + ".idx")
+        final = self._shard(shard)
+        os.replace(str(tmp) + ".bin", str(final) + ".bin")
+        os.replace(str(tmp) + ".idx", str(final) + ".idx")
+        final.with_suffix(".done").write_text("ok\n")
+
+    def publish(self, n_shards: int, token_lengths: np.ndarray) -> dict[str, Any]:
+        """Concatenate the shards in order (megatron's ``add_index``), write the manifest, move the
+        store into place (manifest last: it marks a complete store) and remove the work folder."""
+        from rhocli.core.megatron_io import indexed_dataset
+
+        module = indexed_dataset()
+        staging = self.work / "final"
+        builder = module.IndexedDatasetBuilder(str(staging) + ".bin", dtype=np.float32)
+        for s in range(n_shards):
+            builder.add_index(str(self._shard(s)))
+        builder.finalize(str(staging) + ".idx")
+        published = module.IndexedDataset(str(staging), mmap=True)
+        lengths = np.array(published.sequence_lengths)  # a copy: the index is unmapped with its dataset
+        del published
+        if not np.array_equal(lengths, np.asarray(token_lengths)):
+            raise RuntimeError("score store and token dataset disagree on document lengths")  # invariant
+        values = np.memmap(str(staging) + ".bin", dtype=np.float32, mode="r")
+        hist, edges = np.histogram(values[np.isfinite(values)], bins=HISTOGRAM_BINS, range=(0.0, HISTOGRAM_MAX))
+        fields = dict(self.manifest_fields)
+        token_dataset = {**fields.pop("token_dataset", {}), "documents": int(len(lengths)), "tokens": int(lengths.sum())}
+        window = fields.pop("window", None)
+        manifest = SCORES.write(str(staging) + ".json", {
+            "fingerprint": content_fingerprint(str(staging) + ".idx", str(staging) + ".bin"),
+            "dtype": "float32",
+            "value": "reference model's cross-entropy (nats) for predicting each token",
+            "first_token": "predicted from the end-of-document id alone",
+            "window": window,
+            "token_dataset": token_dataset,
+            "statistics": {
+                "mean": float(values.mean()) if values.size else None,
+                "std": float(values.std()) if values.size else None,
+                "min": float(values.min()) if values.size else None,
+                "max": float(values.max()) if values.size else None,
+                "histogram": {"edges": [float(e) for e in edges], "counts": [int(c) for c in hist]},
+            },
+            **fields,
+        })
+        for ext, final in zip((".bin", ".idx", ".json"), self.final_paths):
+            os.replace(str(staging) + ext, final)
+        shutil.rmtree(self.work, ignore_errors=True)
+        return {"output": self.output, "documents": int(len(lengths)), "tokens": int(lengths.sum()),
+                "mean": manifest["statistics"]["mean"]}
+
+    def clear_work(self) -> None:
+        shutil.rmtree(self.work, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""Starting the ranks of a distributed stage (``rho train``, ``rho score``): in this process (one rank,
+or each process under torchrun), or tp x pp x dp worker processes through torch's elastic launcher.
+
+The stage hands down what to run, the way megatron-core's ``pretrain`` takes ``forward_step``:
+
+    run_ranks(world, entry, spec_dict, renderer)
+
+``entry(spec_dict, renderer)`` runs one rank (a module-level function: spawned workers import it by
+name); ``renderer`` is a class whose instance, on rank 0 only, receives the stage's events (None:
+quiet). A launched worker that fails writes its error's exit code (``rhocli.core.errors``' one table)
+and its one line to ``rankN.json`` in an error directory, because torch's elastic agent only reports
+"child failed"; the launching process raises that category with that line. The error directory and
+the agent's log directory share one scratch directory, removed however the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+Entry = Callable[[dict[str, Any], Any], Any]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def world_from_env() -> int | None:
+    """WORLD_SIZE under torchrun; None otherwise."""
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else None
+
+
+def single_rank_env() -> None:
+    """The environment of a one-process group on this machine (a free port), unless under torchrun."""
+    if not under_torchrun():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
+def run_stage(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None) -> Any:
+    """This process's rank, rendering rank 0's events unless ``renderer_cls`` is None."""
+    from rhocli.core.megatron_io import quiet_megatron
+
+    quiet_megatron()
+    is_rank0 = int(os.environ.get("RANK", 0)) == 0
+    renderer = renderer_cls() if (renderer_cls is not None and is_rank0) else None
+    try:
+        return entry(spec_dict, renderer)
+    finally:
+        if renderer is not None:
+            renderer.close()
+
+
+def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None, error_dir: str) -> Any:
+    """Entry point of each process the launcher starts (module level: spawn imports it)."""
+    from rhocli.core.errors import category_for, exit_code_for
+
+    try:
+        return run_stage(entry, spec_dict, renderer_cls)
+    except Exception as err:
+        if category_for(err) is not None:
+            report_error(error_dir, exit_code_for(err), str(err))
+            sys.exit(exit_code_for(err))
+        # a bug: report it as such, with its type
+        report_error(error_dir, 1, f"internal error on rank {os.environ.get('RANK')}: {type(err).__name__}: {err}")
+        raise
+
+
+def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None) -> None:
+    """Run ``entry`` here when possible, else on ``world`` processes started by the elastic API."""
+    from rhocli.core.errors import WorkerError
+
+    if under_torchrun() or world == 1:
+        single_rank_env()
+        run_stage(entry, spec_dict, renderer_cls)
+        return
+
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # one scratch directory for the workers' error reports and the elastic agent's own files,
+    # removed however the run ends
+    scratch = Path(tempfile.mkdtemp(prefix="rho-launch-"))
+    error_dir = str(scratch / "errors")
+    os.mkdir(error_dir)
+    launch = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
+        start_method="spawn", monitor_interval=0.5, shutdown_timeout=600,
+        logs_specs=DefaultLogsSpecs(log_dir=str(scratch / "elastic")),
+    )
+    try:
+        elastic_launch(launch, launched_rank)(entry, spec_dict, renderer_cls, error_dir)
+    except ChildFailedError as err:
+        reported = first_reported_error(error_dir)
+        if reported is None:
+            failures = getattr(err, "failures", {}) or {}
+            summary = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in sorted(failures.items())) or str(err)
+            raise WorkerError(f"a worker died without a message ({summary})") from None
+        code, message = reported
+        raise error_for(code, message) from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def report_error(error_dir: str, code: int, message: str) -> None:
+    path = Path(error_dir) / f"rank{int(os.environ.get('RANK', 0)):05d}.json"
+    path.write_text(json.dumps({"code": code, "message": message}))
+
+
+def first_reported_error(error_dir: str) -> tuple[int, str] | None:
+    """The lowest rank's reported (exit code, message), preferring user errors over crashes."""
+    reports = []
+    for path in sorted(Path(error_dir).glob("rank*.json")):
+        try:
+            data = json.loads(path.read_text())
+            reports.append((data["code"] == 1, int(path.stem[4:]), int(data["code"]), str(data["message"])))
+        except (OSError, ValueError, KeyError):
+            continue
+    if not reports:
+        return None
+    _, _, code, message = min(reports)
+    return code, message
+
+
+def error_for(code: int, message: str):
+    """The category with exit code ``code`` (a worker's bug, code 1: WorkerError), carrying ``message``."""
+    from rhocli.core.errors import CATEGORIES, WorkerError
+
+    return next((cls for cls in CATEGORIES if cls.exit_code == code), WorkerError)(message)

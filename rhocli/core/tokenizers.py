@@ -1,0 +1,190 @@
+"""Tokenizers rho can read: a SentencePiece ``.model`` file, or a Hugging Face fast tokenizer
+(a directory holding ``tokenizer.json``, or that file itself).
+
+rho never adds special tokens implicitly: ``encode_batch`` returns exactly what the tokenizer's own
+``encode`` gives without special tokens (SentencePiece ``encode(text)``, HF
+``encode(text, add_special_tokens=False)``). BOS / EOD are added by the stage that asks for them.
+
+The fingerprint is the sha256 of the file that defines the tokenizer (the ``.model`` file or
+``tokenizer.json``): two tokenizers with the same fingerprint produce the same ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from rhocli.core.errors import LoadError, MissingInputError
+from rhocli.core.fingerprint import file_sha256
+
+TokenizerKind = Literal["sentencepiece", "huggingface"]
+
+# Names tried, in order, when a HF tokenizer's config does not say which token ends a document.
+_EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<eos>", "<|end_of_text|>", "[SEP]")
+_BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[CLS]")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerInfo:
+    """What a token dataset records about the tokenizer that made it."""
+
+    kind: TokenizerKind
+    path: str
+    fingerprint: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+    #: the id appended after every document (``--append-eod``); the EOS token for both kinds.
+    eod_id: int | None
+    pad_id: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Tokenizer:
+    """A loaded tokenizer: ``encode_batch`` plus the ids a dataset records."""
+
+    info: TokenizerInfo
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text, on one thread (callers parallelise with processes)."""
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file: Path):
+        import sentencepiece as spm
+
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (OSError, RuntimeError) as err:
+            raise LoadError(f"{model_file}: not a loadable SentencePiece model ({_first_line(err)})") from err
+
+        def opt(i: int) -> int | None:
+            return None if i < 0 else i
+
+        eos = opt(self._sp.eos_id())
+        self.info = TokenizerInfo(
+            kind="sentencepiece",
+            path=str(model_file),
+            fingerprint=file_sha256(model_file),
+            vocab_size=self._sp.vocab_size(),
+            bos_id=opt(self._sp.bos_id()),
+            eos_id=eos,
+            eod_id=eos,
+            pad_id=opt(self._sp.pad_id()),
+        )
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # num_threads defaults to every core in sentencepiece; rho's workers are the parallelism.
+        return self._sp.encode(texts, num_threads=1)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    def __init__(self, tokenizer_json: Path):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            self._tok = HFTokenizer.from_file(str(tokenizer_json))
+        except Exception as err:  # the Rust side raises a bare Exception subclass
+            raise LoadError(f"{tokenizer_json}: not a loadable tokenizer.json ({_first_line(err)})") from err
+        special = _hf_special_tokens(tokenizer_json.parent)
+        bos = self._token_id(special.get("bos_token"), _BOS_CANDIDATES)
+        eos = self._token_id(special.get("eos_token"), _EOS_CANDIDATES)
+        pad = self._token_id(special.get("pad_token"), ())
+        self.info = TokenizerInfo(
+            kind="huggingface",
+            path=str(tokenizer_json),
+            fingerprint=file_sha256(tokenizer_json),
+            vocab_size=self._tok.get_vocab_size(with_added_tokens=True),
+            bos_id=bos,
+            eos_id=eos,
+            eod_id=eos,
+            pad_id=pad,
+        )
+
+    def _token_id(self, configured: str | None, candidates: tuple[str, ...]) -> int | None:
+        for name in ((configured,) if configured else ()) + candidates:
+            token_id = self._tok.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return None
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch runs on the Rust pool; tokenize workers pin it to one thread (RAYON_NUM_THREADS).
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id) or ""
+
+
+def _hf_special_tokens(directory: Path) -> dict[str, str]:
+    """bos/eos/pad token strings from tokenizer_config.json / special_tokens_map.json, if present."""
+    found: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise LoadError(f"{path}: not valid JSON ({_first_line(err)})") from err
+        for key in ("bos_token", "eos_token", "pad_token"):
+            value = data.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                found[key] = value
+    return found
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def resolve_tokenizer_path(path: str | os.PathLike) -> tuple[TokenizerKind, Path]:
+    """Which kind of tokenizer ``path`` names, and the file that defines it."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingInputError(f"{p}: tokenizer not found")
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file():
+            return "huggingface", p / "tokenizer.json"
+        if (p / "tokenizer.model").is_file():
+            return "sentencepiece", p / "tokenizer.model"
+        raise LoadError(f"{p}: directory holds neither tokenizer.json nor tokenizer.model")
+    if p.suffix == ".json":
+        return "huggingface", p
+    if p.suffix == ".model":
+        return "sentencepiece", p
+    raise LoadError(f"{p}: not a tokenizer (expected a SentencePiece .model, a tokenizer.json or a HF tokenizer directory)")
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    kind, file = resolve_tokenizer_path(path)
+    file = file.resolve()  # manifests record where the tokenizer is, independent of the working directory
+    if not os.access(file, os.R_OK):
+        raise MissingInputError(f"{file}: tokenizer file is not readable")
+    if kind == "sentencepiece":
+        return SentencePieceTokenizer(file)
+    return HuggingFaceTokenizer(file)

@@ -1,0 +1,152 @@
+"""``rho score`` before any worker starts: ``--model`` resolved, every option validated, into a
+``ScoreJob`` (the engine's ``parallel.scorer.ScoreSpec`` plus where the store goes and what its
+manifest says).
+
+``--model`` is a rho checkpoint (run or step directory) or a Hugging Face Llama/Mistral directory,
+which the ranks load directly (``parallel.hf.load_hf_into_model``); its defaults (window, EOD id,
+tokenizer fingerprint) come from its config.json and tokenizer file as ``rho convert-hf --from-hf``
+would record them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from rhocli.core.errors import MismatchError, MissingInputError, OutputExistsError, UsageError
+
+
+@dataclasses.dataclass
+class ModelSource:
+    """What ``--model`` names: a rho checkpoint (step directory) or a Hugging Face model directory.
+
+    ``manifest`` has the fields of a rho checkpoint manifest that scoring reads (model, vocab_size,
+    tokenizer_fingerprint, eod_id, config.train.seq_length); for a HF directory they come from its
+    config.json and tokenizer file, as ``rho convert-hf --from-hf`` would record them."""
+
+    format: str  # "rho" | "huggingface"
+    path: Path
+    manifest: dict[str, Any]
+    fingerprint: str | None  # None: computed by description() (a HF model's weights are hashed)
+
+    def description(self) -> dict[str, Any]:
+        """The score store manifest's ``reference_model``."""
+        if self.format == "huggingface":
+            from rhocli.core.formats.hf import HFReader
+
+            return {"huggingface": str(self.path.resolve()), "architecture": self.manifest["model"]["architecture"],
+                    "fingerprint": self.fingerprint or HFReader(self.path).fingerprint()}
+        return {"checkpoint": str(self.path), "step": self.manifest.get("step"),
+                "config_hash": self.manifest.get("config_hash"), "fingerprint": self.fingerprint}
+
+
+def resolve_model(model: str) -> ModelSource:
+    """``--model``: a rho checkpoint (run or step directory) or a HF Llama/Mistral directory."""
+    from parallel.hf import model_config_from_hf
+    from rhocli.core.formats import checkpoint as ckpt
+    from rhocli.core.formats.hf import open_hf_dir
+
+    mpath = Path(model)
+    try:
+        step_dir = ckpt.resolve_checkpoint(model, label="--model ")
+    except MissingInputError:
+        if not mpath.exists():
+            raise MissingInputError(f"--model {model}: not found") from None
+        if (mpath / ckpt.LATEST_NAME).is_file():  # a run directory whose latest step is incomplete
+            raise
+        if not (mpath / "config.json").is_file():
+            raise MissingInputError(f"--model {model}: neither a rho checkpoint (no {ckpt.MANIFEST_NAME} or "
+                                    f"'{ckpt.LATEST_NAME}') nor a Hugging Face model directory (no config.json)") from None
+    else:
+        manifest = ckpt.read_manifest(step_dir, label="--model ")
+        return ModelSource("rho", step_dir, manifest, ckpt.checkpoint_fingerprint(step_dir))
+
+    hf = open_hf_dir(model, model_config_from_hf, label="--model ")
+    manifest = {
+        "model": dataclasses.asdict(hf.model),
+        "vocab_size": hf.model.vocab_size,
+        "tokenizer_fingerprint": hf.tokenizer_fingerprint,
+        "eod_id": hf.eos_id,
+        "config": {"train": {"seq_length": hf.seq_length}},
+    }
+    return ModelSource("huggingface", hf.path, manifest, None)
+
+
+def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: int | None, seq_len: int | None,
+                    stride: int | None, micro_batch_size: int | None, resume: bool, force: bool,
+                    shard_documents: int, world_size: int | None = None):
+    """Validate ``rho score``'s options; returns (ScoreJob, world size). Nothing is written but the
+    output's parent directory."""
+    from rhocli.score.rank import import_engine
+
+    import_engine()
+    import torch
+
+    from parallel.config import ModelConfig
+    from parallel.layout import data_parallel_size, padded_vocab_size
+    from parallel.model import transformer_config
+    from parallel.scorer import ScoreSpec
+    from rhocli.core.formats.scores import ScoreStoreWriter
+    from rhocli.core.formats.tokens import TokenDataset
+    from rhocli.score.job import ScoreJob
+
+    source = resolve_model(model)
+    manifest = source.manifest
+    model_cfg = ModelConfig(**manifest["model"])
+    vocab = int(manifest["vocab_size"])
+    ds = TokenDataset(data)
+    tok = ds.tokenizer
+    if tok.get("fingerprint") and manifest.get("tokenizer_fingerprint") and tok["fingerprint"] != manifest["tokenizer_fingerprint"]:
+        raise MismatchError(f"--data {data}: tokenized with another tokenizer than the model {source.path} was trained on")
+    if tok.get("vocab_size") and int(tok["vocab_size"]) > vocab:
+        raise MismatchError(f"--data {data}: vocabulary {tok['vocab_size']} does not fit the model's {vocab}")
+    eod = tok.get("eod_id", manifest.get("eod_id"))
+    if eod is None:
+        raise MismatchError(f"--data {data}: no end-of-document id in its manifest")
+    trained_seq = int((manifest.get("config") or {}).get("train", {}).get("seq_length") or model_cfg.max_position_embeddings)
+    window = seq_len or trained_seq
+    if not 1 <= window <= model_cfg.max_position_embeddings:
+        raise UsageError(f"--seq-len {window} must be in [1, max_position_embeddings={model_cfg.max_position_embeddings}]")
+    stride = stride or max(1, window // 2)
+    if not 1 <= stride <= window:
+        raise UsageError(f"--stride {stride} must be in [1, --seq-len {window}]")
+    if (micro_batch_size is not None and micro_batch_size < 1) or shard_documents < 1:
+        raise UsageError("--micro-batch-size and --shard-documents must be >= 1")
+    if world_size is None:
+        world_size = tp * pp * (dp or 1)
+    # the engine's layout checks (LayoutError: the CLI names the sizes by their flags)
+    data_parallel_size(world_size, tp, pp, dp)
+    transformer_config(model_cfg, tp, pp, torch.float32)
+    padded_vocab_size(vocab, tp, model_cfg.make_vocab_size_divisible_by)
+
+    writer = ScoreStoreWriter(output)
+    if any(p.exists() for p in writer.final_paths) and not force:
+        raise OutputExistsError(f"{output}.json: score store already exists; pass --force to replace it")
+    if writer.work.exists() and not resume and not force:
+        raise OutputExistsError(f"{writer.work}: an unfinished scoring run is there; pass --resume to continue it or --force to start over")
+    out = Path(output)
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    engine = ScoreSpec(
+        model=model_cfg, vocab_size=vocab, tokens=str(data), window=window, stride=stride,
+        micro_batch_size=micro_batch_size, microbatches_per_call=8, shard_documents=shard_documents,
+        eod_id=int(eod), tp=tp, pp=pp,
+    )
+    fields = {
+        "window": {"tokens": window, "stride": stride},
+        "token_dataset": {"prefix": str(data), "fingerprint": ds.fingerprint()},
+        "reference_model": source.description(),
+        "tokenizer_fingerprint": tok.get("fingerprint"),
+    }
+    return ScoreJob(engine, str(output), source.format, str(source.path), fields), world_size
+
+
+def start_over(job) -> None:
+    """``--force`` without ``--resume``: rank 0 drops an unfinished run's shards."""
+    import os
+
+    from rhocli.core.formats.scores import ScoreStoreWriter
+
+    if int(os.environ.get("RANK", 0)) == 0:
+        ScoreStoreWriter(job.output).clear_work()

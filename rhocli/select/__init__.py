@@ -1,0 +1,1 @@
+"""``rho select``: offline token selection into a mask store (``selection``), and its HTML report."""

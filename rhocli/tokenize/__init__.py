@@ -1,0 +1,1 @@
+"""``rho tokenize``: text files -> a Megatron token dataset + manifest (``pipeline.run_tokenize``)."""

@@ -1,0 +1,27 @@
+"""One rank of ``rho train`` (started through ``rhocli.core.launch``): the engine's ``Trainer`` with
+the run directory's checkpoint store and (on rank 0) its metrics log as sinks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] | None:
+    from parallel.distributed import destroy_distributed, init_distributed
+    from parallel.errors import PreemptedError
+    from parallel.trainer import Trainer
+    from rhocli.core.formats.checkpoint import CheckpointStore
+    from rhocli.core.formats.metrics import MetricsLog
+    from rhocli.train.spec import spec_from_dict
+
+    spec = spec_from_dict(spec_dict)
+    try:
+        layout = init_distributed(spec.train.tp, spec.train.pp, spec.train.seed)
+        metrics = MetricsLog(spec.run_dir) if layout.rank == 0 else None
+        try:
+            return Trainer(spec, layout, CheckpointStore(spec.run_dir), metrics, on_event).run()
+        except PreemptedError as err:
+            err.args = (f"{err}; continue with: rho train ... --resume",)
+            raise
+    finally:
+        destroy_distributed()

@@ -1,0 +1,308 @@
+"""Turn ``rho train`` options into a validated ``parallel.trainer.RunSpec``, before any worker starts.
+
+Everything a user can get wrong is checked here, in one process, with a one-line error naming the
+file or flag: the YAML, the data prefixes and their manifests, tokenizer/vocab agreement between the
+datasets, the model and the checkpoint to resume or initialise from, and the parallel layout (the
+engine's own checks, ``parallel.layout``, whose errors the CLI words with the flags' names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from rhocli.core.config import config_from_mapping, config_to_dict, load_yaml_mapping
+from rhocli.core.errors import ConfigError, MismatchError, OutputExistsError, UsageError
+
+
+def parse_data_arg(arg: str) -> tuple[str, float | None]:
+    """``PREFIX`` or ``PREFIX:WEIGHT``."""
+    prefix, sep, weight = arg.rpartition(":")
+    if sep and prefix:
+        try:
+            w = float(weight)
+        except ValueError:
+            return arg, None
+        if w <= 0:
+            raise UsageError(f"--data {arg}: the weight must be positive")
+        return prefix, w
+    return arg, None
+
+
+def parse_set_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set train.lr=1e-4 --set model.num_layers=2`` -> {"train": {...}, "model": {...}} (YAML values)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {"train": {}, "model": {}}
+    for item in items:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot or section not in out or not name:
+            raise UsageError(f"--set {item}: expected train.KEY=VALUE or model.KEY=VALUE")
+        out[section][name] = yaml.safe_load(value)
+    return out
+
+
+def load_run_configs(config_path: Path, flag_overrides: dict[str, Any], set_overrides: list[str]):
+    """(ModelConfig, TrainConfig) from CONFIG.yaml's model:/train: sections, --set and flags."""
+    from parallel.config import ModelConfig, TrainConfig
+
+    data = load_yaml_mapping(config_path)
+    unknown = set(data) - {"model", "train"}
+    if unknown:
+        raise ConfigError(f"{config_path}: unknown section(s) {', '.join(sorted(unknown))} (expected model:, train:)")
+    if not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{config_path}: needs a 'model:' section with the model's shape")
+    sets = parse_set_overrides(set_overrides)
+    model_values = {**data["model"], **sets["model"]}
+    train_values = {**(data.get("train") or {}), **sets["train"]}
+    model = _from_mapping(ModelConfig, model_values, f"{config_path} (model)")
+    train = _from_mapping(TrainConfig, train_values, f"{config_path} (train)")
+    train = dataclasses.replace(train, **{k: v for k, v in flag_overrides.items() if v is not None})
+    return model, train
+
+
+def _from_mapping(cls, values: dict[str, Any], where: str):
+    try:
+        return config_from_mapping(cls, values, where)
+    except UsageError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False, world_size: int | None = None):
+    """Validate everything and return (RunSpec, world_size)."""
+    import torch
+
+    from parallel.layout import data_parallel_size, micro_batches_per_step
+    from parallel.model import transformer_config
+    from parallel.trainer import DatasetRef, RunSpec
+    from rhocli.core.formats import checkpoint as ckpt
+    from rhocli.core.formats.tokens import TokenDataset
+
+    cfg = train_cfg
+    # ---- layout (the engine's checks; their LayoutErrors name the sizes, the CLI names the flags)
+    if world_size is None:
+        world_size = cfg.tp * cfg.pp * (cfg.dp or 1)
+    dp = data_parallel_size(world_size, cfg.tp, cfg.pp, cfg.dp)
+    micro_batches_per_step(cfg.global_batch_size, cfg.micro_batch_size, dp)
+    if cfg.seq_length > model_cfg.max_position_embeddings:
+        raise UsageError(f"seq_length {cfg.seq_length} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}")
+    if model_cfg.hidden_size % model_cfg.num_attention_heads:
+        raise ConfigError(f"{config_path}: hidden_size must be a multiple of num_attention_heads")
+    if model_cfg.num_attention_heads % model_cfg.num_query_groups:
+        raise ConfigError(f"{config_path}: num_attention_heads must be a multiple of num_query_groups")
+    transformer_config(model_cfg, cfg.tp, cfg.pp, torch.float32)  # parallel.layout's and megatron-core's checks
+    if cfg.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {cfg.steps}")
+    if not 0 <= cfg.warmup_steps < cfg.steps:
+        raise UsageError(f"warmup_steps {cfg.warmup_steps} must be below --steps {cfg.steps} (--set train.warmup_steps=N)")
+
+    # ---- data
+    if not cfg.data:
+        raise UsageError("no training data: pass --data PREFIX (or train.data in the config)")
+    refs, tokenizer_fp, vocab, eod, bos = [], None, None, None, None
+    for arg in cfg.data:
+        prefix, weight = parse_data_arg(arg)
+        ds = TokenDataset(prefix)
+        tok = ds.tokenizer
+        if tokenizer_fp is None:
+            tokenizer_fp, vocab, eod, bos = tok.get("fingerprint"), tok.get("vocab_size"), tok.get("eod_id"), tok.get("bos_id")
+        elif tok.get("fingerprint") != tokenizer_fp:
+            raise MismatchError(f"--data {prefix}: tokenized with another tokenizer than {cfg.data[0]} ({tok.get('fingerprint')} vs {tokenizer_fp})")
+        refs.append(DatasetRef(prefix=str(prefix), weight=weight, fingerprint=ds.fingerprint()))
+    if any(r.weight is None for r in refs) and any(r.weight is not None for r in refs):
+        raise UsageError("--data: give a weight to every prefix or to none")
+    if vocab is None:
+        if model_cfg.vocab_size is None:
+            raise MismatchError(f"--data {refs[0].prefix}: no rho manifest, so set model.vocab_size in {config_path}")
+        vocab = model_cfg.vocab_size
+    if eod is None:
+        raise MismatchError(f"--data {refs[0].prefix}: the manifest names no end-of-document id (tokenize with --append-eod)")
+    if model_cfg.vocab_size is not None and model_cfg.vocab_size < vocab:
+        raise MismatchError(
+            f"--data {refs[0].prefix}: tokenizer vocabulary {vocab} does not fit the model's vocab_size {model_cfg.vocab_size}"
+        )
+    vocab = model_cfg.vocab_size or vocab
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
+
+    # ---- run directory and checkpoints
+    if not cfg.save:
+        raise UsageError("no run directory: pass --save DIR (or train.save in the config)")
+    run_dir = Path(cfg.save)
+    existing = ckpt.latest_step_dir(run_dir) if run_dir.exists() else None
+    if existing is not None and not cfg.resume and not force:
+        raise OutputExistsError(f"{run_dir}: holds checkpoints (latest {existing.name}); pass --resume to continue or --force to start over")
+    if cfg.resume and cfg.init:
+        raise UsageError("--resume and --init exclude each other")
+    init_dir = ckpt.resolve_checkpoint(cfg.init, label="--init ") if cfg.init else None
+    for label, step_dir in (("--resume", existing if cfg.resume else None), ("--init", init_dir)):
+        if step_dir is None:
+            continue
+        manifest = ckpt.read_manifest(step_dir, label=f"{label} ")
+        if manifest.get("tokenizer_fingerprint") and tokenizer_fp and manifest["tokenizer_fingerprint"] != tokenizer_fp:
+            raise MismatchError(f"{label} {step_dir}: trained with another tokenizer than --data {refs[0].prefix}")
+        if manifest.get("vocab_size") != vocab:
+            raise MismatchError(f"{label} {step_dir}: vocab_size {manifest.get('vocab_size')} differs from {vocab}")
+        saved_model = dict(manifest.get("model") or {})
+        mine = dataclasses.asdict(model_cfg)
+        diff = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
+                if saved_model.get(k) != mine.get(k)]
+        if diff:
+            raise MismatchError(f"{label} {step_dir}: model shape differs from {config_path} in {', '.join(diff)}")
+
+    scores = _check_scores(cfg, refs)
+    masks = _check_masks(cfg, refs)
+    eval_refs = _check_eval_data(cfg, tokenizer_fp, refs[0].prefix)
+
+    snapshot = {"model": config_to_dict(model_cfg), "train": config_to_dict(cfg)}
+    spec = RunSpec(
+        model=model_cfg,
+        train=cfg,
+        vocab_size=vocab,
+        eod_id=int(eod),
+        tokenizer_fingerprint=tokenizer_fp,
+        datasets=tuple(refs),
+        run_dir=str(run_dir),
+        config_snapshot=snapshot,
+        scores=scores,
+        masks=masks,
+        eval_datasets=eval_refs,
+        init_checkpoint=str(init_dir) if init_dir is not None else None,
+        bos_id=bos,
+    )
+    return spec, world_size
+
+
+def _check_eval_data(cfg, tokenizer_fp, first_prefix):
+    """Validation datasets of their own: readable, tokenized like the training data."""
+    from parallel.trainer import DatasetRef
+    from rhocli.core.formats.tokens import TokenDataset
+
+    out = []
+    for arg in cfg.eval_data:
+        prefix, weight = parse_data_arg(arg)
+        ds = TokenDataset(prefix)
+        if ds.tokenizer.get("fingerprint") != tokenizer_fp:
+            raise MismatchError(f"--eval-data {prefix}: tokenized with another tokenizer than --data {first_prefix}")
+        out.append(DatasetRef(prefix=str(prefix), weight=weight, fingerprint=ds.fingerprint()))
+    if any(r.weight is None for r in out) and any(r.weight is not None for r in out):
+        raise UsageError("--eval-data: give a weight to every prefix or to none")
+    if out and cfg.eval_iters < 1:
+        raise UsageError("--eval-data needs eval_iters >= 1 (--set train.eval_iters=N)")
+    return tuple(out)
+
+
+def _check_masks(cfg, refs):
+    """Static masks (rho select): one per --data prefix, made for exactly its tokens."""
+    from parallel.trainer import DatasetRef
+    from rhocli.core.formats.masks import read_mask_manifest
+
+    if not cfg.masks:
+        return ()
+    if len(cfg.masks) != len(refs):
+        raise UsageError(f"--mask: give one mask store per --data prefix ({len(refs)}), in the same order")
+    out = []
+    for prefix, ref in zip(cfg.masks, refs):
+        manifest = read_mask_manifest(prefix, label="--mask ")
+        made_for = (manifest.get("token_dataset") or {}).get("fingerprint")
+        if made_for != ref.fingerprint:
+            raise MismatchError(f"--mask {prefix}: masks token dataset {made_for}, not --data {ref.prefix} ({ref.fingerprint})")
+        out.append(DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", "")))
+    return tuple(out)
+
+
+def _check_scores(cfg, refs):
+    """Score stores for selective training: one per --data prefix, made from exactly its tokens."""
+    from parallel.trainer import DatasetRef
+    from rhocli.core.formats.scores import read_scores_manifest
+
+    if cfg.select_ratio is None:
+        if cfg.scores:
+            raise UsageError("--scores needs --select-ratio (the fraction of tokens to train on)")
+        return ()
+    if not 0.0 < cfg.select_ratio <= 1.0:
+        raise UsageError(f"--select-ratio must be in (0, 1], got {cfg.select_ratio}")
+    if not cfg.scores:
+        raise UsageError("--select-ratio needs --scores SCORES_PREFIX (from rho score), one per --data")
+    if len(cfg.scores) != len(refs):
+        raise UsageError(f"--scores: give one score store per --data prefix ({len(refs)}), in the same order")
+    out = []
+    for prefix, ref in zip(cfg.scores, refs):
+        manifest = read_scores_manifest(prefix, label="--scores ")
+        made_from = (manifest.get("token_dataset") or {}).get("fingerprint")
+        if made_from != ref.fingerprint:
+            raise MismatchError(
+                f"--scores {prefix}: scores token dataset {made_from}, not --data {ref.prefix} ({ref.fingerprint})"
+            )
+        out.append(DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", "")))
+    return tuple(out)
+
+
+def spec_to_dict(spec) -> dict[str, Any]:
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(d: dict[str, Any]):
+    from parallel.config import ModelConfig, TrainConfig
+    from parallel.trainer import DatasetRef, RunSpec
+
+    train = dict(d["train"])
+    train["data"] = tuple(train["data"])
+    train["scores"] = tuple(train.get("scores") or ())
+    train["masks"] = tuple(train.get("masks") or ())
+    train["eval_data"] = tuple(train.get("eval_data") or ())
+    return RunSpec(
+        model=ModelConfig(**d["model"]),
+        train=TrainConfig(**train),
+        vocab_size=d["vocab_size"],
+        eod_id=d["eod_id"],
+        tokenizer_fingerprint=d["tokenizer_fingerprint"],
+        datasets=tuple(DatasetRef(**r) for r in d["datasets"]),
+        run_dir=d["run_dir"],
+        config_snapshot=d["config_snapshot"],
+        scores=tuple(DatasetRef(**r) for r in d.get("scores") or ()),
+        masks=tuple(DatasetRef(**r) for r in d.get("masks") or ()),
+        eval_datasets=tuple(DatasetRef(**r) for r in d.get("eval_datasets") or ()),
+        init_checkpoint=d.get("init_checkpoint"),
+        bos_id=d.get("bos_id"),
+    )
+
+
+def run_plan(spec, world: int) -> dict[str, Any]:
+    """What ``--dry-run`` shows, as data: the layout, the model, the data and the batch."""
+    import torch
+
+    from parallel.layout import micro_batches_per_step
+    from parallel.model import count_parameters, model_shape
+
+    cfg = spec.train
+    shape = model_shape(spec.model, spec.vocab_size, cfg.tp, torch.float32)
+    dp = world // (cfg.tp * cfg.pp)
+    return {
+        "world_size": world, "tp": cfg.tp, "pp": cfg.pp, "dp": dp,
+        "architecture": spec.model.architecture, "parameters": count_parameters(spec.model, spec.vocab_size),
+        "num_layers": spec.model.num_layers, "vocab_size": shape.vocab_size, "padded_vocab_size": shape.padded_vocab_size,
+        "datasets": [dataclasses.asdict(d) for d in spec.datasets],
+        "eval_datasets": [dataclasses.asdict(d) for d in spec.eval_datasets],
+        "global_batch_size": cfg.global_batch_size, "seq_length": cfg.seq_length, "micro_batch_size": cfg.micro_batch_size,
+        "num_microbatches": micro_batches_per_step(cfg.global_batch_size, cfg.micro_batch_size, dp),
+        "steps": cfg.steps, "run_dir": spec.run_dir, "resume": cfg.resume, "config_hash": spec.config_hash(),
+    }
+
+
+def prepare_run_dir(spec, force: bool) -> None:
+    """Rank 0, before the ranks start: the run directory with its resolved config; ``--force`` (not
+    resuming) starts the metrics over."""
+    import os
+
+    from rhocli.core.config import write_resolved_config
+    from rhocli.core.formats.metrics import MetricsLog
+
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(spec.train, run_dir / "train.config.yaml", stage="train")
+    if force and not spec.train.resume:
+        MetricsLog(run_dir).remove()
