@@ -117,17 +117,17 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # outside a stage (e.g. while parsing arguments)
         sys.exit(Interrupted.exit_code)
     except Exception as err:
-        from rhocli.commands.console import err as err_console
+        from rhocli.commands.console import err as err_console, lit
 
         if category_for(err) is not None:
             if debug:
                 err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {message_for(err)}", markup=True, highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {lit(message_for(err))}", markup=True, highlight=False, soft_wrap=True)
             sys.exit(exit_code_for(err))
         if debug:
             raise
         err_console.print(
-            f"[bold red]internal error:[/] {type(err).__name__}: {err} — this is a bug in rho; "
+            f"[bold red]internal error:[/] {type(err).__name__}: {lit(err)} — this is a bug in rho; "
             "rerun with RHO_DEBUG=1 for the traceback and report it",
             soft_wrap=True,
         )

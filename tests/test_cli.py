@@ -102,3 +102,21 @@ def test_engine_errors_exit_with_their_category():
 
     assert exit_code_for(Sub("x")) == 9
     assert exit_code_for(KeyError("x")) == 1 and exit_code_for(ValueError("x")) == 1
+
+
+@pytest.mark.parametrize("name", ["[/x]", "[bold]x", "[red]"])
+def test_messages_print_user_text_literally(tmp_path, capsys, name):
+    """A path holding Rich markup is printed as it is, with the intended exit code (no traceback)."""
+    missing = tmp_path / name / "in.jsonl"
+    r = run_rho(capsys, "tokenize", missing, "-t", tmp_path / "t.model", "-o", tmp_path / "o")
+    assert r.exit_code == 3, r.stderr
+    # brackets make the path a glob pattern: "no files match", with the path exactly as given
+    assert r.stderr.strip() == f"error: {missing}: no files match"
+
+
+def test_results_print_user_text_literally(tmp_path, capsys, hf_tokenizer_dir):
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
+    prefix = tmp_path / "[bold]out"
+    r = run_rho(capsys, "tokenize", tmp_path / "d.jsonl", "-t", hf_tokenizer_dir, "-o", prefix, "-w", "1")
+    assert r.exit_code == 0, r.stderr
+    assert f"wrote{prefix}.bin/.idx/.json" in "".join(r.stdout.split())  # wrapped at the console width

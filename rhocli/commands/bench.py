@@ -33,7 +33,7 @@ from typing import Annotated, Optional
 import typer
 
 from rhocli.commands import stage
-from rhocli.commands.console import human_bytes, out
+from rhocli.commands.console import human_bytes, lit, out
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print numbers.")
 
@@ -71,7 +71,7 @@ def bench_tokenize_command(
 def _tokenize_table(report):
     from rich.table import Table
 
-    table = Table(title=f"rho bench tokenize: {', '.join(report.inputs)}  workers={report.workers}", title_justify="left")
+    table = Table(title=f"rho bench tokenize: {lit(', '.join(report.inputs))}  workers={report.workers}", title_justify="left")
     for col in ("run", "wall s", "docs/s", "MB/s", "Mtok/s"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for row in report.rows:
@@ -111,7 +111,7 @@ def bench_train_command(
 def _train_table(r):
     from rich.table import Table
 
-    t = Table(title=f"rho bench train: {r.config} ({r.layout}, {r.device})", show_header=False, title_justify="left")
+    t = Table(title=f"rho bench train: {lit(r.config)} ({r.layout}, {lit(r.device)})", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column(justify="right")
     t.add_row("parameters", f"{r.parameters:,}")
@@ -158,7 +158,7 @@ def bench_kernel_command(
             if name == "eager":
                 eager_s = r.seconds
             if r.seconds is None:
-                table.add_row(f"{tokens}x{vocab}", name, "failed", "", "", r.error or "")
+                table.add_row(f"{tokens}x{vocab}", name, "failed", "", "", lit(r.error or ""))
                 continue
             speed = f"{eager_s / r.seconds:.2f}x" if eager_s else ""
             itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+
+
+def lit(text: object) -> str:
+    """``text`` for a Rich markup string, printed exactly as it is: paths and messages are the user's
+    own text, and ``[bold]`` or ``[/x]`` in them is not markup."""
+    return escape(str(text))
 
 
 def human_bytes(n: float) -> str:

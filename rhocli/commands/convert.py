@@ -25,7 +25,7 @@ def convert_command(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
 ) -> None:
     """Convert between Hugging Face Llama/Mistral and rho checkpoints."""
-    from rhocli.commands.console import out
+    from rhocli.commands.console import lit, out
     from rhocli.core.megatron_io import quiet_megatron
 
     quiet_megatron()
@@ -34,10 +34,10 @@ def convert_command(
 
         result = export_hf(source, output, dtype=dtype, tokenizer=tokenizer, force=force)
         note = "" if result["tokenizer_files"] else " (no tokenizer files: pass --tokenizer)"
-        out.print(f"[green]wrote[/] {result['output']}: {result['shards']} safetensors shard(s){note}")
+        out.print(f"[green]wrote[/] {lit(result['output'])}: {result['shards']} safetensors shard(s){note}")
         return
     from rhocli.convert.hf import import_hf
 
     result = import_hf(source, output, force=force)
-    out.print(f"[green]wrote[/] {result['output']} ({result['architecture']}, {result['layers']} layers, vocab {result['vocab']}); "
+    out.print(f"[green]wrote[/] {lit(result['output'])} ({result['architecture']}, {result['layers']} layers, vocab {result['vocab']}); "
               f"use it with rho train --init / rho score --model")

@@ -20,7 +20,7 @@ from typing import Annotated
 
 import typer
 
-from rhocli.commands.console import out
+from rhocli.commands.console import lit, out
 
 
 def demo_command(
@@ -48,7 +48,7 @@ def demo_command(
 
     quiet_megatron()
     out.print(f"[bold]rho demo[/]: selective language modeling in miniature (size {size}, tp {tp}, pp {pp}, "
-              f"SLM ratio {ratio:g}) → {output}")
+              f"SLM ratio {ratio:g}) → {lit(output)}")
     status = None
 
     def on_event(e) -> None:
@@ -56,7 +56,7 @@ def demo_command(
         if e.seconds is None:
             out.print(f"\n[bold cyan][{e.index}/{e.total}] {e.name}[/]")
             if e.command:
-                out.print(e.command.replace(str(output) + os.sep, ""), style="dim", soft_wrap=True)
+                out.print(lit(e.command.replace(str(output) + os.sep, "")), style="dim", soft_wrap=True)
             if out.is_terminal:
                 status = out.status(f"{e.name}…")
                 status.start()
@@ -64,7 +64,7 @@ def demo_command(
             if status is not None:
                 status.stop()
                 status = None
-            out.print(f"  [green]done[/] in {e.seconds:.1f} s: {e.summary}", soft_wrap=True)
+            out.print(f"  [green]done[/] in {e.seconds:.1f} s: {lit(e.summary)}", soft_wrap=True)
 
     try:
         # every stage is a rho command line, run through the app's own entry point (rhocli.app.invoke)
@@ -80,7 +80,7 @@ def demo_command(
     out.print(_results_table(results))
     out.print(_kinds_table(results))
     out.print(_verdict(results))
-    out.print(f"\nEverything is under [bold]{output}[/]: open [bold]{output / 'report.html'}[/] "
+    out.print(f"\nEverything is under [bold]{lit(output)}[/]: open [bold]{lit(output / 'report.html')}[/] "
               f"(results.json has the numbers; total {results['seconds']['total']:.0f} s)")
 
 

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from rhocli.commands.console import human_count, out
+from rhocli.commands.console import human_count, lit, out
 
 
 class ScoreRenderer:
@@ -54,7 +54,7 @@ class ScoreRenderer:
         elif kind == "done":
             self.close()
             if p:
-                out.print(f"[green]wrote[/] {p['output']}.bin/.idx/.json: {p['tokens']:,} token scores, mean {p['mean']:.4f}")
+                out.print(f"[green]wrote[/] {lit(p['output'])}.bin/.idx/.json: {p['tokens']:,} token scores, mean {p['mean']:.4f}")
 
     def close(self) -> None:
         if self._progress is not None:

@@ -28,7 +28,7 @@ def select_command(
     force: Annotated[bool, typer.Option("--force", help="Replace existing outputs.")] = False,
 ) -> None:
     """Select tokens offline by excess (or reference) loss: a mask store aligned to the tokens."""
-    from rhocli.commands.console import out
+    from rhocli.commands.console import lit, out
     from rhocli.core.errors import UsageError
     from rhocli.select.selection import SelectConfig, run_select
 
@@ -38,7 +38,7 @@ def select_command(
         raise UsageError(f"--score: expected excess or reference, got {score!r}")
     summary = run_select(SelectConfig(scores=scores, output=output, ratio=ratio, base_scores=base_scores, scope=scope,
                                       score=score, report=report, report_documents=report_documents, force=force))
-    out.print(f"[green]wrote[/] {summary.output}.bin/.idx/.json: kept {summary.kept:,} of {summary.tokens:,} tokens "
+    out.print(f"[green]wrote[/] {lit(summary.output)}.bin/.idx/.json: kept {summary.kept:,} of {summary.tokens:,} tokens "
               f"({summary.kept / max(summary.tokens, 1):.1%}) in {summary.documents:,} documents")
     if report:
-        out.print(f"[green]wrote[/] {report}")
+        out.print(f"[green]wrote[/] {lit(report)}")

@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rhocli.commands.console import human_bytes, human_count, out
+from rhocli.commands.console import human_bytes, human_count, lit, out
 
 
 def tokenize_command(
@@ -90,7 +90,7 @@ def tokenize_command(
         return
     summary = _run_with_progress(cfg, run_tokenize)
     out.print(_summary_table(summary))
-    out.print(f"[green]wrote[/] {summary.prefix}.bin/.idx/.json  fingerprint {summary.fingerprint[:19]}…")
+    out.print(f"[green]wrote[/] {lit(summary.prefix)}.bin/.idx/.json  fingerprint {summary.fingerprint[:19]}…")
 
 
 def _run_with_progress(cfg, run_tokenize):
@@ -137,7 +137,7 @@ def _run_with_progress(cfg, run_tokenize):
 def _summary_table(s):
     from rich.table import Table
 
-    table = Table(title=f"rho tokenize → {s.prefix}", show_header=False, title_justify="left")
+    table = Table(title=f"rho tokenize → {lit(s.prefix)}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("documents", f"{s.documents:,}")

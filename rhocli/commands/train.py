@@ -28,7 +28,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from rhocli.commands.console import out
+from rhocli.commands.console import lit, out
 
 
 def train_command(
@@ -102,13 +102,13 @@ def _print_plan(plan: dict) -> None:
                            f"{plan['num_layers']} layers ({plan['num_layers'] // plan['pp']} per stage)")
     table.add_row("vocab", f"{plan['vocab_size']} (padded {plan['padded_vocab_size']}, "
                            f"{plan['padded_vocab_size'] // plan['tp']} per TP rank)")
-    table.add_row("data", _datasets(plan["datasets"]))
+    table.add_row("data", lit(_datasets(plan["datasets"])))
     if plan["eval_datasets"]:
-        table.add_row("validation", _datasets(plan["eval_datasets"]))
+        table.add_row("validation", lit(_datasets(plan["eval_datasets"])))
     table.add_row("batch", f"{plan['global_batch_size']} x {plan['seq_length']} tokens; {plan['num_microbatches']} "
                            f"micro-batches of {plan['micro_batch_size']} per DP rank")
     table.add_row("steps", f"{plan['steps']} ({plan['steps'] * plan['global_batch_size'] * plan['seq_length']:,} tokens)")
-    table.add_row("run dir", plan["run_dir"] + (" (resume)" if plan["resume"] else ""))
+    table.add_row("run dir", lit(plan["run_dir"]) + (" (resume)" if plan["resume"] else ""))
     table.add_row("config hash", plan["config_hash"])
     out.print(table)
     out.print("[green]config, data and layout are valid[/]")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rhocli.commands.console import human_count, out
+from rhocli.commands.console import human_count, lit, out
 
 
 class TrainRenderer:
@@ -27,7 +27,7 @@ class TrainRenderer:
         table.add_column(style="bold")
         table.add_column()
         for key, value in banner_rows(p):
-            table.add_row(key, value)
+            table.add_row(key, lit(value))
         out.print(table)
         if self._interactive:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -43,10 +43,10 @@ class TrainRenderer:
             )
 
     def _on_resumed(self, p: dict[str, Any]) -> None:
-        out.print(f"resumed from {p['path']} at step {p['step']}")
+        out.print(f"resumed from {lit(p['path'])} at step {p['step']}")
 
     def _on_initialized(self, p: dict[str, Any]) -> None:
-        out.print(f"initialised weights from {p['path']}")
+        out.print(f"initialised weights from {lit(p['path'])}")
 
     def _on_step(self, m: dict[str, Any]) -> None:
         fields = dict(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", gnorm=f"{m['grad_norm']:.3f}", tps=human_count(m["tokens_per_s"]))
@@ -67,12 +67,12 @@ class TrainRenderer:
             self._print(f"step {p['step']}: validation loss {p['valid_loss']:.4f}")
 
     def _on_checkpoint(self, p: dict[str, Any]) -> None:
-        self._print(f"saved checkpoint {p['path']}")
+        self._print(f"saved checkpoint {lit(p['path'])}")
 
     def _on_done(self, p: dict[str, Any]) -> None:
         self.close()
         valid = f", validation loss {p['valid_loss']:.4f}" if p.get("valid_loss") is not None else ""
-        out.print(f"[green]done[/]: {p['step']} steps{valid}; run directory {p['run_dir']}")
+        out.print(f"[green]done[/]: {p['step']} steps{valid}; run directory {lit(p['run_dir'])}")
 
     def _print(self, text: str) -> None:
         if self._progress is not None:
