@@ -80,6 +80,33 @@ def save_checkpoint(store: CheckpointSink, step: int, model_chunks, optimizer, f
     return store.step_dir(step)
 
 
+_write_results_servers: list = []
+
+
+def start_write_results_server(initializer=None) -> None:
+    """Start, before the first save, the server megatron-core's torch_dist save sends its write
+    results through, with ``initializer`` run in it (the caller's: e.g. make it die with this process).
+
+    megatron-core (``strategies/filesystem_async.py``) starts a multiprocessing Manager (spawn) on the
+    first save and keeps it for the life of the process; nothing in it watches its parent, so a
+    ``kill -9`` of the trainer would leave it waiting forever. Started here instead, it is the same
+    server in every other respect. A megatron-core without that module-level queue is left alone.
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:  # started, or another layout
+        return
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=initializer)
+    filesystem_async._results_queue = manager.Queue()
+    _write_results_servers.append(manager)  # kept alive with the process, as megatron-core's own
+
+
 def _fault_injection_pause() -> None:
     """Test hook: RHO_FAULT_SLEEP_IN_SAVE=SECONDS holds a save between writing and publishing, so a
     test can kill the run at exactly that moment. Unset in normal use."""

@@ -27,6 +27,9 @@ from rhocli.commands.score import score_command
 from rhocli.commands.select import select_command
 from rhocli.commands.tokenize import tokenize_command
 from rhocli.commands.train import train_command
+from rhocli.core.processes import adopt_spawned_child
+
+adopt_spawned_child()  # a spawned child of a rho process (a rank, a megatron helper) dies with it
 
 app = typer.Typer(
     name="rho",

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -167,38 +168,76 @@ def test_existing_output_needs_force_and_failed_force_keeps_old(tmp_path, capsys
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rho-tmp")]
 
 
+class HeldInput:
+    """A named pipe as ``rho tokenize``'s input, fed with ``records`` and then held open: the run reads
+    them, hands them to its workers, and waits for more, so it stays at that point until the test
+    lets go. A signal sent then meets a run in the middle of its work, however fast the machine."""
+
+    def __init__(self, tmp_path: Path, records: list[dict]):
+        self.path = tmp_path / "held.jsonl"
+        os.mkfifo(self.path)
+        self.release = threading.Event()
+        data = "".join(json.dumps(r) + "\n" for r in records).encode()
+        threading.Thread(target=self._feed, args=(data,), daemon=True).start()
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            with open(self.path, "wb") as f:  # blocks until rho opens it
+                f.write(data)
+                f.flush()
+                self.release.wait(120)
+        except BrokenPipeError:  # rho is gone
+            pass
+
+
+def _start_held(tmp_path: Path, hf_tokenizer_dir: Path, **popen) -> tuple[subprocess.Popen, HeldInput]:
+    """``rho tokenize`` on a held input, once it has forked its two workers and staged its output."""
+    held = HeldInput(tmp_path, [{"text": f"document {i} " + "word " * 50} for i in range(200)])
+    proc = subprocess.Popen([sys.executable, "-m", "rhocli", "tokenize", str(held.path), "-t", str(hf_tokenizer_dir),
+                             "-o", str(tmp_path / "out"), "-w", "2"], **popen)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (len(_workers_of(proc.pid)) >= 2
+                                          and any(p.name.startswith(".rho-tmp") for p in tmp_path.iterdir())):
+        assert proc.poll() is None, "rho tokenize ended before it was held"
+        time.sleep(0.05)
+    return proc, held
+
+
+def _workers_of(pid: int) -> list:
+    import psutil
+
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _all_gone(processes, timeout: float = 20) -> bool:
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    return not [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
 def test_killed_run_leaves_nothing_under_prefix(tmp_path, hf_tokenizer_dir):
-    """SIGKILL in the middle of a run: no file under PREFIX (a hidden .rho-tmp-* dir may remain)."""
-    data = write_jsonl(tmp_path / "big.jsonl", [{"text": f"document {i} " + "word " * 400} for i in range(20000)])
-    prefix = tmp_path / "out"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rhocli", "tokenize", str(data), "-t", str(hf_tokenizer_dir), "-o", str(prefix), "-w", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".rho-tmp") for p in tmp_path.iterdir()):
-        time.sleep(0.05)
-    time.sleep(0.5)
-    assert proc.poll() is None, "the run finished before it could be killed; make the input bigger"
-    os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL in the middle of a run: no file under PREFIX (a hidden .rho-tmp-* dir may remain), and
+    the tokenizer workers die with the main process."""
+    proc, held = _start_held(tmp_path, hf_tokenizer_dir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = _workers_of(proc.pid)
+    proc.kill()
     proc.wait()
+    held.release.set()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
+    assert _all_gone(workers), "tokenizer workers outlived a kill -9 of rho"
 
 
-def test_interrupted_run_cleans_up(tmp_path, hf_tokenizer_dir):
-    """Ctrl-C (SIGINT): exit code 130, no output and no temporary directory left."""
-    data = write_jsonl(tmp_path / "big.jsonl", [{"text": f"document {i} " + "word " * 400} for i in range(20000)])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rhocli", "tokenize", str(data), "-t", str(hf_tokenizer_dir), "-o", str(tmp_path / "out"), "-w", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".rho-tmp") for p in tmp_path.iterdir()):
-        time.sleep(0.05)
-    time.sleep(0.5)
-    assert proc.poll() is None
-    proc.send_signal(signal.SIGINT)
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_interrupted_run_cleans_up(tmp_path, hf_tokenizer_dir, sig, code, word):
+    """Ctrl-C (SIGINT) or SIGTERM in the middle of a run: its exit code, one line, no output, no
+    temporary directory, no worker left behind."""
+    proc, held = _start_held(tmp_path, hf_tokenizer_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    workers = _workers_of(proc.pid)
+    proc.send_signal(sig)  # to rho only, as a scheduler or a terminal would
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr and "Traceback" not in stderr
-    assert [p.name for p in tmp_path.iterdir() if p.name != "big.jsonl"] == []
+    held.release.set()
+    assert proc.returncode == code, stderr
+    assert word in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name != "held.jsonl"] == []
+    assert _all_gone(workers)

@@ -211,3 +211,30 @@ def test_eval_data_validates_on_its_own_dataset(tmp_path, tiny_data, init_ckpt, 
     assert set(a) == {0, 1, 2} and a[0] != c[0]
     missing = rho("train", config, *common, "--eval-data", tmp_path / "nope", "--save", tmp_path / "d", check=False)
     assert missing.returncode == 3 and "nope.bin" in missing.stderr
+
+
+def test_kill_9_leaves_no_process_behind(tmp_path, tiny_data, init_ckpt):
+    """kill -9 of a one-process rho train (after its first checkpoint, when megatron-core's save
+    helper server exists): every process it started dies with it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    config, init = init_ckpt
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "rhocli", "train", str(config), "--data", str(tiny_data), "--save",
+                             str(run), "--init", str(init), "--steps", "100000", "--save-interval", "1", "-q",
+                             "--set", "train.warmup_steps=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "step_000001").is_dir():
+        assert proc.poll() is None
+        time.sleep(0.2)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "no helper process to check"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=20)
+    assert [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []

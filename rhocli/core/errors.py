@@ -88,12 +88,18 @@ class Interrupted(RhoError):
     exit_code = 130
 
 
+class Terminated(RhoError):
+    """SIGTERM outside training (training saves and exits with Preempted): 128 + 15, cleaned up."""
+
+    exit_code = 143
+
+
 #: 1 is reserved for internal errors (bugs): anything that is neither a RhoError nor in ENGINE_ERRORS.
 INTERNAL_ERROR_EXIT_CODE = 1
 
 CATEGORIES: tuple[type[RhoError], ...] = (
     UsageError, MissingInputError, BadInputError, OutputExistsError, MismatchError, NotAvailableError,
-    ConfigError, LoadError, WorkerError, NonFiniteError, Preempted, Interrupted,
+    ConfigError, LoadError, WorkerError, NonFiniteError, Preempted, Interrupted, Terminated,
 )
 EXIT_CODES: dict[str, int] = {cls.__name__: cls.exit_code for cls in CATEGORIES}
 

@@ -66,6 +66,9 @@ def run_stage(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None
 def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None, error_dir: str) -> Any:
     """Entry point of each process the launcher starts (module level: spawn imports it)."""
     from rhocli.core.errors import category_for, exit_code_for
+    from rhocli.core.processes import die_with_parent
+
+    die_with_parent()  # no rank outlives a kill -9 of the launching rho
 
     try:
         return run_stage(entry, spec_dict, renderer_cls)
