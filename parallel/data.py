@@ -15,6 +15,8 @@ from typing import Iterator
 import numpy
 import torch
 
+from parallel.errors import StoreContentError
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenIds:
@@ -80,6 +82,7 @@ def _scored_dataset_classes():
         def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
             super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config)
             scores = config.score_prefixes.get(dataset_path)
+            self.scores_prefix = scores
             self.scores = _Float32AsInt32(IndexedDataset(scores, mmap=True)) if scores else None
             masks = config.mask_prefixes.get(dataset_path)
             self.masks = IndexedDataset(masks, mmap=True) if masks else None
@@ -103,7 +106,12 @@ def _scored_dataset_classes():
                 bits = self._aligned(self.scores, idx)
                 # bits: [seq + 1] aligned with the sample's text (padding: NaN, masked); labels = text[1:]
                 values = bits.astype(numpy.int32).view(numpy.float32)
-                sample["ref_loss"] = torch.from_numpy(values[1:].copy())
+                ref_loss = values[1:].copy()
+                # a trained-on token's reference loss is a finite number (padding, masked, reads NaN)
+                if not numpy.isfinite(ref_loss[sample["loss_mask"].numpy() > 0]).all():
+                    raise StoreContentError(f"{self.scores_prefix}.bin: a non-finite reference loss in training "
+                                            f"sample {idx}; the store is damaged (verify it, or score again)")
+                sample["ref_loss"] = torch.from_numpy(ref_loss)
             return sample
 
     return ScoredGPTDataset, ScoredGPTDatasetConfig

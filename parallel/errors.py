@@ -55,6 +55,11 @@ class PreemptedError(EngineError):
         self.step = step
 
 
+class StoreContentError(EngineError):
+    """A token, score or mask store whose content cannot be what its writer wrote (e.g. a NaN
+    reference loss); the message names the file."""
+
+
 class UnsupportedModelError(EngineError, ValueError):
     """A Hugging Face model the name map refuses (architecture or option rho does not build)."""
 

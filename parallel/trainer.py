@@ -363,9 +363,16 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = self._forward_backward(self.train_iter, self.num_microbatches, forward_only=False)
         report = self._reduce_report(outputs)
-        loss = report["loss"]
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm = self._optimizer_step(loss if report["tokens"] else 0.0)
+        skipped = report["tokens"] == 0
+        if skipped:
+            # no token of the global batch is trained on (a mask or selection kept none): nothing to
+            # learn from, so no optimizer step at all (weight decay and momentum would still move the
+            # weights); the schedule advances, so the step count and the LR stay in step
+            grad_norm = None
+            report = {**report, "loss": None}
+        else:
+            grad_norm = self._optimizer_step(report["loss"])
         self.scheduler.step(increment=1)
         self.selection.end_step()
         self.step += 1
@@ -378,6 +385,7 @@ class Trainer:
             **report,
             "lr": lr,
             "grad_norm": grad_norm,
+            **({"skipped": "no token kept"} if skipped else {}),
             "step_time_s": dt,
             "tokens_per_s": self.cfg.global_batch_size * self.cfg.seq_length / dt,
             "consumed_samples": self.consumed_samples,

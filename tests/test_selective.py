@@ -136,6 +136,14 @@ def test_score_resumes_after_kill_and_never_publishes_partial(corpus, tmp_path):
     assert done and len(done) < 4
     r = rho(*args[3:], check=False)  # without --resume: refused
     assert r.returncode == 5 and "--resume" in r.stderr
+    # a resume with another setting would finish a store made of two runs' shards: refused
+    for flag, value in (("--stride", "8"), ("--shard-documents", "40")):
+        changed = [*args[3:], "--resume", flag, value]
+        r = rho(*changed, check=False)
+        assert r.returncode == 6 and flag in r.stderr and "cannot resume with other settings" in r.stderr, r.stderr
+    seq = args.index("--seq-len")
+    r = rho(*args[3:seq], "--seq-len", "16", *args[seq + 2:], "--resume", check=False)
+    assert r.returncode == 6 and "--seq-len was 32, now 16" in r.stderr, r.stderr
     rho(*args[3:], "--resume")
     assert Path(str(out) + ".bin").read_bytes() == (d / "c.ref.bin").read_bytes()
     assert not work.exists()
@@ -253,3 +261,61 @@ def test_static_mask_from_rho_select(corpus, tmp_path):
     half = [json.loads(l) for l in (tmp_path / "half_run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     ratio = half[0]["tokens"] / plain[0]["tokens"]
     assert 0.4 < ratio < 0.6
+
+
+def _mask_store(prefix: Path, tokens_prefix: Path, keep) -> None:
+    """A mask store for the token dataset at ``tokens_prefix`` keeping the flat token indices ``keep``."""
+    from rhocli.core.formats.masks import write_mask_store
+    from rhocli.core.formats.tokens import TokenDataset
+
+    ds = TokenDataset(tokens_prefix)
+    lengths = ds.document_lengths()
+    mask = np.zeros(int(lengths.sum()), dtype=bool)
+    mask[list(keep)] = True
+    write_mask_store(prefix, mask, lengths, {"token_dataset": {"prefix": str(tokens_prefix), "fingerprint": ds.fingerprint()},
+                                             "kept": int(mask.sum()), "tokens": int(mask.size)})
+
+
+def test_nothing_to_train_on_is_refused_or_skipped(corpus, tmp_path):
+    """A selection that keeps nothing is refused before training; a batch with no kept token is a
+    reported, skipped step (no optimizer step, so no weight decay moves the weights), not a NaN loss."""
+    import torch
+
+    d, config = corpus
+    r = rho("select", "--scores", d / "c.ref", "--score", "reference", "--ratio", "0", "--output", tmp_path / "m0", check=False)
+    assert r.returncode == 2 and "--ratio" in r.stderr and not (tmp_path / "m0.json").exists()
+    _mask_store(tmp_path / "none", d / "c", [])
+    r = rho("train", config, "--data", d / "c", "--init", d / "ref", "--mask", tmp_path / "none", "--save", tmp_path / "r0",
+            check=False)
+    assert r.returncode == 2 and "keeps no token" in r.stderr and not (tmp_path / "r0" / "latest").exists()
+    # one kept token in the whole corpus: (almost) every batch keeps none
+    _mask_store(tmp_path / "one", d / "c", [5])
+    run = tmp_path / "run"
+    rho("train", config, "--data", d / "c", "--init", d / "ref", "--mask", tmp_path / "one", "--save", run, "--steps", 3,
+        "--set", "train.optimizer=adam", "--set", "train.weight_decay=0.1", "-q")
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [m for m in records if "lr" in m]
+    assert len(steps) == 3 and all(m["skipped"] == "no token kept" and m["loss"] is None and m["tokens"] == 0
+                                   and m["grad_norm"] is None for m in steps), steps
+    a, b = model_tensors(d / "ref" / "step_000002"), model_tensors(run / "step_000003")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # no step moved a weight
+
+
+def test_damaged_scores_are_refused_with_the_file_named(corpus, tmp_path):
+    d, config = corpus
+    import shutil
+
+    for ext in (".bin", ".idx", ".json"):
+        shutil.copy(f"{d / 'c.ref'}{ext}", f"{tmp_path / 'bad'}{ext}")
+    values = np.fromfile(tmp_path / "bad.bin", dtype=np.float32)
+    values[::7] = np.nan
+    values[3::7] = np.inf
+    values.tofile(tmp_path / "bad.bin")
+    r = rho("select", "--scores", tmp_path / "bad", "--score", "reference", "--ratio", "0.5", "--output", tmp_path / "m",
+            check=False)
+    assert r.returncode == 4 and f"{tmp_path / 'bad.bin'}: " in r.stderr and "non-finite" in r.stderr, r.stderr
+    assert not (tmp_path / "m.json").exists()
+    r = rho("train", config, "--data", d / "c", "--init", d / "ref", "--scores", tmp_path / "bad", "--select-ratio", "0.6",
+            "--save", tmp_path / "run", "--steps", 2, "-q", check=False)
+    assert r.returncode == 4 and f"{tmp_path / 'bad'}.bin: " in r.stderr and "non-finite" in r.stderr, r.stderr
+    assert not (tmp_path / "run" / "latest").exists()

@@ -49,15 +49,19 @@ class TrainRenderer:
         out.print(f"initialised weights from {lit(p['path'])}")
 
     def _on_step(self, m: dict[str, Any]) -> None:
-        fields = dict(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", gnorm=f"{m['grad_norm']:.3f}", tps=human_count(m["tokens_per_s"]))
+        fields = dict(loss=_num(m["loss"], ".4f"), lr=f"{m['lr']:.2e}", gnorm=_num(m["grad_norm"], ".3f"),
+                      tps=human_count(m["tokens_per_s"]))
+        if m.get("skipped"):
+            self._print(f"step {m['step']}: no token kept in this batch (mask or selection); optimizer step skipped")
         if self._progress is not None:
             self._progress.update(self._task, completed=m["step"], **fields)
         elif time.monotonic() - self._last_line >= 10 or "valid_loss" in m:
             self._last_line = time.monotonic()
             extra = ""
             if "kept_fraction" in m and "mean_excess" in m:
-                extra = (f"  kept {m['kept_fraction']:.2f}  excess {m['mean_excess']:.3f}  "
-                         f"kept/dropped {m['kept_loss']:.3f}/{m['dropped_loss']:.3f}  ref {m['ref_loss']:.3f}")
+                extra = (f"  kept {_num(m['kept_fraction'], '.2f')}  excess {_num(m['mean_excess'], '.3f')}  "
+                         f"kept/dropped {_num(m['kept_loss'], '.3f')}/{_num(m['dropped_loss'], '.3f')}  "
+                         f"ref {_num(m['ref_loss'], '.3f')}")
             out.print(f"step {m['step']}  loss {fields['loss']}  lr {fields['lr']}  gnorm {fields['gnorm']}  {fields['tps']} tok/s{extra}")
         if m.get("valid_loss") is not None:
             self._print(f"step {m['step']}: validation loss {m['valid_loss']:.4f}")
@@ -84,6 +88,11 @@ class TrainRenderer:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def _num(value, spec: str) -> str:
+    """A metric for the progress line; "-" for none (a skipped step has no loss or gradient norm)."""
+    return "-" if value is None or value != value else format(value, spec)
 
 
 def banner_rows(p: dict[str, Any]) -> list[tuple[str, str]]:

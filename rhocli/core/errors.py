@@ -111,6 +111,7 @@ ENGINE_ERRORS: dict[str, type[RhoError]] = {
     "parallel.errors.ModelConfigError": UsageError,
     "parallel.errors.NonFiniteValueError": NonFiniteError,
     "parallel.errors.PreemptedError": Preempted,
+    "parallel.errors.StoreContentError": BadInputError,
     "parallel.errors.UnsupportedModelError": BadInputError,
     "parallel.errors.WeightsMismatchError": LoadError,
     "cuda_ext.errors.KernelUnavailableError": NotAvailableError,

@@ -17,6 +17,8 @@ class ScoreJob:
     model_path: str
     #: the score store manifest's fields known before scoring
     manifest_fields: dict[str, Any]
+    #: what the scores depend on; an unfinished run resumes only with the same (ScoreStoreWriter)
+    settings: dict[str, Any]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -88,7 +88,7 @@ def run_score_rank(job_dict: dict[str, Any], on_event=None) -> dict[str, Any]:
     spec = job.engine
     try:
         layout = init_distributed(spec.tp, spec.pp, seed=0)
-        sink = ScoreStoreWriter(job.output, job.manifest_fields)
+        sink = ScoreStoreWriter(job.output, job.manifest_fields, job.settings)
         load = weight_loader(job.model_format, job.model_path, spec.model, spec.tp, spec.pp)
         return Scorer(spec, layout, sink, load, on_event).run()
     finally:

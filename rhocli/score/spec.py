@@ -73,6 +73,12 @@ def resolve_model(model: str) -> ModelSource:
     return ModelSource("huggingface", hf.path, manifest, None)
 
 
+#: how a resume's refusal names each setting (the flags that set it)
+RESUME_NAMES = {"reference_model": "--model (its fingerprint)", "tokens": "--data (its fingerprint)",
+                "window": "--seq-len", "stride": "--stride", "shard_documents": "--shard-documents",
+                "micro_batch_size": "--micro-batch-size", "tp": "--tp", "pp": "--pp"}
+
+
 def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: int | None, seq_len: int | None,
                     stride: int | None, micro_batch_size: int | None, resume: bool, force: bool,
                     shard_documents: int, world_size: int | None = None):
@@ -120,7 +126,11 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
     transformer_config(model_cfg, tp, pp, torch.float32)
     padded_vocab_size(vocab, tp, model_cfg.make_vocab_size_divisible_by)
 
-    writer = ScoreStoreWriter(output)
+    reference_model = source.description()
+    settings = {"reference_model": reference_model["fingerprint"], "tokens": ds.fingerprint(), "window": window,
+                "stride": stride, "shard_documents": shard_documents, "micro_batch_size": micro_batch_size,
+                "tp": tp, "pp": pp}
+    writer = ScoreStoreWriter(output, settings=settings)
     if any(p.exists() for p in writer.final_paths) and not force:
         raise OutputExistsError(f"{output}.json: score store already exists; pass --force to replace it")
     if writer.work.exists() and not resume and not force:
@@ -133,13 +143,15 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
         micro_batch_size=micro_batch_size, microbatches_per_call=8, shard_documents=shard_documents,
         eod_id=int(eod), tp=tp, pp=pp,
     )
+    if writer.work.exists() and resume:
+        writer.check_resume(RESUME_NAMES)
     fields = {
         "window": {"tokens": window, "stride": stride},
         "token_dataset": {"prefix": str(data), "fingerprint": ds.fingerprint()},
-        "reference_model": source.description(),
+        "reference_model": reference_model,
         "tokenizer_fingerprint": tok.get("fingerprint"),
     }
-    return ScoreJob(engine, str(output), source.format, str(source.path), fields), world_size
+    return ScoreJob(engine, str(output), source.format, str(source.path), fields, settings), world_size
 
 
 def start_over(job) -> None:

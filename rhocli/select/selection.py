@@ -86,8 +86,8 @@ def document_filter_mask(values: np.ndarray, lengths: np.ndarray, k: int) -> np.
 
 
 def run_select(cfg: SelectConfig) -> SelectSummary:
-    if not 0.0 <= cfg.ratio <= 1.0:
-        raise UsageError(f"--ratio must be in [0, 1], got {cfg.ratio}")
+    if not 0.0 < cfg.ratio <= 1.0:
+        raise UsageError(f"--ratio must be in (0, 1] (a mask that keeps nothing trains nothing), got {cfg.ratio}")
     if cfg.score == "excess" and not cfg.base_scores:
         raise UsageError("--score excess needs --base-scores (the base model's scores of the same tokens)")
     from rhocli.core.formats.masks import write_mask_store

@@ -205,6 +205,8 @@ def _check_masks(cfg, refs):
     out = []
     for prefix, ref in zip(cfg.masks, refs):
         manifest = read_mask_manifest(prefix, label="--mask ")
+        if manifest.get("kept") == 0:
+            raise UsageError(f"--mask {prefix}: keeps no token (kept 0 of {manifest.get('tokens')}); nothing to train on")
         made_for = (manifest.get("token_dataset") or {}).get("fingerprint")
         if made_for != ref.fingerprint:
             raise MismatchError(f"--mask {prefix}: masks token dataset {made_for}, not --data {ref.prefix} ({ref.fingerprint})")

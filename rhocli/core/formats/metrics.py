@@ -17,9 +17,11 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_NAME
 
     def append(self, record: dict[str, Any]) -> None:
+        """One record; a NaN or infinite number is written as null (JSON has no NaN)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """Drop records a killed run logged after the checkpoint of ``step`` (resume)."""
@@ -41,9 +43,9 @@ def read_metrics(run_dir: str | Path) -> dict[str, list]:
             m = json.loads(line)
             if m.get("valid_loss") is not None:
                 valid.append((int(m["step"]), float(m["valid_loss"])))
-            if "loss" in m:
+            if m.get("loss") is not None:
                 train.append((int(m["step"]), float(m["loss"])))
-            if "kept_fraction" in m:
+            if m.get("kept_fraction") is not None:
                 kept.append(float(m["kept_fraction"]))
     return {"valid": valid, "train": train, "kept_fraction": kept}
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rhocli.core.errors import MissingInputError
+from rhocli.core.errors import BadInputError, MismatchError, MissingInputError
 from rhocli.core.formats.manifest import ManifestType, content_fingerprint, store_paths
 
 SCORES = ManifestType("rho.scores", 1, "score store")
@@ -56,13 +56,23 @@ def read_scores_manifest(prefix: str | Path, label: str = "") -> dict[str, Any]:
 
 
 def open_scores(prefix: str | Path, label: str = "") -> ScoreStore:
-    """Read a whole score store (values as float32)."""
+    """Read a whole score store (values as float32). Every value of a store rho score wrote is a
+    finite loss: a NaN or infinity means the file was damaged, and is refused with its place."""
     from rhocli.core.megatron_io import indexed_dataset
 
     manifest = read_scores_manifest(prefix, label)
     ds = indexed_dataset().IndexedDataset(str(prefix), mmap=True)
     lengths = np.array(ds.sequence_lengths, dtype=np.int64)
-    values = np.fromfile(store_paths(prefix)[0], dtype=np.float32)
+    del ds
+    bin_file = store_paths(prefix)[0]
+    values = np.fromfile(bin_file, dtype=np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.argmax(bad))
+        doc = int(np.searchsorted(np.cumsum(lengths), first, side="right"))
+        start = int(lengths[:doc].sum())
+        raise BadInputError(f"{label}{bin_file}: {int(bad.sum()):,} non-finite score(s), the first at document {doc}, "
+                            f"token {first - start}; the store is damaged (rho verify {prefix}; score it again)")
     return ScoreStore(str(prefix), manifest, lengths, values)
 
 
@@ -73,11 +83,34 @@ class ScoreStoreWriter:
     0 calls ``prepare`` first and ``publish`` last.
     """
 
-    def __init__(self, output: str | Path, manifest_fields: dict[str, Any] | None = None):
+    SETTINGS_NAME = "settings.json"
+
+    def __init__(self, output: str | Path, manifest_fields: dict[str, Any] | None = None,
+                 settings: dict[str, Any] | None = None):
         self.output = str(output)
         self.work = Path(self.output + ".rho-work")
         #: fields of the manifest known before scoring (window, token dataset, reference model, ...)
         self.manifest_fields = dict(manifest_fields or {})
+        #: what a score's value depends on (model, tokens, window, ...): a resumed run must match them
+        self.settings = dict(settings or {})
+
+    def check_resume(self, names: dict[str, str]) -> None:
+        """Before resuming: the unfinished run's settings must be this run's, or its shards and the
+        new ones would be two different stores in one. ``names`` says how to call each setting."""
+        import json
+
+        path = self.work / self.SETTINGS_NAME
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise MismatchError(f"{self.work}: no record of the settings this unfinished run used ({path}); "
+                                "pass --force to start over") from None
+        changed = [names.get(k, k) for k in self.settings if recorded.get(k) != self.settings[k]]
+        if changed:
+            detail = "; ".join(f"{names.get(k, k)} was {recorded.get(k)!r}, now {self.settings[k]!r}"
+                               for k in self.settings if recorded.get(k) != self.settings[k])
+            raise MismatchError(f"{self.work}: cannot resume with other settings ({detail}); "
+                                "resume with the original ones, or pass --force to start over")
 
     @property
     def final_paths(self) -> tuple[Path, Path, Path]:
@@ -87,7 +120,15 @@ class ScoreStoreWriter:
         return self.work / f"shard_{shard:06d}"
 
     def prepare(self) -> None:
+        """Rank 0, before any shard: the work folder, with the settings of the run that starts it."""
+        import json
+
         self.work.mkdir(parents=True, exist_ok=True)
+        settings = self.work / self.SETTINGS_NAME
+        if not settings.exists():
+            tmp = settings.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.settings, indent=2) + "\n")
+            os.replace(tmp, settings)
 
     def is_done(self, shard: int) -> bool:
         return self._shard(shard).with_suffix(".done").exists()
