@@ -238,3 +238,36 @@ def test_kill_9_leaves_no_process_behind(tmp_path, tiny_data, init_ckpt):
     proc.wait()
     _, alive = psutil.wait_procs(children, timeout=20)
     assert [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_one_rho_per_run_directory(tmp_path, tiny_data, init_ckpt):
+    """A second rho train on a run directory in use is refused with the holder named, and leaves the
+    first run alone; the lock of a run killed with -9 is stale and a --resume takes it over."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config, init = init_ckpt
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "rhocli", "train", str(config), "--data", str(tiny_data), "--save",
+                              str(run), "--init", str(init), "--steps", "100000", "--save-interval", "2", "-q",
+                              "--set", "train.warmup_steps=1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "latest").is_file():
+        assert first.poll() is None
+        time.sleep(0.2)
+    for extra in (["--force"], ["--resume"]):
+        second = rho("train", config, "--data", tiny_data, "--save", run, "--steps", 4, "-q", *extra, check=False)
+        assert second.returncode == 13, second.stderr
+        assert f"PID {first.pid}" in second.stderr and ".rho-lock" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert first.poll() is None  # still training, its metrics its own
+    steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (run / ".rho-lock").is_file()  # left behind by the killed run
+    last = int((run / "latest").read_text().strip().split("_")[1])
+    rho("train", config, "--data", tiny_data, "--save", run, "--steps", last + 1, "--resume", "-q",
+        "--set", "train.warmup_steps=1")
+    assert (run / "latest").read_text().strip() == f"step_{last + 1:06d}" and not (run / ".rho-lock").exists()

@@ -78,10 +78,10 @@ def score_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
 ) -> None:
     """Score every token of a dataset with a reference model (forward only, TP/PP/DP)."""
-    from rhocli.core.launch import run_ranks, world_from_env
+    from rhocli.core.launch import world_from_env
     from rhocli.core.megatron_io import quiet_megatron
-    from rhocli.score.rank import run_score_rank
-    from rhocli.score.spec import build_score_job, start_over
+    from rhocli.score.run import run_scoring
+    from rhocli.score.spec import build_score_job
 
     quiet_megatron()
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
@@ -89,6 +89,4 @@ def score_command(
         model, data, output, tp, pp, dp, seq_len, stride, micro_batch_size, resume, force, shard_documents,
         world_size=world_from_env(),
     )
-    if force and not resume:
-        start_over(job)
-    run_ranks(world, run_score_rank, job.to_dict(), None if quiet else ScoreRenderer)
+    run_scoring(job, world, force, resume, None if quiet else ScoreRenderer)

@@ -61,10 +61,10 @@ def train_command(
 ) -> None:
     """Train a causal LM, or a selective one, on megatron-core with TP / PP / DP."""
     from rhocli.core.errors import UsageError
-    from rhocli.core.launch import run_ranks, world_from_env
+    from rhocli.core.launch import world_from_env
     from rhocli.core.megatron_io import quiet_megatron
-    from rhocli.train.rank import run_train_rank
-    from rhocli.train.spec import build_run_spec, load_run_configs, prepare_run_dir, run_plan, spec_to_dict
+    from rhocli.train.run import run_training
+    from rhocli.train.spec import build_run_spec, load_run_configs, run_plan
 
     quiet_megatron()
     flags = {
@@ -81,10 +81,9 @@ def train_command(
     if dry_run:
         _print_plan(run_plan(spec, world))
         return
-    prepare_run_dir(spec, force)
     from rhocli.commands.train_render import TrainRenderer
 
-    run_ranks(world, run_train_rank, spec_to_dict(spec), None if quiet else TrainRenderer)
+    run_training(spec, world, force, None if quiet else TrainRenderer)
 
 
 def _datasets(refs) -> str:

@@ -46,6 +46,12 @@ class MismatchError(RhoError):
     exit_code = 6
 
 
+class InUseError(RhoError):
+    """Another rho process is writing the same output (a run directory, a score store)."""
+
+    exit_code = 13
+
+
 class NotAvailableError(RhoError):
     """The stage or code path exists in the CLI but is not implemented / not usable here."""
 
@@ -99,7 +105,7 @@ INTERNAL_ERROR_EXIT_CODE = 1
 
 CATEGORIES: tuple[type[RhoError], ...] = (
     UsageError, MissingInputError, BadInputError, OutputExistsError, MismatchError, NotAvailableError,
-    ConfigError, LoadError, WorkerError, NonFiniteError, Preempted, Interrupted, Terminated,
+    ConfigError, LoadError, WorkerError, NonFiniteError, Preempted, InUseError, Interrupted, Terminated,
 )
 EXIT_CODES: dict[str, int] = {cls.__name__: cls.exit_code for cls in CATEGORIES}
 

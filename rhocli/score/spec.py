@@ -152,13 +152,3 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
         "tokenizer_fingerprint": tok.get("fingerprint"),
     }
     return ScoreJob(engine, str(output), source.format, str(source.path), fields, settings), world_size
-
-
-def start_over(job) -> None:
-    """``--force`` without ``--resume``: rank 0 drops an unfinished run's shards."""
-    import os
-
-    from rhocli.core.formats.scores import ScoreStoreWriter
-
-    if int(os.environ.get("RANK", 0)) == 0:
-        ScoreStoreWriter(job.output).clear_work()
