@@ -27,6 +27,7 @@ from rhocli.commands.score import score_command
 from rhocli.commands.select import select_command
 from rhocli.commands.tokenize import tokenize_command
 from rhocli.commands.train import train_command
+from rhocli.commands.verify import verify_command
 from rhocli.core.processes import adopt_spawned_child
 
 adopt_spawned_child()  # a spawned child of a rho process (a rank, a megatron helper) dies with it
@@ -86,6 +87,10 @@ app.command("convert-hf", help="Convert between Hugging Face Llama/Mistral and r
 
 app.command("demo", help="Run the whole pipeline on a small embedded corpus (CPU, minutes) and compare CLM vs SLM.")(
     stage(demo_command)
+)
+
+app.command("verify", help="Check token, score and mask stores and checkpoints byte by byte (fingerprints, values).")(
+    stage(verify_command)
 )
 
 app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers: tokenize, train, kernel, score.")

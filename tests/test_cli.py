@@ -15,7 +15,7 @@ from rhocli import __version__
 from rhocli.core.errors import ENGINE_ERRORS, EXIT_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["tokenize", "train", "score", "select", "convert-hf", "demo", "bench"]
+STAGES = ["tokenize", "train", "score", "select", "convert-hf", "demo", "bench", "verify"]
 
 
 def test_help_lists_every_stage(capsys):

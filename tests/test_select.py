@@ -162,3 +162,16 @@ def test_report_renders_in_headless_chromium(scored, capsys):
     all_spans = re.findall(r'<span class="([kd])"', sections)
     assert len(all_spans) == int(sum(ds.document_lengths()[:3]))
     assert "k" in all_spans and "d" in all_spans and "<svg" in dom
+
+
+def test_a_score_store_of_other_documents_is_refused(scored, capsys, tmp_path):
+    """A store that claims the token dataset's fingerprint but scores fewer documents is refused by
+    rho train before anything runs (it used to fail mid-run with an IndexError)."""
+    from train_utils import write_tiny_config
+
+    d, ds, ref, _ = scored
+    _fake_scores(d / "part", d / "c", ref[:20], ds.fingerprint())
+    config = write_tiny_config(tmp_path)
+    r = run_rho(capsys, "train", config, "--data", d / "c", "--scores", d / "part", "--select-ratio", "0.6",
+                "--save", tmp_path / "run", "--dry-run")
+    assert r.exit_code == 6 and "20 documents" in r.stderr and f"has {len(ref)} documents" in r.stderr, r.stderr

@@ -319,3 +319,28 @@ def test_damaged_scores_are_refused_with_the_file_named(corpus, tmp_path):
             "--save", tmp_path / "run", "--steps", 2, "-q", check=False)
     assert r.returncode == 4 and f"{tmp_path / 'bad'}.bin: " in r.stderr and "non-finite" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_verify_reads_everything_and_resume_checks_the_checkpoint(corpus, tmp_path):
+    """rho verify passes sound stores and a checkpoint, and names what a changed byte or a truncated
+    shard damaged; rho train --resume refuses a checkpoint with a truncated shard before it starts."""
+    import shutil
+
+    d, config = corpus
+    ok = rho("verify", d / "c", d / "c.ref", d / "ref")
+    assert "verified 3 of 3" in " ".join(ok.stdout.split())
+    for ext in (".bin", ".idx", ".json"):
+        shutil.copy(f"{d / 'c.ref'}{ext}", f"{tmp_path / 's'}{ext}")
+    values = np.fromfile(tmp_path / "s.bin", dtype=np.float32)
+    values[100] += 1.0  # still a finite, plausible loss: only the content fingerprint can tell
+    values.tofile(tmp_path / "s.bin")
+    r = rho("verify", tmp_path / "s", check=False)
+    assert r.returncode == 4 and "content fingerprint" in r.stderr and "differs" in r.stderr, r.stderr
+    run = tmp_path / "run"
+    shutil.copytree(d / "ref", run)
+    shard = sorted((run / "step_000002").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    r = rho("verify", run, check=False)
+    assert r.returncode == 4 and f"{shard}: " in r.stderr and "truncated" in r.stderr, r.stderr
+    r = rho("train", config, "--data", d / "c", "--save", run, "--steps", 4, "--resume", "-q", check=False)
+    assert r.returncode == 4 and f"--resume {shard}: " in r.stderr, r.stderr

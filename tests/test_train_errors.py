@@ -14,9 +14,12 @@ from train_utils import write_tiny_config
 def small_data(tmp_path_factory, hf_tokenizer_dir):
     from rhocli.tokenize.pipeline import TokenizeConfig, run_tokenize
 
+    import shutil
+
     d = tmp_path_factory.mktemp("errdata")
+    shutil.copytree(hf_tokenizer_dir, d / "tok")
     write_jsonl(d / "c.jsonl", [{"text": t} for t in CORPUS])
-    run_tokenize(TokenizeConfig(inputs=(str(d / "c.jsonl"),), tokenizer=str(hf_tokenizer_dir), output=str(d / "c"), workers=1))
+    run_tokenize(TokenizeConfig(inputs=(str(d / "c.jsonl"),), tokenizer=str(d / "tok"), output=str(d / "c"), workers=1))
     return d / "c"
 
 
@@ -78,3 +81,46 @@ def test_dry_run_prints_the_plan_and_starts_nothing(capsys, tmp_path, small_data
     assert r.exit_code == 0, r.stderr
     assert "world 4 = tp 2 x pp 2 x dp 1" in r.stdout and "valid" in r.stdout
     assert not (tmp_path / "run").exists()
+
+
+def _copy_store(src, dst) -> None:
+    import shutil
+
+    for ext in (".bin", ".idx", ".json"):
+        shutil.copy(f"{src}{ext}", f"{dst}{ext}")
+
+
+@pytest.mark.parametrize("damage, code, words", [
+    ("other_bin", 4, [".bin: ", "belongs to another store"]),
+    ("short_bin", 4, [".bin: ", "is truncated"]),
+    ("short_idx", 4, [".idx: ", "truncated or damaged"]),
+    ("other_manifest", 4, [".json: says", "the manifest belongs to another store"]),
+])
+def test_damaged_token_stores_are_refused_on_open(capsys, tmp_path, small_data, damage, code, words):
+    """The store's files are checked against each other and its manifest before anything reads them:
+    one line naming the file, exit 4, no traceback (megatron's reader would crash, or read garbage)."""
+    import json
+
+    from rhocli.tokenize.pipeline import TokenizeConfig, run_tokenize
+
+    bad = tmp_path / "bad"
+    _copy_store(small_data, bad)
+    if damage == "other_bin":  # another dataset's .bin under this .idx
+        (tmp_path / "o.jsonl").write_text('{"text": "a different and much shorter corpus"}\n')
+        run_tokenize(TokenizeConfig(inputs=(str(tmp_path / "o.jsonl"),), tokenizer=str(small_data.parent / "tok"),
+                                    output=str(tmp_path / "o"), workers=1))
+        (tmp_path / "bad.bin").write_bytes((tmp_path / "o.bin").read_bytes())
+    elif damage == "short_bin":
+        data = (tmp_path / "bad.bin").read_bytes()
+        (tmp_path / "bad.bin").write_bytes(data[:-1000])
+    elif damage == "short_idx":
+        data = (tmp_path / "bad.idx").read_bytes()
+        (tmp_path / "bad.idx").write_bytes(data[:-20])
+    else:  # a manifest that describes another dataset
+        manifest = json.loads((tmp_path / "bad.json").read_text())
+        manifest["documents"] += 7
+        (tmp_path / "bad.json").write_text(json.dumps(manifest))
+    r = _train(capsys, tmp_path, bad, "--dry-run")
+    assert r.exit_code == code, r.stderr
+    assert all(w in r.stderr for w in words) and str(bad) in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "Exception ignored" not in r.stderr

@@ -140,6 +140,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         if step_dir is None:
             continue
         manifest = ckpt.read_manifest(step_dir, label=f"{label} ")
+        ckpt.check_checkpoint_files(step_dir, label=f"{label} ")  # every shard there and whole
         if manifest.get("tokenizer_fingerprint") and tokenizer_fp and manifest["tokenizer_fingerprint"] != tokenizer_fp:
             raise MismatchError(f"{label} {step_dir}: trained with another tokenizer than --data {refs[0].prefix}")
         if manifest.get("vocab_size") != vocab:
@@ -210,6 +211,7 @@ def _check_masks(cfg, refs):
         made_for = (manifest.get("token_dataset") or {}).get("fingerprint")
         if made_for != ref.fingerprint:
             raise MismatchError(f"--mask {prefix}: masks token dataset {made_for}, not --data {ref.prefix} ({ref.fingerprint})")
+        _same_documents(prefix, ref.prefix, "--mask")
         out.append(DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", "")))
     return tuple(out)
 
@@ -237,8 +239,20 @@ def _check_scores(cfg, refs):
             raise MismatchError(
                 f"--scores {prefix}: scores token dataset {made_from}, not --data {ref.prefix} ({ref.fingerprint})"
             )
+        _same_documents(prefix, ref.prefix, "--scores")
         out.append(DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", "")))
     return tuple(out)
+
+
+def _same_documents(store: str, tokens: str, flag: str) -> None:
+    """A score or mask store has one value per token of its token dataset, document by document
+    (megatron's sample indices read both with the same offsets)."""
+    from rhocli.core.formats.indexed import read_index
+
+    mine, theirs = read_index(store).document_lengths, read_index(tokens).document_lengths
+    if mine.shape != theirs.shape or not (mine == theirs).all():
+        raise MismatchError(f"{flag} {store}: {mine.size:,} documents of {int(mine.sum()):,} values, but --data {tokens} "
+                            f"has {theirs.size:,} documents of {int(theirs.sum()):,} tokens; it belongs to other tokens")
 
 
 def spec_to_dict(spec) -> dict[str, Any]:

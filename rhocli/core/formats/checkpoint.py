@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rhocli.core.errors import MissingInputError
+from rhocli.core.errors import BadInputError, MissingInputError
 from rhocli.core.formats.manifest import ManifestType
 
 CHECKPOINT = ManifestType("rho.checkpoint", 1, "checkpoint")
@@ -113,6 +113,32 @@ class CheckpointStore:
         """Remove checkpoints a killed run left half-written (rank 0, before training starts)."""
         for tmp in self.run_dir.glob(".tmp-step_*"):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_checkpoint_files(step_dir: str | Path, label: str = "") -> int:
+    """Every file a checkpoint's dist_checkpointing metadata names exists and holds at least the bytes
+    it records (a truncated or missing shard is found before a load fails on it). Returns the number
+    of data files; raises BadInputError naming the first problem."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    step_dir = Path(step_dir)
+    read_manifest(step_dir, label)
+    try:
+        metadata = FileSystemReader(str(step_dir)).read_metadata()
+    except Exception as err:  # missing or unreadable .metadata
+        raise BadInputError(f"{label}{step_dir}: unreadable dist_checkpointing metadata ({type(err).__name__})") from None
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), int(info.offset) + int(info.length))
+    for name, size in sorted(needed.items()):
+        path = step_dir / name
+        if not path.is_file():
+            raise BadInputError(f"{label}{path}: missing (the checkpoint's metadata names it)")
+        if path.stat().st_size < size:
+            raise BadInputError(f"{label}{path}: {path.stat().st_size:,} bytes, the metadata needs {size:,}; truncated")
+    if not (step_dir / "common.pt").is_file():
+        raise BadInputError(f"{label}{step_dir / 'common.pt'}: missing")
+    return len(needed)
 
 
 def model_tensor_names(step_dir: str | Path) -> list[str]:

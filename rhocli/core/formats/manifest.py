@@ -69,3 +69,12 @@ def content_fingerprint(idx_file: str | Path, bin_file: str | Path) -> str:
     from rhocli.core.fingerprint import sha256_files
 
     return sha256_files([idx_file, bin_file])
+
+
+def check_fingerprint(prefix: str | Path, manifest: dict[str, Any], label: str = "") -> str:
+    """The store's content still hashes to its manifest's fingerprint (reads every byte once)."""
+    content = store_fingerprint(prefix)
+    if manifest.get("fingerprint") != content:
+        raise BadInputError(f"{label}{prefix}: content fingerprint {content[:19]}… differs from its manifest's "
+                            f"{str(manifest.get('fingerprint'))[:19]}…; the files were changed after they were written")
+    return content

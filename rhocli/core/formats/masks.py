@@ -40,11 +40,18 @@ def write_mask_store(output: str | Path, mask: np.ndarray, lengths: np.ndarray, 
 
 
 def read_mask_manifest(prefix: str | Path, label: str = "") -> dict[str, Any]:
-    """The manifest, after checking that the store's three files exist."""
+    """The manifest, after checking the store's structure (``indexed.read_index``) and that it holds
+    the documents and tokens its manifest says it masks."""
+    from rhocli.core.formats.indexed import check_counts, read_index
+
     paths = store_paths(prefix)
     if not all(p.is_file() for p in paths):
         raise MissingInputError(f"{label}{prefix}: mask store not found (PREFIX.bin/.idx/.json from rho select)")
-    return MASKS.read(paths[2], label)
+    manifest = MASKS.read(paths[2], label)
+    info = read_index(prefix, label, "mask store")
+    check_counts(info, {"documents": (manifest.get("token_dataset") or {}).get("documents"),
+                        "tokens": manifest.get("tokens")}, prefix, label)
+    return manifest
 
 
 def read_masks(prefix: str | Path) -> list[np.ndarray]:

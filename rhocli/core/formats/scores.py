@@ -14,6 +14,7 @@ in order and moves the store into place, manifest last. ``open_scores`` reads a 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 from pathlib import Path
@@ -21,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from rhocli.core.errors import BadInputError, MismatchError, MissingInputError
-from rhocli.core.formats.manifest import ManifestType, content_fingerprint, store_paths
+from rhocli.core.errors import BadInputError, MismatchError
+from rhocli.core.formats.manifest import ManifestType, content_fingerprint, store_fingerprint, store_paths
 
 SCORES = ManifestType("rho.scores", 1, "score store")
 #: histogram of the published values: HISTOGRAM_BINS bins over [0, HISTOGRAM_MAX) nats
@@ -46,12 +47,13 @@ class ScoreStore:
 
 
 def read_scores_manifest(prefix: str | Path, label: str = "") -> dict[str, Any]:
-    """The manifest, after checking that the store's three files exist."""
-    bin_file, idx_file, manifest_file = store_paths(prefix)
-    manifest = SCORES.read(manifest_file, label)
-    for path in (bin_file, idx_file):
-        if not path.is_file():
-            raise MissingInputError(f"{label}{path}: score store file not found")
+    """The manifest, after checking the store's structure (``indexed.read_index``) and that it holds
+    the documents and tokens its manifest says it scores."""
+    from rhocli.core.formats.indexed import check_counts, read_index
+
+    manifest = SCORES.read(store_paths(prefix)[2], label)
+    info = read_index(prefix, label, "score store")
+    check_counts(info, manifest.get("token_dataset") or {}, prefix, label)
     return manifest
 
 
@@ -95,16 +97,22 @@ class ScoreStoreWriter:
         self.settings = dict(settings or {})
 
     def check_resume(self, names: dict[str, str]) -> None:
-        """Before resuming: the unfinished run's settings must be this run's, or its shards and the
-        new ones would be two different stores in one. ``names`` says how to call each setting."""
-        import json
-
+        """Before resuming: every finished shard is still what was written (one that is not is scored
+        again), and the unfinished run's settings are this run's, or its shards and the new ones would
+        be two different stores in one. ``names`` says how to call each setting."""
         path = self.work / self.SETTINGS_NAME
         try:
             recorded = json.loads(path.read_text())
         except (OSError, ValueError):
             raise MismatchError(f"{self.work}: no record of the settings this unfinished run used ({path}); "
                                 "pass --force to start over") from None
+        for marker in sorted(self.work.glob("shard_*.done")):  # a damaged shard is scored again
+            try:
+                intact = json.loads(marker.read_text())["fingerprint"] == store_fingerprint(marker.with_suffix(""))
+            except (OSError, ValueError, KeyError, TypeError):
+                intact = False
+            if not intact:
+                marker.unlink()
         changed = [names.get(k, k) for k in self.settings if recorded.get(k) != self.settings[k]]
         if changed:
             detail = "; ".join(f"{names.get(k, k)} was {recorded.get(k)!r}, now {self.settings[k]!r}"
@@ -121,8 +129,6 @@ class ScoreStoreWriter:
 
     def prepare(self) -> None:
         """Rank 0, before any shard: the work folder, with the settings of the run that starts it."""
-        import json
-
         self.work.mkdir(parents=True, exist_ok=True)
         settings = self.work / self.SETTINGS_NAME
         if not settings.exists():
@@ -145,7 +151,8 @@ class ScoreStoreWriter:
         final = self._shard(shard)
         os.replace(str(tmp) + ".bin", str(final) + ".bin")
         os.replace(str(tmp) + ".idx", str(final) + ".idx")
-        final.with_suffix(".done").write_text("ok\n")
+        # the marker holds the shard's fingerprint: a resume checks the shard is still what was written
+        final.with_suffix(".done").write_text(json.dumps({"fingerprint": store_fingerprint(final)}) + "\n")
 
     def publish(self, n_shards: int, token_lengths: np.ndarray) -> dict[str, Any]:
         """Concatenate the shards in order (megatron's ``add_index``), write the manifest, move the

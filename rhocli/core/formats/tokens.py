@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from rhocli.core.errors import BadInputError, MissingInputError
+from rhocli.core.errors import BadInputError
 from rhocli.core.formats.manifest import ManifestType, content_fingerprint, store_fingerprint, store_paths
 
 TOKENS = ManifestType("rho.tokens", 1, "token dataset")
@@ -55,11 +55,13 @@ class TokenDataset:
     """Read access to a token dataset through megatron-core's own ``IndexedDataset``."""
 
     def __init__(self, prefix: str | Path):
+        from rhocli.core.formats.indexed import check_counts, read_index
+
         self.prefix = str(prefix)
-        for path in (bin_path(prefix), idx_path(prefix)):
-            if not path.exists():
-                raise MissingInputError(f"{path}: token dataset file not found")
+        self.index_info = read_index(prefix, what="token dataset")  # the files' structure, before megatron reads them
         self.manifest = read_manifest(prefix)
+        if self.manifest:
+            check_counts(self.index_info, self.manifest, self.prefix)
         from rhocli.core.megatron_io import indexed_dataset
 
         try:
