@@ -271,3 +271,38 @@ def test_one_rho_per_run_directory(tmp_path, tiny_data, init_ckpt):
     rho("train", config, "--data", tiny_data, "--save", run, "--steps", last + 1, "--resume", "-q",
         "--set", "train.warmup_steps=1")
     assert (run / "latest").read_text().strip() == f"step_{last + 1:06d}" and not (run / ".rho-lock").exists()
+
+
+def test_resume_and_force_never_lose_the_run(tmp_path, tiny_data, init_ckpt):
+    """--resume continues a run as it is or not at all; --force replaces a run only once the new run
+    has a checkpoint (a replacement that fails first puts the old run back, byte for byte); a latest
+    that names a missing step is refused, never taken for an empty run."""
+    import shutil
+
+    config, init = init_ckpt
+    run = tmp_path / "run"
+    rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "--steps", 3, "--stop-after", 2, "-q")
+    for extra, code, words in ((["--lr", "0.1"], 6, "lr was 0.05, now 0.1"), (["--steps", "2"], 2, "the run is at step 2"),
+                               (["--force"], 2, "exclude each other")):
+        r = rho("train", config, "--data", tiny_data, "--save", run, "--resume", "-q", *extra, check=False)
+        assert r.returncode == code and words in r.stderr, (extra, r.stderr)
+    r = rho("train", config, "--data", tiny_data, "--save", tmp_path / "empty", "--resume", "-q", check=False)
+    assert r.returncode == 3 and "no checkpoint to resume from" in r.stderr and not (tmp_path / "empty").exists()
+
+    before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and ".rho-lock" not in p.name}
+    failed = rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "--force", "--lr", "1e12",
+                 "--set", "train.min_lr=1e12", check=False)
+    assert failed.returncode == 11, failed.stderr  # the loss diverges at step 1, before any checkpoint
+    after = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and ".rho-lock" not in p.name}
+    assert after == before and not (run / ".replaced").exists()
+
+    dangling = tmp_path / "dangling"
+    shutil.copytree(run, dangling)
+    shutil.rmtree(dangling / "step_000002")
+    for extra in (["--resume"], []):
+        r = rho("train", config, "--data", tiny_data, "--save", dangling, "-q", *extra, check=False)
+        assert r.returncode == 3 and "names step_000002, which is not a complete checkpoint" in r.stderr, r.stderr
+
+    rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "--force", "--steps", 2, "--stop-after", 1, "-q")
+    assert (run / "latest").read_text().strip() == "step_000001" and not (run / ".replaced").exists()
+    assert not (run / "step_000002").exists() and sorted(losses(run)) == [1]

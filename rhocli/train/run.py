@@ -15,10 +15,13 @@ def run_training(spec, world: int, force: bool, renderer_cls: type | None) -> No
     from rhocli.core.launch import run_ranks
     from rhocli.core.lock import OutputLock
     from rhocli.train.rank import run_train_rank
-    from rhocli.train.spec import prepare_run_dir, spec_to_dict
+    from rhocli.train.spec import finish_run_dir, prepare_run_dir, spec_to_dict
 
     rank0 = int(os.environ.get("RANK", 0)) == 0
     lock = OutputLock(Path(spec.run_dir) / LOCK_NAME, f"--save {spec.run_dir}") if rank0 else contextlib.nullcontext()
     with lock:
         prepare_run_dir(spec, force)
-        run_ranks(world, run_train_rank, spec_to_dict(spec), renderer_cls)
+        try:
+            run_ranks(world, run_train_rank, spec_to_dict(spec), renderer_cls)
+        finally:
+            finish_run_dir(spec)

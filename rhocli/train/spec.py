@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rhocli.core.config import config_from_mapping, config_to_dict, load_yaml_mapping
-from rhocli.core.errors import ConfigError, MismatchError, OutputExistsError, UsageError
+from rhocli.core.errors import ConfigError, MismatchError, MissingInputError, OutputExistsError, UsageError
 
 
 def parse_data_arg(arg: str) -> tuple[str, float | None]:
@@ -130,9 +130,27 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     if not cfg.save:
         raise UsageError("no run directory: pass --save DIR (or train.save in the config)")
     run_dir = Path(cfg.save)
+    dangling = ckpt.dangling_latest(run_dir)
+    if dangling is not None and not force:
+        raise MissingInputError(f"{run_dir / ckpt.LATEST_NAME}: names {dangling}, which is not a complete checkpoint; "
+                                "nothing to resume from (point latest at a complete step_* directory, or pass --force "
+                                "to start over)")
+    if (run_dir / ckpt.REPLACED_NAME).is_dir() and not force:
+        raise OutputExistsError(f"{run_dir}: a --force run was stopped before its first checkpoint; the run it "
+                                f"replaces is kept in {run_dir / ckpt.REPLACED_NAME} (move its files back to continue "
+                                "it, or pass --force to replace it again)")
     existing = ckpt.latest_step_dir(run_dir) if run_dir.exists() else None
     if existing is not None and not cfg.resume and not force:
         raise OutputExistsError(f"{run_dir}: holds checkpoints (latest {existing.name}); pass --resume to continue or --force to start over")
+    if cfg.resume and force:
+        raise UsageError("--resume and --force exclude each other (--resume continues the run, --force replaces it)")
+    if cfg.resume and existing is None:
+        raise MissingInputError(f"--resume {run_dir}: no checkpoint to resume from (drop --resume to start the run)")
+    if cfg.resume:
+        done = int(ckpt.read_manifest(existing, label="--resume ")["step"])
+        if cfg.steps <= done:
+            raise UsageError(f"--resume {run_dir}: the run is at step {done}; --steps {cfg.steps} would end before it "
+                             "(give the run's total, greater than its step)")
     if cfg.resume and cfg.init:
         raise UsageError("--resume and --init exclude each other")
     init_dir = ckpt.resolve_checkpoint(cfg.init, label="--init ") if cfg.init else None
@@ -151,6 +169,8 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
                 if saved_model.get(k) != mine.get(k)]
         if diff:
             raise MismatchError(f"{label} {step_dir}: model shape differs from {config_path} in {', '.join(diff)}")
+        if label == "--resume":
+            _same_run(manifest, cfg, refs, step_dir)
 
     scores = _check_scores(cfg, refs)
     masks = _check_masks(cfg, refs)
@@ -244,6 +264,37 @@ def _check_scores(cfg, refs):
     return tuple(out)
 
 
+#: what a resumed run may change: how long it runs, how it is laid out and logged (``tp``/``pp``/``dp``
+#: reshard; ``init`` only acts at step 0). Every other option is the run's, and a resume keeps it.
+RESUME_MAY_CHANGE = frozenset({"steps", "stop_after", "save_interval", "eval_interval", "log_interval", "checkpoint",
+                               "tp", "pp", "dp", "init", "resume", "save", "data_cache", "data", "eval_data",
+                               "scores", "masks"})
+
+
+def _same_run(manifest: dict, cfg, refs, step_dir: Path) -> None:
+    """--resume continues a run exactly, so it refuses options that would make it another run (a new
+    --lr, other data); the datasets are compared by content, not by the paths given."""
+    saved_train = ((manifest.get("config") or {}).get("train")) or {}
+    mine = config_to_dict(cfg)
+    changed = [f"{k} was {saved_train[k]!r}, now {mine[k]!r}" for k in sorted(mine)
+               if k not in RESUME_MAY_CHANGE and k in saved_train and saved_train[k] != mine[k]]
+    saved_data = [(d.get("fingerprint"), d.get("weight")) for d in manifest.get("datasets") or []]
+    if saved_data and saved_data != [(r.fingerprint, r.weight) for r in refs]:
+        changed.append("--data: other datasets or weights than the run was trained on")
+    saved_scores = [s.get("fingerprint") for s in manifest.get("scores") or []]
+    if saved_scores and cfg.scores and saved_scores != [_store_fingerprint(p) for p in cfg.scores]:
+        changed.append("--scores: other score stores than the run selected with")
+    if changed:
+        raise MismatchError(f"--resume {step_dir}: the run's options differ ({'; '.join(changed)}); a resume continues "
+                            "the run exactly, so give its options (or start a new run with --init)")
+
+
+def _store_fingerprint(prefix: str) -> str | None:
+    from rhocli.core.formats.scores import read_scores_manifest
+
+    return read_scores_manifest(prefix, label="--scores ").get("fingerprint")
+
+
 def _same_documents(store: str, tokens: str, flag: str) -> None:
     """A score or mask store has one value per token of its token dataset, document by document
     (megatron's sample indices read both with the same offsets)."""
@@ -308,17 +359,34 @@ def run_plan(spec, world: int) -> dict[str, Any]:
 
 
 def prepare_run_dir(spec, force: bool) -> None:
-    """Rank 0, before the ranks start: the run directory with its resolved config; ``--force`` (not
-    resuming) starts the metrics over."""
+    """Rank 0, before the ranks start: the run directory with its resolved config. ``--force`` (not
+    resuming) sets the previous run aside (``CheckpointStore.set_aside``): it is removed when the new
+    run publishes its first checkpoint, and put back if the new run ends before (``finish_run_dir``)."""
     import os
+    import shutil
 
     from rhocli.core.config import write_resolved_config
-    from rhocli.core.formats.metrics import MetricsLog
+    from rhocli.core.formats.checkpoint import CheckpointStore
 
     if int(os.environ.get("RANK", 0)) != 0:
         return
     run_dir = Path(spec.run_dir)
+    store = CheckpointStore(run_dir)
+    if force and not spec.train.resume:
+        if store.replaced_dir.is_dir():  # a replacement stopped before its checkpoint: its files go
+            for entry in store._run_entries():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        else:
+            store.set_aside()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_resolved_config(spec.train, run_dir / "train.config.yaml", stage="train")
-    if force and not spec.train.resume:
-        MetricsLog(run_dir).remove()
+
+
+def finish_run_dir(spec) -> bool:
+    """Rank 0, after the ranks ended (however): a --force replacement without a checkpoint puts the
+    replaced run back. Returns whether it did."""
+    import os
+
+    from rhocli.core.formats.checkpoint import CheckpointStore
+
+    return int(os.environ.get("RANK", 0)) == 0 and CheckpointStore(spec.run_dir).put_back()

@@ -29,10 +29,23 @@ from rhocli.core.formats.manifest import ManifestType
 CHECKPOINT = ManifestType("rho.checkpoint", 1, "checkpoint")
 MANIFEST_NAME = "rho_checkpoint.json"
 LATEST_NAME = "latest"
+#: where ``--force`` keeps the run it replaces until the new run has published a checkpoint
+REPLACED_NAME = ".replaced"
+#: a run directory's files besides its checkpoints (metrics, resolved config): set aside with them
+RUN_FILES = ("metrics.jsonl", "train.config.yaml")
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:06d}"
+
+
+def dangling_latest(run_dir: str | Path) -> str | None:
+    """The step a run directory's ``latest`` names when that step is not a complete checkpoint."""
+    latest = Path(run_dir) / LATEST_NAME
+    if not latest.is_file():
+        return None
+    name = latest.read_text().strip()
+    return None if (Path(run_dir) / name / MANIFEST_NAME).is_file() else name
 
 
 def resolve_checkpoint(path: str | os.PathLike, label: str = "") -> Path:
@@ -96,13 +109,50 @@ class CheckpointStore:
         directory renamed into place, then ``latest``. Returns the step directory."""
         tmp, final = self.staging_dir(step), self.step_dir(step)
         CHECKPOINT.write(tmp / MANIFEST_NAME, {"step": step, **fields})
-        if final.exists():  # an older run's checkpoint of the same step (e.g. after --init restart)
-            shutil.rmtree(final)
+        if final.exists():  # never deleted: kept beside the run (nothing rho publishes names it)
+            os.replace(final, self.run_dir / f".superseded-{final.name}-{os.getpid()}")
         os.replace(tmp, final)
         pointer_tmp = self.run_dir / f".{LATEST_NAME}.tmp"
         pointer_tmp.write_text(step_dir_name(step) + "\n")
         os.replace(pointer_tmp, self.run_dir / LATEST_NAME)
+        # the new run has a checkpoint to show: the run it replaced (--force) can go now
+        shutil.rmtree(self.run_dir / REPLACED_NAME, ignore_errors=True)
         return final
+
+    # ------------------------------------------------------------ replacing a run (--force)
+    @property
+    def replaced_dir(self) -> Path:
+        return self.run_dir / REPLACED_NAME
+
+    def _run_entries(self) -> list[Path]:
+        if not self.run_dir.is_dir():
+            return []
+        names = {LATEST_NAME, *RUN_FILES}
+        return sorted(p for p in self.run_dir.iterdir() if p.name in names or p.name.startswith("step_"))
+
+    def set_aside(self) -> bool:
+        """``--force``: move the run's checkpoints, ``latest``, metrics and config into ``.replaced/``
+        (nothing is deleted yet); ``publish`` removes them once the new run has a checkpoint. Returns
+        whether there was anything to set aside."""
+        entries = self._run_entries()
+        if not entries:
+            return False
+        self.replaced_dir.mkdir(exist_ok=False)
+        for entry in entries:
+            os.replace(entry, self.replaced_dir / entry.name)
+        return True
+
+    def put_back(self) -> bool:
+        """The replacing run ended before its first checkpoint: its files go, the replaced run's come
+        back as they were. Returns whether a run was put back."""
+        if not self.replaced_dir.is_dir() or (self.run_dir / LATEST_NAME).exists():
+            return False
+        for entry in self._run_entries():
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        for entry in sorted(self.replaced_dir.iterdir()):
+            os.replace(entry, self.run_dir / entry.name)
+        self.replaced_dir.rmdir()
+        return True
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
         """(step directory, manifest) of the latest complete checkpoint, or None."""
