@@ -7,7 +7,7 @@ them. Field docstrings are the documentation of the YAML keys (docs/train.md).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,14 @@ class ModelConfig:
     (``parallel.layout.padded_vocab_size``)."""
     sliding_window: int | None = None
     """Mistral's attention window; recorded for export. Training sequences must not exceed it."""
+
+    #: the allowed range of each numeric option (``>= x``, ``> x``, ``[a, b)``), checked where a config
+    #: is parsed (``rhocli.core.config``); None is always allowed where the type allows it
+    RANGES: ClassVar[dict[str, str]] = {
+        "num_layers": ">= 1", "hidden_size": ">= 1", "ffn_hidden_size": ">= 1", "num_attention_heads": ">= 1",
+        "num_query_groups": ">= 1", "max_position_embeddings": ">= 1", "vocab_size": ">= 1", "rope_theta": "> 0",
+        "norm_epsilon": "> 0", "init_method_std": "> 0", "make_vocab_size_divisible_by": ">= 1", "sliding_window": ">= 1",
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,3 +105,12 @@ class TrainConfig:
     mask 1 are trained on (and counted)."""
     data_cache: str | None = None
     """Where GPTDataset caches its sample indices (default: SAVE/data_cache)."""
+
+    #: the allowed range of each numeric option (see ModelConfig.RANGES)
+    RANGES: ClassVar[dict[str, str]] = {
+        "steps": ">= 1", "seq_length": ">= 1", "micro_batch_size": ">= 1", "global_batch_size": ">= 1",
+        "lr": ">= 0", "min_lr": ">= 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
+        "adam_beta2": "[0, 1)", "adam_eps": "> 0", "clip_grad": ">= 0", "seed": ">= 0", "eval_interval": ">= 0",
+        "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1",
+        "stop_after": ">= 1", "select_ratio": "(0, 1]",
+    }

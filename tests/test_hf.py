@@ -252,3 +252,27 @@ def test_export_of_a_trained_model_carries_the_tokenizers_ids(tmp_path, llama2_s
     for name in ("config.json", "generation_config.json"):
         exported = json.loads((tmp_path / "hf" / name).read_text())
         assert (exported["bos_token_id"], exported["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (1, 2), name
+
+
+def test_broken_hf_directories_are_one_line(tmp_path, hf_tokenizer_dir):
+    """A missing shard is named as missing (exit 3); tensors that do not fit config.json are a load
+    error (exit 9) in one line, for convert-hf and score alike; nothing is written."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = tmp_path / "hf"
+    _hf_model("llama", hf_dir, hf_tokenizer_dir)
+    AutoModelForCausalLM.from_pretrained(hf_dir).save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    r = rho("convert-hf", "--from-hf", tmp_path / "sharded", tmp_path / "o", check=False)
+    assert r.returncode == 3 and f"{shards[1]}: missing (named by model.safetensors.index.json)" in r.stderr, r.stderr
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["intermediate_size"] = 96  # the tensors are 160 wide
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    r = rho("convert-hf", "--from-hf", hf_dir, tmp_path / "o", check=False)
+    message = r.stderr.strip()
+    assert r.returncode == 9 and "tensors do not match config.json" in message and len(message.splitlines()) == 1, message
+    assert not (tmp_path / "o").exists()

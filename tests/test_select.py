@@ -175,3 +175,12 @@ def test_a_score_store_of_other_documents_is_refused(scored, capsys, tmp_path):
     r = run_rho(capsys, "train", config, "--data", d / "c", "--scores", d / "part", "--select-ratio", "0.6",
                 "--save", tmp_path / "run", "--dry-run")
     assert r.exit_code == 6 and "20 documents" in r.stderr and f"has {len(ref)} documents" in r.stderr, r.stderr
+
+
+def test_an_existing_report_refuses_before_the_mask_is_written(scored, capsys):
+    d, ds, ref, base = scored
+    (d / "r.html").write_text("mine")
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--score", "reference", "--ratio", "0.5", "--output", d / "new",
+                "--report", d / "r.html")
+    assert r.exit_code == 5 and "r.html" in r.stderr
+    assert not (d / "new.json").exists() and (d / "r.html").read_text() == "mine"

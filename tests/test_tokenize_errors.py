@@ -241,3 +241,12 @@ def test_interrupted_run_cleans_up(tmp_path, hf_tokenizer_dir, sig, code, word):
     assert word in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert [p.name for p in tmp_path.iterdir() if p.name != "held.jsonl"] == []
     assert _all_gone(workers)
+
+
+def test_a_missing_output_directory_is_made_and_said(tmp_path, capsys, hf_tokenizer_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello"}])
+    r = run_rho(capsys, "tokenize", data, "-t", hf_tokenizer_dir, "-o", tmp_path / "new" / "sub" / "o", "-w", "1")
+    assert r.exit_code == 0 and f"created the directory {tmp_path / 'new'}" in " ".join(r.stdout.split()), r.stdout
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{not json"])
+    r = run_rho(capsys, "tokenize", bad, "-t", hf_tokenizer_dir, "-o", tmp_path / "other" / "o", "-w", "1")
+    assert r.exit_code == 4 and not (tmp_path / "other").exists()  # a failed run leaves no directory it made

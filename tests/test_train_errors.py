@@ -124,3 +124,35 @@ def test_damaged_token_stores_are_refused_on_open(capsys, tmp_path, small_data, 
     assert r.exit_code == code, r.stderr
     assert all(w in r.stderr for w in words) and str(bad) in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and "Exception ignored" not in r.stderr
+
+
+@pytest.mark.parametrize("where, option, value, code, message", [
+    ("set", "model.num_attention_heads", "-4", 8, "option 'num_attention_heads' must be >= 1, got -4"),
+    ("set", "model.num_layers", "0", 8, "option 'num_layers' must be >= 1, got 0"),
+    ("set", "model.hidden_size", "0", 8, "option 'hidden_size' must be >= 1, got 0"),
+    ("set", "model.norm_epsilon", "-1e-5", 8, "option 'norm_epsilon' must be > 0"),
+    ("set", "train.seq_length", "0", 8, "option 'seq_length' must be >= 1, got 0"),
+    ("set", "train.warmup_steps", "-5", 8, "option 'warmup_steps' must be >= 0, got -5"),
+    ("set", "train.clip_grad", "-1", 8, "option 'clip_grad' must be >= 0"),
+    ("set", "train.eval_iters", "-2", 8, "option 'eval_iters' must be >= 0"),
+    ("flag", "--micro-batch-size", "0", 2, "--micro-batch-size must be >= 1, got 0"),
+    ("flag", "--lr", "-0.1", 2, "--lr must be >= 0, got -0.1"),
+    ("flag", "--save-interval", "-1", 2, "--save-interval must be >= 0, got -1"),
+    ("flag", "--select-ratio", "1.5", 2, "--select-ratio must be (0, 1], got 1.5"),
+])
+def test_every_option_is_range_checked_where_it_is_parsed(capsys, tmp_path, small_data, where, option, value, code, message):
+    """Out-of-range values are one line and the right code, even with --dry-run (they used to be an
+    internal error, a SIGFPE, or accepted)."""
+    extra = ["--set", f"{option}={value}"] if where == "set" else [option, value]
+    r = _train(capsys, tmp_path, small_data, "--dry-run", *extra)
+    assert r.exit_code == code and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_save_naming_a_file_and_yaml_errors_say_where(capsys, tmp_path, small_data):
+    (tmp_path / "afile").write_text("x")
+    r = run_rho(capsys, "train", write_tiny_config(tmp_path), "--data", small_data, "--save", tmp_path / "afile", "--dry-run")
+    assert r.exit_code == 2 and "is a file; give a run directory" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: 4\n  hidden_size: [64\n")
+    r = run_rho(capsys, "train", bad, "--data", small_data, "--save", tmp_path / "run", "--dry-run")
+    assert r.exit_code == 8 and f"{bad}:4: not valid YAML" in r.stderr, r.stderr

@@ -90,6 +90,8 @@ def tokenize_command(
         return
     summary = _run_with_progress(cfg, run_tokenize)
     out.print(_summary_table(summary))
+    if summary.created_directory:
+        out.print(f"created the directory {lit(summary.created_directory)}")
     out.print(f"[green]wrote[/] {lit(summary.prefix)}.bin/.idx/.json  fingerprint {summary.fingerprint[:19]}…")
 
 

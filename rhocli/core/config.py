@@ -15,7 +15,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Iterable, Literal, TypeVar, Union, get_args, get_origin
 
 from rhocli.core.errors import ConfigError, MissingInputError
 
@@ -33,7 +33,9 @@ def load_yaml_mapping(path: Path, section: str | None = None) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{path}: not valid YAML ({first_line})") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({first_line})") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -99,6 +101,31 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"config type {tp!r} is not supported by rhocli.core.config")  # programming error
 
 
+def _in_range(value, rule: str) -> bool:
+    """``value`` within ``rule``: ``>= x``, ``> x``, ``<= x``, ``< x``, or an interval ``[a, b)``."""
+    rule = rule.strip()
+    for op, test in ((">=", lambda v, x: v >= x), ("<=", lambda v, x: v <= x), (">", lambda v, x: v > x),
+                     ("<", lambda v, x: v < x)):
+        if rule.startswith(op):
+            return test(value, float(rule[len(op):]))
+    low, high = (float(x) for x in rule[1:-1].split(","))
+    return (value >= low if rule[0] == "[" else value > low) and (value <= high if rule[-1] == "]" else value < high)
+
+
+def range_problems(cfg: Any, names: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """(option, "must be RULE, got VALUE") for each option of ``cfg`` (or of ``names``) outside the
+    range its class declares in ``RANGES``."""
+    ranges = getattr(type(cfg), "RANGES", {})
+    out = []
+    for name in (names if names is not None else ranges):
+        rule, value = ranges.get(name), getattr(cfg, name, None)
+        if rule is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if value != value or not _in_range(value, rule):
+            out.append((name, f"must be {rule}, got {value!r}"))
+    return out
+
+
 def resolve_config(
     cls: type[C],
     yaml_path: Path | None = None,
@@ -141,7 +168,12 @@ def config_from_mapping(
 
         flags = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise UsageError(f"missing required option(s): {flags} (on the command line or in a config file)")
-    return cls(**checked)
+    cfg = cls(**checked)
+    problems = range_problems(cfg, [k for k in checked if k not in (overrides or {})])
+    if problems:
+        name, problem = problems[0]
+        raise ConfigError(f"{where}: option '{name}' {problem}")
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -90,6 +90,11 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
         raise UsageError(f"--ratio must be in (0, 1] (a mask that keeps nothing trains nothing), got {cfg.ratio}")
     if cfg.score == "excess" and not cfg.base_scores:
         raise UsageError("--score excess needs --base-scores (the base model's scores of the same tokens)")
+    from rhocli.core.formats.staging import check_outputs_free
+
+    # both outputs are checked before either is written: a refused report must not leave a new mask
+    check_outputs_free([Path(cfg.output + ext) for ext in (".bin", ".idx", ".json")]
+                       + ([Path(cfg.report)] if cfg.report else []), cfg.force)
     from rhocli.core.formats.masks import write_mask_store
     from rhocli.core.formats.scores import open_scores
 

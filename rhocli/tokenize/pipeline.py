@@ -92,6 +92,8 @@ class TokenizeSummary:
     steady_tokens: int
     steady_text_bytes: int
     outputs: list[str]
+    #: the directory made for the output (it did not exist), or None
+    created_directory: str | None = None
 
 
 def _output_paths(prefix: str) -> list[Path]:
@@ -261,6 +263,7 @@ def run_tokenize(
         }
         write_resolved_config(cfg, stage.path(outputs[2]), stage="tokenize")
         token_format.TOKENS.write(stage.path(outputs[3]), manifest)
+        created = stage.created
         stage.commit()
 
     t_end = time.perf_counter()
@@ -282,6 +285,7 @@ def run_tokenize(
         steady_tokens=steady["tokens"],
         steady_text_bytes=steady["text_bytes"],
         outputs=[str(p) for p in outputs],
+        created_directory=str(created) if created is not None else None,
     )
 
 

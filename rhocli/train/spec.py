@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from rhocli.core.config import config_from_mapping, config_to_dict, load_yaml_mapping
+from rhocli.core.config import config_from_mapping, config_to_dict, load_yaml_mapping, range_problems
 from rhocli.core.errors import ConfigError, MismatchError, MissingInputError, OutputExistsError, UsageError
 
 
@@ -59,7 +59,12 @@ def load_run_configs(config_path: Path, flag_overrides: dict[str, Any], set_over
     train_values = {**(data.get("train") or {}), **sets["train"]}
     model = _from_mapping(ModelConfig, model_values, f"{config_path} (model)")
     train = _from_mapping(TrainConfig, train_values, f"{config_path} (train)")
-    train = dataclasses.replace(train, **{k: v for k, v in flag_overrides.items() if v is not None})
+    given = {k: v for k, v in flag_overrides.items() if v is not None}
+    train = dataclasses.replace(train, **given)
+    problems = range_problems(train, given)
+    if problems:
+        name, problem = problems[0]
+        raise UsageError(f"--{name.replace('_', '-')} {problem}")
     return model, train
 
 
@@ -93,8 +98,6 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     if model_cfg.num_attention_heads % model_cfg.num_query_groups:
         raise ConfigError(f"{config_path}: num_attention_heads must be a multiple of num_query_groups")
     transformer_config(model_cfg, cfg.tp, cfg.pp, torch.float32)  # parallel.layout's and megatron-core's checks
-    if cfg.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {cfg.steps}")
     if not 0 <= cfg.warmup_steps < cfg.steps:
         raise UsageError(f"warmup_steps {cfg.warmup_steps} must be below --steps {cfg.steps} (--set train.warmup_steps=N)")
 
@@ -130,6 +133,8 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     if not cfg.save:
         raise UsageError("no run directory: pass --save DIR (or train.save in the config)")
     run_dir = Path(cfg.save)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UsageError(f"--save {run_dir}: is a file; give a run directory")
     dangling = ckpt.dangling_latest(run_dir)
     if dangling is not None and not force:
         raise MissingInputError(f"{run_dir / ckpt.LATEST_NAME}: names {dangling}, which is not a complete checkpoint; "
@@ -245,8 +250,6 @@ def _check_scores(cfg, refs):
         if cfg.scores:
             raise UsageError("--scores needs --select-ratio (the fraction of tokens to train on)")
         return ()
-    if not 0.0 < cfg.select_ratio <= 1.0:
-        raise UsageError(f"--select-ratio must be in (0, 1], got {cfg.select_ratio}")
     if not cfg.scores:
         raise UsageError("--select-ratio needs --scores SCORES_PREFIX (from rho score), one per --data")
     if len(cfg.scores) != len(refs):

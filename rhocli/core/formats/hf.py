@@ -33,8 +33,15 @@ class HFReader:
         st_index = self.dir / "model.safetensors.index.json"
         bin_index = self.dir / "pytorch_model.bin.index.json"
         if st_index.is_file() or bin_index.is_file():
-            index = json.loads((st_index if st_index.is_file() else bin_index).read_text())
-            self._files = {k: self.dir / f for k, f in index["weight_map"].items()}
+            index_file = st_index if st_index.is_file() else bin_index
+            try:
+                index = json.loads(index_file.read_text())
+                self._files = {k: self.dir / f for k, f in index["weight_map"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise BadInputError(f"{index_file}: not a weight index (a JSON object with a weight_map)") from None
+            for path in sorted(set(self._files.values())):
+                if not path.is_file():
+                    raise MissingInputError(f"{path}: missing (named by {index_file.name})")
         elif (self.dir / "model.safetensors").is_file():
             self._files = {k: self.dir / "model.safetensors" for k in self._safetensor_keys(self.dir / "model.safetensors")}
         elif (self.dir / "pytorch_model.bin").is_file():

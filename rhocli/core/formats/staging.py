@@ -34,13 +34,17 @@ class StagedOutput:
             raise ValueError("staged outputs must share one directory")
         self.parent = parents.pop()
         self.tmpdir: Path | None = None
+        self.created: Path | None = None
 
     def __enter__(self) -> "StagedOutput":
         if not self.parent.exists():
+            missing = [p for p in [self.parent, *self.parent.parents] if not p.exists()]
             try:
                 self.parent.mkdir(parents=True, exist_ok=True)
             except OSError as err:
                 raise UsageError(f"{self.parent}: cannot create output directory ({err.strerror})") from err
+            #: the directory made for the output (the caller says so); removed again if the work fails
+            self.created = missing[-1]
         check_outputs_free(self.final_paths, self.force)
         try:
             self.tmpdir = Path(tempfile.mkdtemp(prefix=f".rho-tmp-{self.final_paths[0].name}-", dir=self.parent))
@@ -65,3 +69,12 @@ class StagedOutput:
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
+            if self.created is not None:  # failed: the directories made for it go too, if still empty
+                for d in [self.parent, *self.parent.parents]:
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        break
+                    if d == self.created:
+                        break
+                self.created = None
