@@ -306,3 +306,46 @@ def test_resume_and_force_never_lose_the_run(tmp_path, tiny_data, init_ckpt):
     rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "--force", "--steps", 2, "--stop-after", 1, "-q")
     assert (run / "latest").read_text().strip() == "step_000001" and not (run / ".replaced").exists()
     assert not (run / "step_000002").exists() and sorted(losses(run)) == [1]
+
+
+@pytest.mark.parametrize("event, code, words", [
+    ("sigterm", 12, "SIGTERM: saved checkpoint"),
+    ("kill_worker", 10, "worker rank 1 died from SIGKILL"),
+    ("non_finite", 11, "is not finite"),
+])
+def test_launched_ranks_end_with_the_right_code_and_one_line(tmp_path, tiny_data, init_ckpt, event, code, words):
+    """Under rho's launcher (--tp 2) a run ends as a one-process run would: SIGTERM saves and exits 12,
+    a rank killed with -9 is exit 10, a NaN is exit 11, each one line with -q (no warning, no traceback
+    from the elastic agent)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    config, init = init_ckpt
+    run = tmp_path / "run"
+    lr = ["--lr", "1e12", "--set", "train.min_lr=1e12"] if event == "non_finite" else []
+    proc = subprocess.Popen([sys.executable, "-m", "rhocli", "train", str(config), "--data", str(tiny_data), "--save",
+                             str(run), "--init", str(init), "--steps", "100000", "--tp", "2", "-q",
+                             "--set", "train.warmup_steps=1", *lr], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if event != "non_finite":
+        deadline = time.time() + 180
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists()
+                                               and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None
+            time.sleep(0.2)
+        if event == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            ranks = [c for c in psutil.Process(proc.pid).children() if "multiprocessing-fork" in " ".join(c.cmdline())
+                     and "resource_tracker" not in " ".join(c.cmdline())]
+            assert len(ranks) == 2
+            ranks[-1].kill()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    assert words in err and len(err.strip().splitlines()) == 1 and not out.strip(), err
+    if event == "sigterm":
+        step = int((run / "latest").read_text().strip().split("_")[1])
+        assert step >= 2 and max(losses(run)) == step

@@ -22,11 +22,11 @@ def stage(fn):
         except KeyboardInterrupt:
             from rhocli.core.errors import Interrupted
 
-            raise Interrupted("interrupted; nothing was written under the output name") from None
+            raise Interrupted("interrupted; only complete outputs are published") from None
         except TerminatedSignal:
             from rhocli.core.errors import Terminated
 
-            raise Terminated("terminated (SIGTERM); nothing was written under the output name") from None
+            raise Terminated("terminated (SIGTERM); only complete outputs are published") from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)

@@ -16,8 +16,10 @@ the agent's log directory share one scratch directory, removed however the run e
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -64,33 +66,41 @@ def run_stage(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None
 
 
 def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None, error_dir: str) -> Any:
-    """Entry point of each process the launcher starts (module level: spawn imports it)."""
+    """Entry point of each process the launcher starts (module level: spawn imports it). Whatever ends
+    it is reported in one line and an exit code, never a traceback (``RHO_DEBUG=1`` shows a bug's)."""
     from rhocli.core.errors import category_for, exit_code_for
-    from rhocli.core.processes import die_with_parent
+    from rhocli.core.processes import TerminatedSignal, die_with_parent, terminate_as_interrupt
 
     die_with_parent()  # no rank outlives a kill -9 of the launching rho
-
+    terminate_as_interrupt()  # SIGTERM unwinds (the trainer takes it over while it trains: save, then exit 12)
     try:
         return run_stage(entry, spec_dict, renderer_cls)
+    except KeyboardInterrupt:
+        report_error(error_dir, 130, "interrupted; only complete outputs are published")
+        sys.exit(130)
+    except TerminatedSignal:
+        report_error(error_dir, 143, "terminated (SIGTERM); only complete outputs are published")
+        sys.exit(143)
     except Exception as err:
         if category_for(err) is not None:
             report_error(error_dir, exit_code_for(err), str(err))
             sys.exit(exit_code_for(err))
-        # a bug: report it as such, with its type
         report_error(error_dir, 1, f"internal error on rank {os.environ.get('RANK')}: {type(err).__name__}: {err}")
-        raise
+        if os.environ.get("RHO_DEBUG", "") not in ("", "0"):
+            raise
+        sys.exit(1)
 
 
 def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None) -> None:
     """Run ``entry`` here when possible, else on ``world`` processes started by the elastic API."""
-    from rhocli.core.errors import WorkerError
+    from rhocli.core.errors import Interrupted, Terminated
 
     if under_torchrun() or world == 1:
         single_rank_env()
         run_stage(entry, spec_dict, renderer_cls)
         return
 
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -105,18 +115,45 @@ def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls:
         start_method="spawn", monitor_interval=0.5, shutdown_timeout=600,
         logs_specs=DefaultLogsSpecs(log_dir=str(scratch / "elastic")),
     )
+    # the agent's own log lines (a worker's exit code, its traceback) are noise beside the one line
+    # rho prints for whatever ended the run
+    for name in [n for n in logging.Logger.manager.loggerDict
+                 if n.startswith(("torch.distributed.elastic", "torch.multiprocessing"))]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)  # each has its own level (torch's get_logger)
     try:
         elastic_launch(launch, launched_rank)(entry, spec_dict, renderer_cls, error_dir)
     except ChildFailedError as err:
+        failures = {int(r): f.exitcode for r, f in (getattr(err, "failures", {}) or {}).items()}
+        raise _failure(error_dir, failures) from None
+    except SignalException as err:
+        # the agent forwarded the signal to the workers and waited for them: a rank that saved and
+        # stopped (SIGTERM in training: exit 12) has said so
         reported = first_reported_error(error_dir)
-        if reported is None:
-            failures = getattr(err, "failures", {}) or {}
-            summary = ", ".join(f"rank {r}: exit {f.exitcode}" for r, f in sorted(failures.items())) or str(err)
-            raise WorkerError(f"a worker died without a message ({summary})") from None
-        code, message = reported
-        raise error_for(code, message) from None
+        if reported is not None and reported[0] != 1:
+            raise error_for(*reported) from None
+        if err.sigval == signal.SIGINT:
+            raise Interrupted("interrupted; only complete outputs are published") from None
+        raise Terminated(f"terminated ({signal.Signals(err.sigval).name}); only complete outputs are published") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _failure(error_dir: str, failures: dict[int, int]):
+    """The error to raise when workers failed: a rank killed by a signal (the others then fail on
+    their connections to it) before anything a rank reported, else the lowest rank's report."""
+    from rhocli.core.errors import WorkerError
+
+    reported = first_reported_error(error_dir)
+    reporters = {int(p.stem[4:]) for p in Path(error_dir).glob("rank*.json")}
+    killed = sorted(r for r, code in failures.items() if code is not None and code < 0 and r not in reporters)
+    if killed and (reported is None or reported[0] == 1):
+        rank, code = killed[0], failures[killed[0]]
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        return WorkerError(f"worker rank {rank} died from {name} (killed, or out of memory); the run stopped")
+    if reported is None:
+        summary = ", ".join(f"rank {r}: exit {c}" for r, c in sorted(failures.items())) or "no exit codes"
+        return WorkerError(f"a worker died without a message ({summary})")
+    return error_for(*reported)
 
 
 def report_error(error_dir: str, code: int, message: str) -> None:

@@ -17,6 +17,8 @@ def run_training(spec, world: int, force: bool, renderer_cls: type | None) -> No
     from rhocli.train.rank import run_train_rank
     from rhocli.train.spec import finish_run_dir, prepare_run_dir, spec_to_dict
 
+    # megatron-core's tensor-parallel communication overlap wants one CUDA connection (as for Megatron-LM)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     rank0 = int(os.environ.get("RANK", 0)) == 0
     lock = OutputLock(Path(spec.run_dir) / LOCK_NAME, f"--save {spec.run_dir}") if rank0 else contextlib.nullcontext()
     with lock:
