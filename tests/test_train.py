@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CORPUS, write_jsonl
+from rho_cli import run_rho
 from train_utils import losses, model_tensors, rho, valid_losses, write_tiny_config
 
 pytestmark = pytest.mark.slow
@@ -240,7 +241,7 @@ def test_kill_9_leaves_no_process_behind(tmp_path, tiny_data, init_ckpt):
     assert [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
 
 
-def test_one_rho_per_run_directory(tmp_path, tiny_data, init_ckpt):
+def test_one_rho_per_run_directory(tmp_path, tiny_data, init_ckpt, capsys):
     """A second rho train on a run directory in use is refused with the holder named, and leaves the
     first run alone; the lock of a run killed with -9 is stale and a --resume takes it over."""
     import signal
@@ -258,8 +259,8 @@ def test_one_rho_per_run_directory(tmp_path, tiny_data, init_ckpt):
         assert first.poll() is None
         time.sleep(0.2)
     for extra in (["--force"], ["--resume"]):
-        second = rho("train", config, "--data", tiny_data, "--save", run, "--steps", 4, "-q", *extra, check=False)
-        assert second.returncode == 13, second.stderr
+        second = run_rho(capsys, "train", config, "--data", tiny_data, "--save", run, "--steps", 100000, "-q", *extra)
+        assert second.exit_code == 13, second.stderr
         assert f"PID {first.pid}" in second.stderr and ".rho-lock" in second.stderr and len(second.stderr.strip().splitlines()) == 1
     assert first.poll() is None  # still training, its metrics its own
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
@@ -273,7 +274,7 @@ def test_one_rho_per_run_directory(tmp_path, tiny_data, init_ckpt):
     assert (run / "latest").read_text().strip() == f"step_{last + 1:06d}" and not (run / ".rho-lock").exists()
 
 
-def test_resume_and_force_never_lose_the_run(tmp_path, tiny_data, init_ckpt):
+def test_resume_and_force_never_lose_the_run(tmp_path, tiny_data, init_ckpt, capsys):
     """--resume continues a run as it is or not at all; --force replaces a run only once the new run
     has a checkpoint (a replacement that fails first puts the old run back, byte for byte); a latest
     that names a missing step is refused, never taken for an empty run."""
@@ -282,12 +283,13 @@ def test_resume_and_force_never_lose_the_run(tmp_path, tiny_data, init_ckpt):
     config, init = init_ckpt
     run = tmp_path / "run"
     rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "--steps", 3, "--stop-after", 2, "-q")
+    # refusals happen in validation, before any worker: run in this process (run_rho), which is quick
     for extra, code, words in ((["--lr", "0.1"], 6, "lr was 0.05, now 0.1"), (["--steps", "2"], 2, "the run is at step 2"),
                                (["--force"], 2, "exclude each other")):
-        r = rho("train", config, "--data", tiny_data, "--save", run, "--resume", "-q", *extra, check=False)
-        assert r.returncode == code and words in r.stderr, (extra, r.stderr)
-    r = rho("train", config, "--data", tiny_data, "--save", tmp_path / "empty", "--resume", "-q", check=False)
-    assert r.returncode == 3 and "no checkpoint to resume from" in r.stderr and not (tmp_path / "empty").exists()
+        r = run_rho(capsys, "train", config, "--data", tiny_data, "--save", run, "--resume", "-q", *extra)
+        assert r.exit_code == code and words in r.stderr, (extra, r.stderr)
+    r = run_rho(capsys, "train", config, "--data", tiny_data, "--save", tmp_path / "empty", "--resume", "-q")
+    assert r.exit_code == 3 and "no checkpoint to resume from" in r.stderr and not (tmp_path / "empty").exists()
 
     before = {p.relative_to(run): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and ".rho-lock" not in p.name}
     failed = rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "--force", "--lr", "1e12",
@@ -300,8 +302,8 @@ def test_resume_and_force_never_lose_the_run(tmp_path, tiny_data, init_ckpt):
     shutil.copytree(run, dangling)
     shutil.rmtree(dangling / "step_000002")
     for extra in (["--resume"], []):
-        r = rho("train", config, "--data", tiny_data, "--save", dangling, "-q", *extra, check=False)
-        assert r.returncode == 3 and "names step_000002, which is not a complete checkpoint" in r.stderr, r.stderr
+        r = run_rho(capsys, "train", config, "--data", tiny_data, "--save", dangling, "-q", *extra)
+        assert r.exit_code == 3 and "names step_000002, which is not a complete checkpoint" in r.stderr, r.stderr
 
     rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "--force", "--steps", 2, "--stop-after", 1, "-q")
     assert (run / "latest").read_text().strip() == "step_000001" and not (run / ".replaced").exists()

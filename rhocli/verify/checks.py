@@ -36,10 +36,10 @@ def verify_path(path: str) -> Verified:
     p = Path(path)
     result = Verified(path, "unknown", [])
     try:
-        if p.is_dir():
-            _checkpoint(p, result)
-        elif Path(path + ".json").is_file() or Path(path + ".idx").is_file():
+        if Path(path + ".json").is_file() or Path(path + ".idx").is_file():  # a store, even beside a folder of its name
             _store(path, result)
+        elif p.is_dir():
+            _checkpoint(p, result)
         else:
             raise MissingInputError(f"{path}: neither a store (PREFIX.idx/.bin/.json) nor a checkpoint directory")
     except (BadInputError, MissingInputError) as err:
