@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CORPUS, write_jsonl
+from rho_cli import run_rho
 from train_utils import rho
 
 pytestmark = pytest.mark.slow
@@ -92,7 +93,8 @@ def test_scores_equal_transformers_cross_entropy(tmp_path, hf_tokenizer_dir, kin
         assert longest > WINDOW  # the sliding window was exercised
 
 
-def test_unsupported_models_are_refused(tmp_path, hf_tokenizer_dir):
+def test_unsupported_models_are_refused(tmp_path, hf_tokenizer_dir, capsys):
+    """Refused before anything is written, in one line (in-process: each refusal is a plain exit)."""
     import json
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -101,29 +103,29 @@ def test_unsupported_models_are_refused(tmp_path, hf_tokenizer_dir):
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True, attention_bias=True)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
-    r = rho("convert-hf", "--from-hf", tmp_path / "tied", tmp_path / "o", check=False)
-    assert r.returncode == 4 and "biases" in r.stderr and "tied" in r.stderr
+    r = run_rho(capsys, "convert-hf", "--from-hf", tmp_path / "tied", tmp_path / "o")
+    assert r.exit_code == 4 and "biases" in r.stderr and "tied" in r.stderr
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    r = rho("convert-hf", "--from-hf", tmp_path / "gpt2", tmp_path / "o", check=False)
-    assert r.returncode == 4 and "not supported" in r.stderr
-    r = rho("convert-hf", "--from-hf", tmp_path / "nope", tmp_path / "o", check=False)
-    assert r.returncode == 3
+    r = run_rho(capsys, "convert-hf", "--from-hf", tmp_path / "gpt2", tmp_path / "o")
+    assert r.exit_code == 4 and "not supported" in r.stderr
+    r = run_rho(capsys, "convert-hf", "--from-hf", tmp_path / "nope", tmp_path / "o")
+    assert r.exit_code == 3
     # rho score --model takes a rho checkpoint or a HF Llama/Mistral directory; anything else is one line
     (tmp_path / "empty").mkdir()
     for bad, code, words in (("empty", 3, ["neither a rho checkpoint", "config.json"]), ("gpt2", 4, ["not supported"]),
                              ("tied", 4, ["biases", "tied"]), ("nope", 3, ["not found"])):
-        r = rho("score", "--model", tmp_path / bad, "--data", tmp_path / "d", "--output", tmp_path / "s", check=False)
+        r = run_rho(capsys, "score", "--model", tmp_path / bad, "--data", tmp_path / "d", "--output", tmp_path / "s")
         message = r.stderr.strip()
-        assert r.returncode == code and message.startswith("error: --model") and len(message.splitlines()) == 1, (bad, message)
+        assert r.exit_code == code and message.startswith("error: --model") and len(message.splitlines()) == 1, (bad, message)
         assert all(w in message for w in words) and "Traceback" not in r.stderr, (bad, message)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "ok")
     data = (tmp_path / "ok" / "model.safetensors").read_bytes()
     (tmp_path / "ok" / "model.safetensors").write_bytes(data[: len(data) // 2])
-    r = rho("convert-hf", "--from-hf", tmp_path / "ok", tmp_path / "o", check=False)
-    assert r.returncode == 4 and "model.safetensors" in r.stderr
+    r = run_rho(capsys, "convert-hf", "--from-hf", tmp_path / "ok", tmp_path / "o")
+    assert r.exit_code == 4 and "model.safetensors" in r.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import CORPUS, write_jsonl
+from rho_cli import run_rho
 from train_utils import losses, model_tensors, rho, write_tiny_config
 
 pytestmark = pytest.mark.slow
@@ -119,7 +120,7 @@ def test_score_dp2_identical_and_tp2_within_tolerance(corpus, tmp_path):
     assert np.abs(a - b).max() < 1e-5
 
 
-def test_score_resumes_after_kill_and_never_publishes_partial(corpus, tmp_path):
+def test_score_resumes_after_kill_and_never_publishes_partial(corpus, tmp_path, capsys):
     d, _ = corpus
     out = tmp_path / "s"
     args = [sys.executable, "-m", "rhocli", "score", "--model", str(d / "ref"), "--data", str(d / "c"),
@@ -134,16 +135,16 @@ def test_score_resumes_after_kill_and_never_publishes_partial(corpus, tmp_path):
     assert not Path(str(out) + ".json").exists() and not Path(str(out) + ".bin").exists()
     done = sorted(p.name for p in work.glob("*.done"))
     assert done and len(done) < 4
-    r = rho(*args[3:], check=False)  # without --resume: refused
-    assert r.returncode == 5 and "--resume" in r.stderr
+    r = run_rho(capsys, *args[3:])  # without --resume: refused
+    assert r.exit_code == 5 and "--resume" in r.stderr
     # a resume with another setting would finish a store made of two runs' shards: refused
     for flag, value in (("--stride", "8"), ("--shard-documents", "40")):
         changed = [*args[3:], "--resume", flag, value]
-        r = rho(*changed, check=False)
-        assert r.returncode == 6 and flag in r.stderr and "cannot resume with other settings" in r.stderr, r.stderr
+        r = run_rho(capsys, *changed)
+        assert r.exit_code == 6 and flag in r.stderr and "cannot resume with other settings" in r.stderr, r.stderr
     seq = args.index("--seq-len")
-    r = rho(*args[3:seq], "--seq-len", "16", *args[seq + 2:], "--resume", check=False)
-    assert r.returncode == 6 and "--seq-len was 32, now 16" in r.stderr, r.stderr
+    r = run_rho(capsys, *args[3:seq], "--seq-len", "16", *args[seq + 2:], "--resume")
+    assert r.exit_code == 6 and "--seq-len was 32, now 16" in r.stderr, r.stderr
     rho(*args[3:], "--resume")
     assert Path(str(out) + ".bin").read_bytes() == (d / "c.ref.bin").read_bytes()
     assert not work.exists()
@@ -235,15 +236,15 @@ def test_score_checks_the_layout_like_train(corpus, tmp_path):
     assert not (tmp_path / "s.json").exists()
 
 
-def test_scores_of_other_tokens_are_refused(corpus, tmp_path, hf_tokenizer_dir):
+def test_scores_of_other_tokens_are_refused(corpus, tmp_path, hf_tokenizer_dir, capsys):
     d, config = corpus
     write_jsonl(tmp_path / "o.jsonl", [{"text": t} for t in CORPUS[:50]])
     rho("tokenize", tmp_path / "o.jsonl", "-t", hf_tokenizer_dir, "-o", tmp_path / "o", "-w", "1")
-    r = rho("train", config, "--data", tmp_path / "o", "--save", tmp_path / "run", "--scores", d / "c.ref",
-            "--select-ratio", "0.6", check=False)
-    assert r.returncode == 6 and "scores token dataset" in r.stderr
-    r = rho("train", config, "--data", d / "c", "--save", tmp_path / "run", "--select-ratio", "0.6", check=False)
-    assert r.returncode == 2 and "needs --scores" in r.stderr
+    r = run_rho(capsys, "train", config, "--data", tmp_path / "o", "--save", tmp_path / "run", "--scores", d / "c.ref",
+            "--select-ratio", "0.6")
+    assert r.exit_code == 6 and "scores token dataset" in r.stderr
+    r = run_rho(capsys, "train", config, "--data", d / "c", "--save", tmp_path / "run", "--select-ratio", "0.6")
+    assert r.exit_code == 2 and "needs --scores" in r.stderr
 
 
 def test_static_mask_from_rho_select(corpus, tmp_path):
@@ -276,18 +277,17 @@ def _mask_store(prefix: Path, tokens_prefix: Path, keep) -> None:
                                              "kept": int(mask.sum()), "tokens": int(mask.size)})
 
 
-def test_nothing_to_train_on_is_refused_or_skipped(corpus, tmp_path):
+def test_nothing_to_train_on_is_refused_or_skipped(corpus, tmp_path, capsys):
     """A selection that keeps nothing is refused before training; a batch with no kept token is a
     reported, skipped step (no optimizer step, so no weight decay moves the weights), not a NaN loss."""
     import torch
 
     d, config = corpus
-    r = rho("select", "--scores", d / "c.ref", "--score", "reference", "--ratio", "0", "--output", tmp_path / "m0", check=False)
-    assert r.returncode == 2 and "--ratio" in r.stderr and not (tmp_path / "m0.json").exists()
+    r = run_rho(capsys, "select", "--scores", d / "c.ref", "--score", "reference", "--ratio", "0", "--output", tmp_path / "m0")
+    assert r.exit_code == 2 and "--ratio" in r.stderr and not (tmp_path / "m0.json").exists()
     _mask_store(tmp_path / "none", d / "c", [])
-    r = rho("train", config, "--data", d / "c", "--init", d / "ref", "--mask", tmp_path / "none", "--save", tmp_path / "r0",
-            check=False)
-    assert r.returncode == 2 and "keeps no token" in r.stderr and not (tmp_path / "r0" / "latest").exists()
+    r = run_rho(capsys, "train", config, "--data", d / "c", "--init", d / "ref", "--mask", tmp_path / "none", "--save", tmp_path / "r0",)
+    assert r.exit_code == 2 and "keeps no token" in r.stderr and not (tmp_path / "r0" / "latest").exists()
     # one kept token in the whole corpus: (almost) every batch keeps none
     _mask_store(tmp_path / "one", d / "c", [5])
     run = tmp_path / "run"
@@ -321,7 +321,7 @@ def test_damaged_scores_are_refused_with_the_file_named(corpus, tmp_path):
     assert not (tmp_path / "run" / "latest").exists()
 
 
-def test_verify_reads_everything_and_resume_checks_the_checkpoint(corpus, tmp_path):
+def test_verify_reads_everything_and_resume_checks_the_checkpoint(corpus, tmp_path, capsys):
     """rho verify passes sound stores and a checkpoint, and names what a changed byte or a truncated
     shard damaged; rho train --resume refuses a checkpoint with a truncated shard before it starts."""
     import shutil
@@ -334,13 +334,13 @@ def test_verify_reads_everything_and_resume_checks_the_checkpoint(corpus, tmp_pa
     values = np.fromfile(tmp_path / "s.bin", dtype=np.float32)
     values[100] += 1.0  # still a finite, plausible loss: only the content fingerprint can tell
     values.tofile(tmp_path / "s.bin")
-    r = rho("verify", tmp_path / "s", check=False)
-    assert r.returncode == 4 and "content fingerprint" in r.stderr and "differs" in r.stderr, r.stderr
+    r = run_rho(capsys, "verify", tmp_path / "s")
+    assert r.exit_code == 4 and "content fingerprint" in r.stderr and "differs" in r.stderr, r.stderr
     run = tmp_path / "run"
     shutil.copytree(d / "ref", run)
     shard = sorted((run / "step_000002").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
-    r = rho("verify", run, check=False)
-    assert r.returncode == 4 and f"{shard}: " in r.stderr and "truncated" in r.stderr, r.stderr
-    r = rho("train", config, "--data", d / "c", "--save", run, "--steps", 4, "--resume", "-q", check=False)
-    assert r.returncode == 4 and f"--resume {shard}: " in r.stderr, r.stderr
+    r = run_rho(capsys, "verify", run)
+    assert r.exit_code == 4 and f"{shard}: " in r.stderr and "truncated" in r.stderr, r.stderr
+    r = run_rho(capsys, "train", config, "--data", d / "c", "--save", run, "--steps", 4, "--resume", "-q")
+    assert r.exit_code == 4 and f"--resume {shard}: " in r.stderr, r.stderr

@@ -1,6 +1,6 @@
-"""Helpers for `rho train` tests: a tiny model config, a tiny token dataset, running rho in a
-subprocess (training applies process-wide CPU shims and process groups, so it never runs in the
-pytest process), and reading results back."""
+"""Helpers for `rho train` tests: a tiny model config, a tiny token dataset, running rho (in a
+subprocess for the stages that start process groups: training applies process-wide CPU shims and
+process groups, so it never runs in the pytest process), and reading results back."""
 
 from __future__ import annotations
 
@@ -42,14 +42,42 @@ def write_tiny_config(directory: Path, extra: str = "") -> Path:
     return path
 
 
+# commands that hold no process-wide state (no process group, no CPU shim): run in the test process,
+# which saves each call the ~5 s import of torch and megatron-core a new process pays
+IN_PROCESS = {"tokenize", "select", "verify"}
+
+
 def rho(*args, env_extra: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.update(env_extra or {})
-    proc = subprocess.run([sys.executable, "-m", "rhocli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    if str(args[0]) in IN_PROCESS and not env_extra:
+        proc = _in_process([str(a) for a in args])
+    else:
+        proc = _subprocess(args, env_extra, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"rho {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    import contextlib
+    import io
+
+    from rhocli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return subprocess.CompletedProcess(["rho", *argv], code, out.getvalue(), err.getvalue())
+
+
+def _subprocess(args, env_extra: dict | None, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "rhocli", *map(str, args)], capture_output=True, text=True,
+                           timeout=timeout, env=env)
 
 
 def losses(run_dir: Path) -> dict[int, float]:

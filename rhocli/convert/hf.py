@@ -18,6 +18,9 @@ def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
     """Write ``out`` (a rho run directory with step_000000) from the HF model in ``hf_dir``."""
     import torch
 
+    from rhocli.core.megatron_io import import_megatron
+
+    import_megatron()  # before the engine: quietly, torch.compile deferred
     from parallel.checkpoint import save_checkpoint
     from parallel.distributed import destroy_distributed, init_distributed
     from parallel.hf import load_hf_into_model, model_config_from_hf
@@ -71,6 +74,9 @@ def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str 
     import torch
     from transformers import GenerationConfig
 
+    from rhocli.core.megatron_io import import_megatron
+
+    import_megatron()  # before the engine: quietly, torch.compile deferred
     from parallel.config import ModelConfig
     from parallel.hf import hf_config, hf_tensors_from_checkpoint
     from rhocli.core.formats import checkpoint as ckpt

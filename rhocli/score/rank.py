@@ -1,58 +1,23 @@
 """One rank of ``rho score`` (started through ``rhocli.core.launch``): the engine's ``Scorer`` with the
 store writer as its sink and the weights ``--model`` names.
 
-megatron-core is imported with ``torch.compile`` deferred (``lazy_torch_compile``): 1.3 s less
-start-up for a process that never compiles anything.
+megatron-core is imported through ``core.megatron_io.import_megatron`` (``torch.compile`` deferred).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from pathlib import Path
 from typing import Any
 
 
-@contextlib.contextmanager
-def lazy_torch_compile():
-    """Import megatron-core with ``torch.compile`` deferred to each decorated function's first call.
-
-    megatron-core decorates its fusion helpers with ``torch.compile`` at import time, which imports
-    TorchInductor: 1.3 s of the 2 s megatron import on the 2-core VM. rho's model uses none of
-    them (bias/activation, RoPE and softmax fusions are off), so a scoring process never pays for
-    the compiler; a helper that is called is compiled on that call, exactly as it would have been.
-    """
-    import torch
-
-    real = torch.compile
-
-    def lazy(model=None, **kwargs):
-        if model is None:  # used as @torch.compile(...)
-            return lambda fn: lazy(fn, **kwargs)
-        compiled = None
-
-        @functools.wraps(model)
-        def call(*args, **kw):
-            nonlocal compiled
-            if compiled is None:
-                compiled = real(model, **kwargs)
-            return compiled(*args, **kw)
-
-        return call
-
-    torch.compile = lazy
-    try:
-        yield
-    finally:
-        torch.compile = real
-
-
 def import_engine() -> None:
-    """Import the scoring engine (megatron-core) quickly: see ``lazy_torch_compile``."""
-    with lazy_torch_compile():
-        import parallel.scorer  # noqa: F401
-        import parallel.distributed  # noqa: F401
-        import megatron.core.pipeline_parallel  # noqa: F401
+    """Import the scoring engine after megatron-core (``core.megatron_io.import_megatron``: quietly,
+    ``torch.compile`` deferred)."""
+    from rhocli.core.megatron_io import import_megatron
+
+    import_megatron()
+    import parallel.scorer  # noqa: F401
+    import parallel.distributed  # noqa: F401
 
 
 def weight_loader(model_format: str, path: str, model_cfg, tp: int, pp: int):

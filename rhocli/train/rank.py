@@ -7,6 +7,9 @@ from typing import Any
 
 
 def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] | None:
+    from rhocli.core.megatron_io import import_megatron
+
+    import_megatron()  # before the engine: quietly, torch.compile deferred
     from parallel.checkpoint import start_write_results_server
     from parallel.distributed import destroy_distributed, init_distributed
     from parallel.errors import PreemptedError

@@ -77,6 +77,9 @@ def _from_mapping(cls, values: dict[str, Any], where: str):
 
 def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False, world_size: int | None = None):
     """Validate everything and return (RunSpec, world_size)."""
+    from rhocli.core.megatron_io import import_megatron
+
+    import_megatron()  # before the engine: quietly, torch.compile deferred
     import torch
 
     from parallel.layout import data_parallel_size, micro_batches_per_step
