@@ -59,7 +59,23 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 10
-    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_decay_style: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    """After warmup: cosine/linear decay to min_lr over the run, constant, or wsd (warmup-stable-decay:
+    lr held until the last ``wsd_decay_steps``, then decayed to min_lr; megatron-core's WSD)."""
+    wsd_decay_steps: int | None = None
+    """wsd: steps of the final decay (null: a tenth of ``steps``, at least 1)."""
+    lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    """wsd: the shape of the final decay (megatron-core's lr_wsd_decay_style)."""
+    recompute: Literal["none", "full", "selective"] = "none"
+    """Activation recomputation (megatron-core's recompute_granularity): full recomputes whole
+    transformer layers in backward (``recompute_method``, ``recompute_num_layers``); selective only
+    the submodules ``recompute_modules`` (megatron-core's default: core attention)."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """full: uniform recomputes every layer in chunks of ``recompute_num_layers``; block the first
+    ``recompute_num_layers`` layers of each pipeline stage."""
+    recompute_num_layers: int = 1
+    recompute_modules: tuple[str, ...] = ()
+    """selective: megatron-core's recompute_modules (e.g. core_attn, mlp, layernorm); empty: its default."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -109,7 +125,7 @@ class TrainConfig:
     #: the allowed range of each numeric option (see ModelConfig.RANGES)
     RANGES: ClassVar[dict[str, str]] = {
         "steps": ">= 1", "seq_length": ">= 1", "micro_batch_size": ">= 1", "global_batch_size": ">= 1",
-        "lr": ">= 0", "min_lr": ">= 0", "warmup_steps": ">= 0", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
+        "lr": ">= 0", "min_lr": ">= 0", "warmup_steps": ">= 0", "wsd_decay_steps": ">= 1", "recompute_num_layers": ">= 1", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
         "adam_beta2": "[0, 1)", "adam_eps": "> 0", "clip_grad": ">= 0", "seed": ">= 0", "eval_interval": ">= 0",
         "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1",
         "stop_after": ">= 1", "select_ratio": "(0, 1]",

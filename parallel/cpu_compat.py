@@ -118,11 +118,23 @@ def shim_rng_tracker() -> None:
     three named streams from `seed` and the ranks alone: deterministic. Its
     `torch.cuda.manual_seed` call is lazily queued by torch without CUDA, a harmless no-op.
 
-    Not covered: activation recompute (`tensor_parallel.checkpoint`, random.py:444-461) still asks
-    for the CUDA generator state.
+    Activation recompute is `shim_recompute_rng`'s.
     """
     mcore_random.CudaRNGStatesTracker = CpuRNGStatesTracker
     mcore_random.initialize_rng_tracker(force_reset=True)
+
+
+def shim_recompute_rng() -> None:
+    """Activation recompute (`tensor_parallel.checkpoint`'s `CheckpointFunction`) saves every RNG
+    state before the forward and restores it before recomputing (`_get_all_rng_states` /
+    `_set_all_rng_states`, random.py:444-461): the CPU generator, the CUDA generator and the
+    tracker's. Without CUDA there is no CUDA generator to save: its getter returns an empty state and
+    its setter does nothing, the module-level functions those two look up at call time. The CPU
+    generator and the tracker (`CpuRNGStatesTracker`) are still saved and restored, so a recomputed
+    forward draws what the first one drew. Proof: `tests/test_train.py::test_recompute_changes_no_number`.
+    """
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -259,6 +271,7 @@ def shim_streams() -> None:
 
 SHIMS: dict[str, Callable[[], None]] = {
     "rng_tracker": shim_rng_tracker,
+    "recompute_rng": shim_recompute_rng,
     "current_device": shim_current_device,
     "cuda_device_mode": shim_cuda_device_mode,
     "synchronize": shim_synchronize,

@@ -29,9 +29,21 @@ class ModelShape:
     params_dtype: torch.dtype
 
 
-def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.dtype):
-    """megatron-core's TransformerConfig for this model and layout. Raises LayoutError when the layout
-    does not fit the model, ModelConfigError when megatron-core's own checks refuse the shape."""
+def recompute_options(train_cfg) -> dict:
+    """TransformerConfig fields for a TrainConfig's activation recomputation (none: {})."""
+    if train_cfg.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": train_cfg.recompute_method,
+                "recompute_num_layers": train_cfg.recompute_num_layers}
+    if train_cfg.recompute == "selective":
+        modules = list(train_cfg.recompute_modules)
+        return {"recompute_granularity": "selective", **({"recompute_modules": modules} if modules else {})}
+    return {}
+
+
+def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.dtype, **features):
+    """megatron-core's TransformerConfig for this model and layout, with ``features`` (training
+    options such as ``recompute_options``) passed through. Raises LayoutError when the layout does
+    not fit the model, ModelConfigError when megatron-core's own checks refuse the shape."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     check_model_fits(cfg, tp, pp)
@@ -69,7 +81,7 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.d
             # finalize_model_grads divides gradients by the global count (exact across DP and PP).
             calculate_per_token_loss=True,
             batch_p2p_sync=False,
-            # On a GPU, activations are recomputed nowhere and the defaults of megatron-core apply.
+            **features,
         )
     except ValueError as err:  # megatron-core's own checks of the shape
         raise ModelConfigError(str(err)) from None
@@ -109,7 +121,8 @@ def _rho_gpt_model_class():
     return RhoGPTModel
 
 
-def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_process: bool, post_process: bool):
+def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_process: bool, post_process: bool,
+                features: dict | None = None):
     """This pipeline stage's ``GPTModel`` (on CPU; the caller moves it to the GPU). Given ``labels``,
     the last stage returns per-token losses [b, s] from rho's fused kernel (``_rho_gpt_model_class``);
     without, vocab-parallel logits [b, s, vocab/tp] as megatron's GPTModel does."""
@@ -117,7 +130,7 @@ def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_proce
 
     from parallel.attention import SDPAttention
 
-    config = transformer_config(cfg, tp, pp, shape.params_dtype)
+    config = transformer_config(cfg, tp, pp, shape.params_dtype, **(features or {}))
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     # fused causal attention (PyTorch SDPA) in place of the local spec's unfused DotProductAttention
     spec.submodules.self_attention.submodules.core_attention = SDPAttention

@@ -35,7 +35,7 @@ from parallel.distributed import Layout
 from parallel.errors import NonFiniteValueError, PreemptedError
 from parallel.layout import micro_batches_per_step
 from parallel.loss import Selection
-from parallel.model import build_model, count_parameters, model_shape
+from parallel.model import build_model, count_parameters, model_shape, recompute_options
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -83,6 +83,11 @@ class RunSpec:
     def config_hash(self) -> str:
         text = json.dumps(self.config_snapshot, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def wsd_decay_steps(cfg: TrainConfig) -> int:
+    """The decay phase of a wsd schedule: the configured steps, or a tenth of the run."""
+    return cfg.wsd_decay_steps if cfg.wsd_decay_steps is not None else max(1, cfg.steps // 10)
 
 
 def _weights(refs) -> tuple[float, ...] | None:
@@ -159,6 +164,7 @@ class Trainer:
         module = build_model(
             self.spec.model, self.shape, self.layout.tp, self.layout.pp,
             pre_process=ps.is_pipeline_first_stage(), post_process=self.is_last_stage,
+            features=recompute_options(cfg),
         )
         if torch.cuda.is_available():
             module.cuda(torch.cuda.current_device())
@@ -199,7 +205,9 @@ class Trainer:
             min_lr=cfg.min_lr,
             lr_warmup_steps=cfg.warmup_steps,
             lr_decay_steps=max(cfg.steps, 1),
-            lr_decay_style=cfg.lr_decay_style,
+            lr_decay_style="WSD" if cfg.lr_decay_style == "wsd" else cfg.lr_decay_style,
+            wsd_decay_steps=wsd_decay_steps(cfg) if cfg.lr_decay_style == "wsd" else None,
+            lr_wsd_decay_style=cfg.lr_wsd_decay_style,
             start_wd=cfg.weight_decay,
             end_wd=cfg.weight_decay,
             wd_incr_steps=max(cfg.steps, 1),
@@ -481,6 +489,8 @@ class Trainer:
                            "scores": [s.prefix for s in self.spec.scores]} if self.selection.selective else None),
             "optimizer": {"name": cfg.optimizer, "kind": "distributed" if self.use_dist_opt else "fp32", "lr": cfg.lr,
                           "warmup_steps": cfg.warmup_steps, "decay_style": cfg.lr_decay_style, "min_lr": cfg.min_lr,
+                          **({"wsd_decay_steps": wsd_decay_steps(cfg), "wsd_decay_style": cfg.lr_wsd_decay_style}
+                             if cfg.lr_decay_style == "wsd" else {}),
                           "clip_grad": cfg.clip_grad},
             "start_step": self.step,
             "total_steps": cfg.steps,

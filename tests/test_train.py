@@ -351,3 +351,47 @@ def test_launched_ranks_end_with_the_right_code_and_one_line(tmp_path, tiny_data
     if event == "sigterm":
         step = int((run / "latest").read_text().strip().split("_")[1])
         assert step >= 2 and max(losses(run)) == step
+
+
+def test_wsd_learning_rates_follow_the_schedule_formula(tmp_path, tiny_data, capsys):
+    """--set train.lr_decay_style=wsd (megatron-core's WSD): linear warmup, the peak held, then the
+    last wsd_decay_steps decayed to min_lr in the chosen shape; step k trains with the rate for k - 1
+    completed steps. Too long a decay is refused before anything runs."""
+    import math
+
+    config = write_tiny_config(tmp_path)
+    steps, warmup, decay, peak, low = 8, 2, 3, 0.05, 0.005  # lr/min_lr: the tiny config's
+    wsd = ("--set", "train.lr_decay_style=wsd", "--set", f"train.wsd_decay_steps={decay}",
+           "--set", f"train.warmup_steps={warmup}", "--set", "train.lr_wsd_decay_style=cosine")
+    rho("train", config, "--data", tiny_data, "--save", tmp_path / "run", "--steps", steps, *wsd,
+        "--set", "train.checkpoint=false", "-q")
+    logged = {m["step"]: m["lr"] for m in (json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if "lr" in m}
+
+    def expected(done: int) -> float:
+        if done <= warmup:
+            return peak * done / warmup
+        if done <= steps - decay:
+            return peak
+        return low + (peak - low) * 0.5 * (math.cos(math.pi * (done - (steps - decay)) / decay) + 1)
+
+    assert sorted(logged) == list(range(1, steps + 1))
+    for step, lr in logged.items():
+        assert lr == pytest.approx(expected(step - 1), rel=1e-12, abs=1e-15), (step, logged)
+    r = run_rho(capsys, "train", config, "--data", tiny_data, "--save", tmp_path / "bad", "--steps", 4, *wsd)
+    assert r.exit_code == 2 and "wsd_decay_steps 3 must be at most --steps 4 minus warmup_steps 2" in r.stderr, r.stderr
+
+
+def test_recompute_changes_no_number(tmp_path, tiny_data, init_ckpt, reference_run):
+    """--recompute full / selective (megatron-core's activation recomputation) trade compute for
+    memory only: the same weights and data give bit-identical losses, and weights within 1e-6 of the
+    plain run (the reference run: TP1PP1, no recompute)."""
+    config, init = init_ckpt
+    plain = model_tensors(reference_run / "step_000003")
+    for how in (["--recompute", "full", "--set", "train.recompute_num_layers=2"], ["--recompute", "selective"]):
+        run = tmp_path / "_".join(how).replace("-", "").replace("=", "_").replace(".", "_")
+        rho("train", config, "--data", tiny_data, "--save", run, "--init", init, *how, "-q")
+        assert losses(run) == losses(reference_run), how
+        got = model_tensors(run / "step_000003")
+        assert all((got[k] - plain[k]).abs().max() <= 1e-6 for k in plain), how
+        assert f"recompute: {how[1]}" in (run / "train.config.yaml").read_text(), how  # the run records it

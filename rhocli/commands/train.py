@@ -54,6 +54,7 @@ def train_command(
     select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Train on this fraction of tokens, by excess loss (e.g. 0.6).")] = None,
     select_scope: Annotated[Optional[str], typer.Option("--select-scope", help="sequence (default), microbatch or batch.")] = None,
     mask: Annotated[Optional[list[str]], typer.Option("--mask", help="Static mask store (rho select) per --data prefix: train only on its tokens.")] = None,
+    recompute: Annotated[Optional[str], typer.Option("--recompute", help="Recompute activations in backward: full (whole layers) or selective (core attention); none by default.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any option: train.KEY=VALUE or model.KEY=VALUE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Reuse a run directory that holds checkpoints (start over).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
@@ -73,9 +74,12 @@ def train_command(
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
         "eval_interval": eval_interval, "eval_data": tuple(eval_data) if eval_data else None, "stop_after": stop_after,
         "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, "select_ratio": select_ratio, "select_scope": select_scope,
+        "recompute": recompute,
     }
     if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):
         raise UsageError(f"--select-scope: expected sequence, microbatch or batch, got {select_scope!r}")
+    if recompute is not None and recompute not in ("none", "full", "selective"):
+        raise UsageError(f"--recompute: expected full, selective or none, got {recompute!r}")
     model_cfg, train_cfg = load_run_configs(config, flags, list(set_ or []))
     spec, world = build_run_spec(model_cfg, train_cfg, config, force=force, world_size=world_from_env())
     if dry_run:

@@ -83,7 +83,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     import torch
 
     from parallel.layout import data_parallel_size, micro_batches_per_step
-    from parallel.model import transformer_config
+    from parallel.model import recompute_options, transformer_config
     from parallel.trainer import DatasetRef, RunSpec
     from rhocli.core.formats import checkpoint as ckpt
     from rhocli.core.formats.tokens import TokenDataset
@@ -100,9 +100,16 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         raise ConfigError(f"{config_path}: hidden_size must be a multiple of num_attention_heads")
     if model_cfg.num_attention_heads % model_cfg.num_query_groups:
         raise ConfigError(f"{config_path}: num_attention_heads must be a multiple of num_query_groups")
-    transformer_config(model_cfg, cfg.tp, cfg.pp, torch.float32)  # parallel.layout's and megatron-core's checks
+    # parallel.layout's and megatron-core's checks, of the shape and of the training features
+    transformer_config(model_cfg, cfg.tp, cfg.pp, torch.float32, **recompute_options(cfg))
     if not 0 <= cfg.warmup_steps < cfg.steps:
         raise UsageError(f"warmup_steps {cfg.warmup_steps} must be below --steps {cfg.steps} (--set train.warmup_steps=N)")
+    if cfg.lr_decay_style == "wsd":
+        from parallel.trainer import wsd_decay_steps
+
+        if wsd_decay_steps(cfg) > cfg.steps - cfg.warmup_steps:
+            raise UsageError(f"wsd_decay_steps {wsd_decay_steps(cfg)} must be at most --steps {cfg.steps} minus warmup_steps "
+                             f"{cfg.warmup_steps} (--set train.wsd_decay_steps=N)")
 
     # ---- data
     if not cfg.data:
@@ -274,7 +281,9 @@ def _check_scores(cfg, refs):
 #: reshard; ``init`` only acts at step 0). Every other option is the run's, and a resume keeps it.
 RESUME_MAY_CHANGE = frozenset({"steps", "stop_after", "save_interval", "eval_interval", "log_interval", "checkpoint",
                                "tp", "pp", "dp", "init", "resume", "save", "data_cache", "data", "eval_data",
-                               "scores", "masks"})
+                               "scores", "masks",
+                               # memory/speed features: the same math, so a resume may switch them
+                               "recompute", "recompute_method", "recompute_num_layers", "recompute_modules"})
 
 
 def _same_run(manifest: dict, cfg, refs, step_dir: Path) -> None:
