@@ -10,6 +10,9 @@ import torch
 
 def main() -> None:
     tp, out_dir = int(sys.argv[1]), sys.argv[2]
+    from rhocli.core.megatron_io import import_megatron
+
+    import_megatron()  # as rho's ranks do: quietly, torch.compile deferred
     from megatron.core import parallel_state as ps
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType

@@ -10,6 +10,9 @@ import torch.distributed as dist
 
 def main() -> None:
     ckpt_path, tokens_path, out_path, tp, pp = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    from rhocli.core.megatron_io import import_megatron
+
+    import_megatron()  # as rho's ranks do: quietly, torch.compile deferred
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

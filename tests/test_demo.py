@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from rhocli.demo import corpus as gen
+from rho_cli import run_rho
 from train_utils import rho
 
 _CALC = re.compile(r"(\d+) ([-+*]) (\d+) = $")
@@ -87,7 +88,7 @@ def test_token_kinds_follow_the_text(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_tiny_runs_the_whole_pipeline(tmp_path):
+def test_demo_tiny_runs_the_whole_pipeline(tmp_path, capsys):
     out = tmp_path / "demo"
     proc = rho("demo", "--output", out, "--size", "tiny", timeout=600)
     assert "Everything is under" in proc.stdout and str(out) in proc.stdout
@@ -109,5 +110,5 @@ def test_demo_tiny_runs_the_whole_pipeline(tmp_path):
     assert "<svg" in report and "Held-out loss" in report and "Question" in report
     assert (out / "select" / "tokens.html").is_file()
     # everything it wrote is under --output; a second run refuses to overwrite it
-    again = rho("demo", "--output", out, "--size", "tiny", check=False)
-    assert again.returncode == 5 and "--force" in again.stderr and (out / "results.json").is_file()
+    again = run_rho(capsys, "demo", "--output", out, "--size", "tiny")  # refused before it starts: in-process
+    assert again.exit_code == 5 and "--force" in again.stderr and (out / "results.json").is_file()

@@ -48,7 +48,8 @@ IN_PROCESS = {"tokenize", "select", "verify"}
 
 
 def rho(*args, env_extra: dict | None = None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
-    if str(args[0]) in IN_PROCESS and not env_extra:
+    export = str(args[0]) == "convert-hf" and "--from-hf" not in map(str, args)  # reads files, no process group
+    if (str(args[0]) in IN_PROCESS or export) and not env_extra:
         proc = _in_process([str(a) for a in args])
     else:
         proc = _subprocess(args, env_extra, timeout)
