@@ -1,4 +1,4 @@
-"""Reliability mechanisms on their own (fast, no training): the output lock."""
+"""Reliability mechanisms on their own (fast, no training): the output lock, and where signals land."""
 
 from __future__ import annotations
 
@@ -53,3 +53,45 @@ def test_a_lock_from_another_host_is_not_guessed_at(tmp_path):
     path.write_text(json.dumps({"host": "some-other-node", "pid": 1, "started": 1.0}))
     with pytest.raises(InUseError, match="PID 1 on some-other-node.*remove .*rho-lock if no rho runs there"):
         OutputLock(path, "x").acquire()
+
+
+def test_threads_started_under_signals_stay_with_main_thread_never_get_them():
+    """The kernel gives a process's SIGINT to any thread that does not block it; a helper thread
+    started inside the block inherits the blocked mask, so only the main thread can be woken."""
+    import threading
+
+    from rhocli.core.processes import SignalsStayWithMainThread
+
+    masks = {}
+
+    def record(name):
+        masks[name] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with SignalsStayWithMainThread():
+        inside = threading.Thread(target=record, args=("inside",))
+        inside.start()
+    inside.join()
+    outside = threading.Thread(target=record, args=("outside",))
+    outside.start()
+    outside.join()
+    assert {signal.SIGINT, signal.SIGTERM} <= masks["inside"]
+    assert signal.SIGINT not in masks["outside"]
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before  # the main thread's mask is back
+
+
+def test_a_signal_inside_a_critical_block_waits_for_its_end():
+    from rhocli.core.processes import DeferredSignals
+
+    reached = []
+    with DeferredSignals() as signals:
+        with pytest.raises(KeyboardInterrupt):
+            with signals.critical():
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("after the signal, inside")  # not cut here
+        assert reached == ["after the signal, inside"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # outside a critical block: at once
+            reached.append("never")
+    assert reached == ["after the signal, inside"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored

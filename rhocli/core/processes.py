@@ -53,3 +53,108 @@ def terminate_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+class DeferredSignals:
+    """Ctrl-C and SIGTERM that never land inside code that must not be cut in half.
+
+    Python raises KeyboardInterrupt (or ``TerminatedSignal``) between any two bytecodes of the main
+    thread. Inside ``concurrent.futures``' own code (``submit`` writing to the executor's wake-up
+    pipe, ``Future.result``) that can leave a half-written message in a pipe its manager thread
+    reads, which then waits forever and with it the interpreter's exit (seen: ``rho tokenize`` hung
+    on Ctrl-C). Within ``with signals:`` (main thread only) the handlers already installed are
+    wrapped: a signal outside a ``signals.critical()`` block raises at once as before; one inside is
+    held and raised when the block ends.
+
+        with DeferredSignals() as signals:
+            with signals.critical():
+                future = pool.submit(job)    # never interrupted halfway
+            read_more_input()                # interrupted at once (a blocked read included)
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+        self._depth = 0
+        self._pending: int | None = None
+
+    def __enter__(self) -> "DeferredSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self._depth:
+            self._pending = self._pending or signum
+            return
+        self._deliver(signum, frame)
+
+    def _deliver(self, signum, frame) -> None:
+        handler = self._previous.get(signum)
+        if callable(handler):
+            handler(signum, frame)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        elif handler != signal.SIG_IGN:  # SIG_DFL: end as the default action would (no clean-up)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    class _Critical:
+        def __init__(self, owner: "DeferredSignals") -> None:
+            self.owner = owner
+
+        def __enter__(self) -> None:
+            self.owner._depth += 1
+
+        def __exit__(self, *exc) -> None:
+            owner = self.owner
+            owner._depth -= 1
+            if owner._depth == 0 and owner._pending is not None:
+                signum, owner._pending = owner._pending, None
+                owner._deliver(signum, None)
+
+    def critical(self) -> "DeferredSignals._Critical":
+        return DeferredSignals._Critical(self)
+
+
+class SignalsStayWithMainThread:
+    """Threads started inside ``with SignalsStayWithMainThread():`` never receive SIGINT or SIGTERM.
+
+    The kernel hands a process-directed signal to any thread that does not block it. When that is a
+    helper thread (``concurrent.futures``' manager and queue-feeder threads, an import thread),
+    Python's handler is only run by the main thread when it next executes bytecode, and a main
+    thread blocked in a read (a pipe, a slow file system) is not woken: Ctrl-C did nothing (seen:
+    ``rho tokenize`` on a held input, 2 runs in 25). Threads inherit their creator's signal mask, so
+    the main thread blocks both signals while it starts them and restores its mask after; a signal
+    sent meanwhile waits and is delivered to the main thread then. Processes forked meanwhile inherit
+    the mask too: they unblock it themselves (``unblock_signals``).
+    """
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+    def __enter__(self) -> "SignalsStayWithMainThread":
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "pthread_sigmask"):
+            self._previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._previous)
+
+
+def unblock_signals() -> None:
+    """In a child forked while its parent blocked SIGINT/SIGTERM: take them back."""
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SignalsStayWithMainThread.SIGNALS)

@@ -24,6 +24,7 @@ from rhocli.core.config import write_resolved_config
 from rhocli.core.errors import BadInputError, LoadError, UsageError, WorkerError
 from rhocli.core.formats import tokens as token_format
 from rhocli.core.formats.staging import StagedOutput, check_outputs_free
+from rhocli.core.processes import DeferredSignals, SignalsStayWithMainThread
 from rhocli.tokenize.sources import ReadState, expand_inputs, iter_jobs
 from rhocli.tokenize.worker import CATEGORIES, EncodeOptions, JobResult, encode_job, init_worker
 
@@ -166,16 +167,20 @@ def run_tokenize(
     steady = {"t0": None, "t1": None, "documents": 0, "tokens": 0, "text_bytes": 0}
 
     with StagedOutput(outputs, force=cfg.force) as stage:
-        pool = _start_workers(workers, options)
-        # Only now start the thread importing megatron-core: the workers are forked from a process
-        # that has no other thread yet, and they never import torch.
-        megatron = BackgroundImport()
+        with SignalsStayWithMainThread():  # the executor's threads and the import thread: no signals
+            pool = _start_workers(workers, options)
+            # Only now start the thread importing megatron-core: the workers are forked from a process
+            # that has no other thread yet, and they never import torch.
+            megatron = BackgroundImport()
         writer = token_format.TokenDatasetWriter(stage.path(outputs[0]), dtype, megatron.get, megatron.ready)
         window: collections.deque[tuple[int, Future]] = collections.deque()
         max_in_flight = 4 * workers + 4
 
+        signals = DeferredSignals()  # Ctrl-C / SIGTERM never cut the executor's own calls in half
+
         def handle(source_index: int, future: Future) -> None:
-            result: JobResult = future.result()
+            with signals.critical():
+                result: JobResult = future.result()
             source = sources[source_index]
             for lineno, category, message in result.issues:
                 if cfg.on_error == "fail":
@@ -208,23 +213,26 @@ def run_tokenize(
                     )
                 )
 
-        try:
-            for source_index, source in enumerate(sources):
-                for job in iter_jobs(source, options.json_keys, cfg.txt_mode, states[source_index]):
-                    window.append((source_index, pool.submit(encode_job, job)))
-                    while len(window) > max_in_flight:
-                        handle(*window.popleft())
-            while window:
-                handle(*window.popleft())
-        except BrokenProcessPool as err:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise WorkerError(
-                "a tokenizer worker process died (out of memory, or killed); nothing was written"
-            ) from err
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
+        with signals:
+            try:
+                for source_index, source in enumerate(sources):
+                    for job in iter_jobs(source, options.json_keys, cfg.txt_mode, states[source_index]):
+                        with signals.critical():
+                            window.append((source_index, pool.submit(encode_job, job)))
+                        while len(window) > max_in_flight:
+                            handle(*window.popleft())
+                while window:
+                    handle(*window.popleft())
+            except BrokenProcessPool as err:
+                _stop(pool, signals)
+                raise WorkerError(
+                    "a tokenizer worker process died (out of memory, or killed); nothing was written"
+                ) from err
+            except BaseException:
+                _stop(pool, signals)
+                raise
+            with signals.critical():
+                pool.shutdown(wait=True)
 
         if totals["documents"] == 0:
             raise BadInputError(
@@ -287,6 +295,15 @@ def run_tokenize(
         outputs=[str(p) for p in outputs],
         created_directory=str(created) if created is not None else None,
     )
+
+
+def _stop(pool: ProcessPoolExecutor, signals: DeferredSignals) -> None:
+    """Stop the pool on a failure or an interrupt: queued jobs are cancelled, running ones end (jobs are
+    small), and the executor's manager thread is joined before the exception goes on. Left running,
+    that thread races the interpreter's exit hook for the executor's wake-up pipe (CPython 3.11:
+    "Bad file descriptor" printed after rho's one-line error)."""
+    with signals.critical():
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _format_skipped(skipped: dict[str, int]) -> str:

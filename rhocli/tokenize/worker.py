@@ -53,11 +53,12 @@ def init_worker(options: EncodeOptions) -> None:
     """Pool initializer: load the tokenizer once per worker; Ctrl-C and SIGTERM are the main
     process's job (it shuts the pool down)."""
     global _tokenizer, _options
-    from rhocli.core.processes import die_with_parent
+    from rhocli.core.processes import die_with_parent, unblock_signals
 
     die_with_parent()  # a kill -9 of the main process must not leave workers blocked on their pipe
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's unwinding handler
+    unblock_signals()  # forked while the main process kept signals from its new threads
     # Parallelism comes from worker processes; keep HF tokenizers' Rust pool to one thread each.
     os.environ["RAYON_NUM_THREADS"] = "1"
     from rhocli.core.tokenizers import load_tokenizer
