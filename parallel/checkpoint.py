@@ -68,6 +68,7 @@ def save_checkpoint(store: CheckpointSink, step: int, model_chunks, optimizer, f
     if rank == 0:
         store.begin(step)
     dist.barrier()
+    use_in_process_write_results()
     # dist_checkpointing wants an empty directory; per-rank RNG states go in beside its files after.
     dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
@@ -80,31 +81,28 @@ def save_checkpoint(store: CheckpointSink, step: int, model_chunks, optimizer, f
     return store.step_dir(step)
 
 
-_write_results_servers: list = []
+def use_in_process_write_results() -> None:
+    """Keep a synchronous save's write results in this process, not in a server process.
 
-
-def start_write_results_server(initializer=None) -> None:
-    """Start, before the first save, the server megatron-core's torch_dist save sends its write
-    results through, with ``initializer`` run in it (the caller's: e.g. make it die with this process).
-
-    megatron-core (``strategies/filesystem_async.py``) starts a multiprocessing Manager (spawn) on the
-    first save and keeps it for the life of the process; nothing in it watches its parent, so a
-    ``kill -9`` of the trainer would leave it waiting forever. Started here instead, it is the same
-    server in every other respect. A megatron-core without that module-level queue is left alone.
+    megatron-core's torch_dist save (``strategies/filesystem_async.py``) hands each save's write
+    results through ``_results_queue``, by default a ``multiprocessing.Manager().Queue()`` served by a
+    *spawned* process, so that an asynchronous save's writer process can return them. That server
+    unpickles every result, so it imports torch on the first save of each rank (measured: 2.6 s of a
+    4.6 s tiny-model save on 2 cores, per rank), and nothing in it watches its parent (a ``kill -9``
+    of the trainer left it waiting forever). A synchronous save puts and gets its results in this
+    process, in the same thread (``AsyncRequest.execute_sync``): a ``queue.Queue`` carries them.
+    Call before the first synchronous save; a megatron-core without that module-level queue, or one
+    already made, is left alone. ``save_checkpoint`` calls it.
     """
     try:
         from megatron.core.dist_checkpointing.strategies import filesystem_async
     except ImportError:
         return
-    if getattr(filesystem_async, "_results_queue", "absent") is not None:  # started, or another layout
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:  # made already, or another layout
         return
-    import multiprocessing
-    from multiprocessing.managers import SyncManager
+    import queue
 
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=initializer)
-    filesystem_async._results_queue = manager.Queue()
-    _write_results_servers.append(manager)  # kept alive with the process, as megatron-core's own
+    filesystem_async._results_queue = queue.Queue()
 
 
 def _fault_injection_pause() -> None:

@@ -72,6 +72,12 @@ def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | 
     from rhocli.core.processes import TerminatedSignal, die_with_parent, terminate_as_interrupt
 
     die_with_parent()  # no rank outlives a kill -9 of the launching rho
+    # a forked rank inherits the elastic agent's handlers (they raise its SignalException): a rank
+    # takes Ctrl-C as KeyboardInterrupt and hang-ups as their default, as a spawned one does
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for name in ("SIGHUP", "SIGQUIT"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     terminate_as_interrupt()  # SIGTERM unwinds (the trainer takes it over while it trains: save, then exit 12)
     try:
         return run_stage(entry, spec_dict, renderer_cls)
@@ -88,7 +94,70 @@ def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | 
         report_error(error_dir, 1, f"internal error on rank {os.environ.get('RANK')}: {type(err).__name__}: {err}")
         if os.environ.get("RHO_DEBUG", "") not in ("", "0"):
             raise
+        _outlive_a_dead_peer()
         sys.exit(1)
+
+
+def start_method() -> str:
+    """How the launcher starts its ranks: ``fork`` on a CPU-only machine where a forked child can
+    still run torch, else ``spawn``.
+
+    A spawned rank re-imports torch and megatron-core (3.5 s of CPU each: a TP2PP2 run of the tiny
+    model on 2 cores spent 10 of its 30 s on it); a forked one starts with what this process
+    imported. Fork is not always safe: once this process has run an OpenMP parallel region (a stage
+    run in-process first: ``rho demo``, a recipe calling ``invoke``), a forked child hangs in its
+    first one (GNU libgomp, measured with torch 2.13), and CUDA does not survive a fork at all. So
+    on CPU, a throw-away child is forked first and runs one parallel region; only when it ends in
+    time do the ranks fork (``rho train`` / ``rho score`` from the command line launch before any
+    tensor work, and do).
+    """
+    import torch
+
+    if torch.cuda.is_available() or not hasattr(os, "fork"):
+        return "spawn"
+    return "fork" if _forked_child_runs_torch() else "spawn"
+
+
+def _forked_child_runs_torch(timeout_s: float = 3.0) -> bool:
+    import time
+
+    import torch
+
+    pid = os.fork()
+    if pid == 0:  # the probe: one OpenMP parallel region (more elements than at::parallel_for's grain)
+        code = 1
+        try:
+            code = 0 if float(torch.ones(1 << 17).add_(1).sum()) == 2 * (1 << 17) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return False
+
+
+#: how often the elastic agent looks at its workers (LaunchConfig.monitor_interval)
+MONITOR_INTERVAL_S = 0.5
+
+
+def _outlive_a_dead_peer() -> None:
+    """Before a rank exits with an internal error, give the agent time to see the rank that may have
+    caused it. A rank killed with -9 (or by the OOM killer) makes its peers fail on their next
+    collective at once ("Connection reset by peer"); the agent reports only the first failed rank it
+    finds, in rank order, so a peer that exits in the same polling interval would be blamed instead
+    of the killed rank. Waiting three intervals lets the agent find the killed one first; a signal
+    meanwhile (the agent stopping this rank) ends the wait, without another message."""
+    import time
+
+    try:
+        time.sleep(3 * MONITOR_INTERVAL_S)
+    except BaseException:
+        pass
 
 
 def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None) -> None:
@@ -112,7 +181,7 @@ def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls:
     launch = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-        start_method="spawn", monitor_interval=0.5, shutdown_timeout=600,
+        start_method=start_method(), monitor_interval=MONITOR_INTERVAL_S, shutdown_timeout=600,
         logs_specs=DefaultLogsSpecs(log_dir=str(scratch / "elastic")),
     )
     # the agent's own log lines (a worker's exit code, its traceback) are noise beside the one line

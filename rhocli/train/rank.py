@@ -10,18 +10,14 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
     from rhocli.core.megatron_io import import_megatron
 
     import_megatron()  # before the engine: quietly, torch.compile deferred
-    from parallel.checkpoint import start_write_results_server
     from parallel.distributed import destroy_distributed, init_distributed
     from parallel.errors import PreemptedError
     from parallel.trainer import Trainer
     from rhocli.core.formats.checkpoint import CheckpointStore
     from rhocli.core.formats.metrics import MetricsLog
-    from rhocli.core.processes import die_with_parent
     from rhocli.train.spec import spec_from_dict
 
     spec = spec_from_dict(spec_dict)
-    if spec.train.checkpoint:  # megatron-core's save helper process, made to die with this one
-        start_write_results_server(initializer=die_with_parent)
     try:
         layout = init_distributed(spec.train.tp, spec.train.pp, spec.train.seed)
         metrics = MetricsLog(spec.run_dir) if layout.rank == 0 else None
