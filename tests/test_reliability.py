@@ -84,6 +84,14 @@ def test_a_signal_inside_a_critical_block_waits_for_its_end():
     from rhocli.core.processes import DeferredSignals
 
     reached = []
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (not under nohup)
+    try:
+        _critical_block_run(DeferredSignals, reached)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def _critical_block_run(DeferredSignals, reached):
     with DeferredSignals() as signals:
         with pytest.raises(KeyboardInterrupt):
             with signals.critical():

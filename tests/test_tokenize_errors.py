@@ -193,8 +193,10 @@ class HeldInput:
 def _start_held(tmp_path: Path, hf_tokenizer_dir: Path, **popen) -> tuple[subprocess.Popen, HeldInput]:
     """``rho tokenize`` on a held input, once it has forked its two workers and staged its output."""
     held = HeldInput(tmp_path, [{"text": f"document {i} " + "word " * 50} for i in range(200)])
+    # SIGINT as a terminal gives it, even when the tests run with it ignored (nohup, a background job)
     proc = subprocess.Popen([sys.executable, "-m", "rhocli", "tokenize", str(held.path), "-t", str(hf_tokenizer_dir),
-                             "-o", str(tmp_path / "out"), "-w", "2"], **popen)
+                             "-o", str(tmp_path / "out"), "-w", "2"],
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
     deadline = time.time() + 60
     while time.time() < deadline and not (len(_workers_of(proc.pid)) >= 2
                                           and any(p.name.startswith(".rho-tmp") for p in tmp_path.iterdir())):

@@ -84,6 +84,8 @@ class DeferredSignals:
 
         if threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
+                if signal.getsignal(signum) is signal.SIG_IGN:  # ignored (e.g. under nohup): stays so
+                    continue
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -102,9 +104,11 @@ class DeferredSignals:
         handler = self._previous.get(signum)
         if callable(handler):
             handler(signum, frame)
-        elif signum == signal.SIGINT:
+        elif handler == signal.SIG_IGN:
+            return
+        elif signum == signal.SIGINT and handler is None:  # installed from C code: Python's default
             raise KeyboardInterrupt
-        elif handler != signal.SIG_IGN:  # SIG_DFL: end as the default action would (no clean-up)
+        else:  # SIG_DFL: end as the default action would (no clean-up)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
