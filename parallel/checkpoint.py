@@ -25,14 +25,29 @@ class CheckpointSink(Protocol):
     def publish(self, step: int, fields: dict[str, Any]) -> Path: ...
 
 
+def _model_keys(model_chunks) -> list[str]:
+    """Megatron-LM's names: "model" for one chunk, "model0", "model1", ... under a virtual pipeline.
+    The tensors inside are keyed by global layer numbers, so a checkpoint reshards across any of them."""
+    return ["model"] if len(model_chunks) == 1 else [f"model{i}" for i in range(len(model_chunks))]
+
+
 def _sharded_state_dict(model_chunks, optimizer, is_loading: bool) -> dict[str, Any]:
-    # One model chunk per rank (no virtual pipeline): key "model" as Megatron-LM uses.
-    model = model_chunks[0]
-    module = getattr(model, "module", model)
-    state: dict[str, Any] = {"model": module.sharded_state_dict()}
+    state: dict[str, Any] = {}
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        module = getattr(chunk, "module", chunk)
+        state[key] = module.sharded_state_dict()
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state["model"], is_loading=is_loading)
+        models = {k: state[k] for k in _model_keys(model_chunks)}
+        model_state = models["model"] if len(models) == 1 else models
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                          metadata=OPTIMIZER_METADATA)
     return state
+
+
+#: how megatron-core lays out a distributed optimizer's state in a checkpoint (ignored by the plain
+#: optimizer): Megatron-LM's default, ``dp_reshardable`` -- each rank saves and loads its own shard,
+#: no gather, and a resume may change the data-parallel size (not TP or PP)
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -115,16 +130,67 @@ def _fault_injection_pause() -> None:
         time.sleep(float(seconds))
 
 
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer its (placeholder) Adam state before a checkpoint is loaded
+    into it.
+
+    ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` starts from ``state_dict()``, which
+    without Apex or Transformer Engine (PyTorch's own Adam: CPU runs, and GPU machines without
+    them) reads the step from each parameter's state and asserts there is exactly one value; a
+    fresh optimizer has no state yet, so every resume failed. megatron-core fills the state with
+    placeholders for exactly this (``_init_optimizer_states_with_dummy_values``: one step on zero
+    gradients, at the scheduler's initial learning rate); the load then overwrites every value.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if type(opt).__name__ == "DistributedOptimizer" and inner is not None and not inner.state and init:
+            init()
+
+
+def _restore_step_counts(optimizer) -> None:
+    """Give every parameter of a loaded distributed optimizer its own, saved Adam step counter.
+
+    Without Apex or Transformer Engine, megatron-core 0.16 keeps PyTorch Adam's per-parameter step
+    in the checkpoint's param groups, and its load gets it wrong twice: ``load_state_dict`` puts
+    *one* shared tensor into every parameter's state (Adam then adds 1 to it once per parameter each
+    step), and the dp_reshardable load then copies the placeholder state's step over it (the step
+    count restarts at 1). Either way the bias correction after a resume was wrong (the 4th loss of a
+    2 + 2 step run differed from a straight run by 0.02-0.04). The saved step is still in each param
+    group (``param_group["step"]``): every parameter gets its own copy of it.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(opt).__name__ != "DistributedOptimizer" or inner is None:
+            continue
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state is not None and isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = torch.tensor(float(group["step"]), dtype=state["step"].dtype,
+                                                 device=state["step"].device)
+
+
 def load_checkpoint(step_dir: Path, model_chunks, optimizer=None, saved_world_size: int | None = None) -> None:
     """Load weights (and optimizer state) on every rank; with ``saved_world_size`` equal to this
     world's, also this rank's RNG states (an exact resume; another layout keeps the seeds)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), str(step_dir))
-    model_chunks[0].load_state_dict(state["model"], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        _materialize_distributed_optimizer_state(optimizer)
+    state = dist_checkpointing.load(_sharded_state_dict(model_chunks, optimizer, is_loading=True), str(step_dir))
+    for key, chunk in zip(_model_keys(model_chunks), model_chunks):
+        chunk.load_state_dict(state[key], strict=True)
+    if optimizer is not None:
+        # no autograd: megatron-core copies the distributed optimizer's loaded shards into its main
+        # parameters in place (``_set_main_param_and_optimizer_states``) outside no_grad on the
+        # dp_reshardable path, which PyTorch refuses for a leaf that requires grad (or a view of one)
+        with torch.no_grad():
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_step_counts(optimizer)
     if saved_world_size is not None:
         rng_file = Path(step_dir) / "rng" / f"rank{dist.get_rank():05d}.pt"
         if saved_world_size == dist.get_world_size() and rng_file.is_file():

@@ -76,6 +76,23 @@ class TrainConfig:
     recompute_num_layers: int = 1
     recompute_modules: tuple[str, ...] = ()
     """selective: megatron-core's recompute_modules (e.g. core_attn, mlp, layernorm); empty: its default."""
+    sequence_parallel: bool = False
+    """Sequence parallelism (megatron-core's ``sequence_parallel``, TP > 1): norms, dropout and the
+    residual stream hold only this rank's 1/tp of the sequence, so activations outside attention and
+    MLP shrink tp-fold; the TP all-reduces become reduce-scatter + all-gather (the same bytes).
+    ``seq_length`` must be a multiple of ``tp``."""
+    distributed_optimizer: bool | None = None
+    """megatron-core's distributed optimizer (ZeRO-1): the fp32 main weights and optimizer state are
+    sharded over the data-parallel ranks (gradients reduce-scattered, weights all-gathered). null: on
+    for DP > 1 on GPU, off on CPU. Its checkpoints are saved in model space, so a run resumes into
+    another DP size (or without it)."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce gradients bucket by bucket while the backward pass goes on (megatron-core's DDP
+    ``overlap_grad_reduce``). null: on with DP > 1 on GPU."""
+    overlap_param_gather: bool | None = None
+    """With the distributed optimizer: all-gather the updated weights during the next forward pass
+    instead of after the step (``overlap_param_gather``). null: on when the distributed optimizer is
+    and the gradient reduction overlaps."""
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -96,12 +113,25 @@ class TrainConfig:
     checkpoint: bool = True
     """Write checkpoints at all (false only for benchmarks: nothing to resume from)."""
     log_interval: int = 1
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU. fp16 trains with a loss scale (below): for GPUs without bf16."""
+    loss_scale: float | None = None
+    """fp16: a fixed loss scale; null: dynamic (megatron-core's DynamicGradScaler: halved when the
+    gradients overflow, and that step skipped; doubled after ``loss_scale_window`` clean steps)."""
+    initial_loss_scale: float = 2.0**32
+    loss_scale_window: int = 1000
+    loss_scale_hysteresis: int = 2
+    """fp16, dynamic: overflowing steps tolerated before the scale is halved."""
     tp: int = 1
     pp: int = 1
     dp: int | None = None
     """Data-parallel size; null: world size / (tp x pp)."""
+    virtual_pp: int | None = None
+    """Virtual pipeline stages per pipeline rank (interleaved 1F1B, Megatron-LM's
+    --num-layers-per-virtual-pipeline-stage expressed as chunks): each rank holds ``virtual_pp``
+    non-adjacent slices of the layers, which shrinks the pipeline bubble by that factor for more
+    point-to-point traffic. Needs pp > 1, layers divisible by pp x virtual_pp and at least pp
+    micro-batches per step."""
     init: str | None = None
     """Start from this checkpoint's weights (a run dir or a step dir); new optimizer, step 0."""
     resume: bool = False
@@ -127,6 +157,7 @@ class TrainConfig:
         "steps": ">= 1", "seq_length": ">= 1", "micro_batch_size": ">= 1", "global_batch_size": ">= 1",
         "lr": ">= 0", "min_lr": ">= 0", "warmup_steps": ">= 0", "wsd_decay_steps": ">= 1", "recompute_num_layers": ">= 1", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
         "adam_beta2": "[0, 1)", "adam_eps": "> 0", "clip_grad": ">= 0", "seed": ">= 0", "eval_interval": ">= 0",
-        "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1",
+        "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1", "virtual_pp": ">= 1",
+        "loss_scale": "> 0", "initial_loss_scale": "> 0", "loss_scale_window": ">= 1", "loss_scale_hysteresis": ">= 1",
         "stop_after": ">= 1", "select_ratio": "(0, 1]",
     }

@@ -52,11 +52,11 @@ class Layout:
     """"nccl" or "gloo"."""
 
 
-def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600) -> Layout:
+def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600, virtual_pp: int | None = None) -> Layout:
     """Create the process group and megatron's TP/PP/DP groups, seed every RNG; return the Layout.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK (default: RANK), MASTER_ADDR and MASTER_PORT from the
-    environment. With CUDA: NCCL on device LOCAL_RANK. Without: gloo, after `apply_cpu_compat()`.
+    environment. ``virtual_pp`` > 1: the interleaved schedule's virtual pipeline stages. With CUDA: NCCL on device LOCAL_RANK. Without: gloo, after `apply_cpu_compat()`.
     Raises DistributedSetupError when the environment is incomplete, LayoutError when tp x pp does
     not divide the world size.
     """
@@ -88,6 +88,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600) -> Lay
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=virtual_pp if (virtual_pp or 1) > 1 else None,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     torch.manual_seed(seed)

@@ -36,6 +36,30 @@ def check_model_fits(cfg: ModelConfig, tp: int, pp: int) -> None:
     padded_vocab_size(1, tp, cfg.make_vocab_size_divisible_by)
 
 
+def check_sequence_parallel(enabled: bool, tp: int, seq_length: int) -> None:
+    """Sequence parallelism splits each sequence over the tensor-parallel ranks."""
+    if not enabled:
+        return
+    if tp < 2:
+        raise LayoutError("sequence parallelism needs {tp} > 1 (it splits the sequence over the TP ranks)", tp=tp)
+    if seq_length % tp:
+        raise LayoutError(f"sequence parallelism needs a sequence length that {{tp}} divides (got {seq_length})", tp=tp)
+
+
+def check_virtual_pipeline(vp: int | None, pp: int, num_layers: int, num_microbatches: int) -> None:
+    """The interleaved schedule gives each pipeline rank ``vp`` slices of the layers and runs at least
+    ``pp`` micro-batches per step (megatron-core's microbatch group)."""
+    if (vp or 1) == 1:
+        return
+    if pp < 2:
+        raise LayoutError("a virtual pipeline needs {pp} > 1", pp=pp)
+    if num_layers % (pp * vp):
+        raise LayoutError(f"{{pp}} x {{vp}} = {pp * vp} must divide num_layers={num_layers}", pp=pp, vp=vp)
+    if num_microbatches < pp:
+        raise LayoutError(f"the interleaved schedule needs at least {{pp}} micro-batches per step, got "
+                          f"{num_microbatches} (raise global_batch_size or lower micro_batch_size)", pp=pp)
+
+
 def micro_batches_per_step(global_batch_size: int, micro_batch_size: int, dp: int) -> int:
     """Micro-batches each data-parallel rank runs per optimizer step."""
     if global_batch_size % (micro_batch_size * dp):

@@ -29,25 +29,31 @@ class ModelShape:
     params_dtype: torch.dtype
 
 
-def recompute_options(train_cfg) -> dict:
-    """TransformerConfig fields for a TrainConfig's activation recomputation (none: {})."""
+def model_features(train_cfg) -> dict:
+    """TransformerConfig fields for a TrainConfig's memory features: activation recomputation and
+    sequence parallelism (none: {})."""
+    features: dict = {}
     if train_cfg.recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": train_cfg.recompute_method,
-                "recompute_num_layers": train_cfg.recompute_num_layers}
-    if train_cfg.recompute == "selective":
+        features.update(recompute_granularity="full", recompute_method=train_cfg.recompute_method,
+                        recompute_num_layers=train_cfg.recompute_num_layers)
+    elif train_cfg.recompute == "selective":
         modules = list(train_cfg.recompute_modules)
-        return {"recompute_granularity": "selective", **({"recompute_modules": modules} if modules else {})}
-    return {}
+        features.update(recompute_granularity="selective", **({"recompute_modules": modules} if modules else {}))
+    if train_cfg.sequence_parallel:
+        features["sequence_parallel"] = True
+    if (train_cfg.virtual_pp or 1) > 1:
+        features["virtual_pipeline_model_parallel_size"] = train_cfg.virtual_pp
+    return features
 
 
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.dtype, **features):
     """megatron-core's TransformerConfig for this model and layout, with ``features`` (training
-    options such as ``recompute_options``) passed through. Raises LayoutError when the layout does
+    options such as ``model_features``) passed through. Raises LayoutError when the layout does
     not fit the model, ModelConfigError when megatron-core's own checks refuse the shape."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     check_model_fits(cfg, tp, pp)
-    bf16 = params_dtype == torch.bfloat16
+    bf16, fp16 = params_dtype == torch.bfloat16, params_dtype == torch.float16
     try:
         return TransformerConfig(
             num_layers=cfg.num_layers,
@@ -77,10 +83,18 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.d
             params_dtype=params_dtype,
             pipeline_dtype=params_dtype,
             bf16=bf16,
+            fp16=fp16,
             # The (loss_sum, num_tokens) convention: schedules sum token counts over micro-batches and
             # finalize_model_grads divides gradients by the global count (exact across DP and PP).
             calculate_per_token_loss=True,
             batch_p2p_sync=False,
+            # gloo runs a "batched" p2p call as separate sends and receives matched in order per
+            # peer; under the interleaved schedule at PP2 a rank sends an activation and a gradient
+            # to the same peer in one call and the peer posted its receives in the other order, so
+            # activations and gradients were swapped (vPP2 x PP2 losses off by 1e-3 from 4
+            # micro-batches on). megatron-core's unbatched p2p keeps the two directions on two
+            # process groups when the pipeline group has 2 ranks. NCCL keeps megatron's default.
+            batch_p2p_comm=torch.cuda.is_available(),
             **features,
         )
     except ValueError as err:  # megatron-core's own checks of the shape
@@ -121,22 +135,29 @@ def _rho_gpt_model_class():
     return RhoGPTModel
 
 
+def build_model_chunks(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, vp: int, features: dict) -> list:
+    """This rank's model: one ``GPTModel`` per virtual pipeline stage (``vp`` > 1: interleaved 1F1B,
+    stage ``i`` holding the layers megatron-core assigns to it), each with its own first/last-stage
+    role."""
+    from megatron.core import parallel_state as ps
+
+    if vp == 1:
+        return [build_model(cfg, shape, tp, pp, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
+                            features=features)]
+    return [build_model(cfg, shape, tp, pp, ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
+                        ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i), features=features, vp_stage=i)
+            for i in range(vp)]
+
+
 def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_process: bool, post_process: bool,
-                features: dict | None = None):
+                features: dict | None = None, vp_stage: int | None = None):
     """This pipeline stage's ``GPTModel`` (on CPU; the caller moves it to the GPU). Given ``labels``,
     the last stage returns per-token losses [b, s] from rho's fused kernel (``_rho_gpt_model_class``);
     without, vocab-parallel logits [b, s, vocab/tp] as megatron's GPTModel does."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from parallel.attention import SDPAttention
-
     config = transformer_config(cfg, tp, pp, shape.params_dtype, **(features or {}))
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    # fused causal attention (PyTorch SDPA) in place of the local spec's unfused DotProductAttention
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return _rho_gpt_model_class()(
         config=config,
-        transformer_layer_spec=spec,
+        transformer_layer_spec=block_spec(config, vp_stage),
         vocab_size=shape.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -145,7 +166,27 @@ def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_proce
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
+        **({"vp_stage": vp_stage} if vp_stage is not None else {}),
     )
+
+
+def block_spec(config, vp_stage: int | None = None):
+    """megatron-core's local layer spec (RMSNorm) with rho's two substitutions, for this stage's layers:
+    fused causal attention (PyTorch SDPA, ``parallel.attention``) in place of the unfused
+    DotProductAttention, and ``parallel.norm.RMSNorm`` (sequence-parallel capable) for every norm,
+    the block's final one included."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from parallel.attention import SDPAttention
+    from parallel.norm import RMSNorm
+
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = SDPAttention
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=RMSNorm)
 
 
 def model_shape(cfg: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.dtype) -> ModelShape:

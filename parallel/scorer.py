@@ -27,6 +27,7 @@ size (and equal within fp32 reduction order for any TP/PP layout).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, Protocol
 
@@ -54,6 +55,8 @@ class ScoreSpec:
     eod_id: int
     tp: int
     pp: int
+    #: sequence parallelism (TP > 1): norms and the residual stream hold 1/tp of each window
+    sequence_parallel: bool = False
 
 
 class ScoreSink(Protocol):
@@ -115,7 +118,11 @@ class Scorer:
         dtype = torch.bfloat16 if on_gpu else torch.float32
         self.micro_batch_size = spec.micro_batch_size or default_micro_batch_size(spec.window, on_gpu)
         shape = model_shape(spec.model, spec.vocab_size, layout.tp, dtype)
-        model = build_model(spec.model, shape, layout.tp, layout.pp, ps.is_pipeline_first_stage(), self.is_last)
+        features = {"sequence_parallel": True} if spec.sequence_parallel else {}
+        model = build_model(spec.model, shape, layout.tp, layout.pp, ps.is_pipeline_first_stage(), self.is_last,
+                            features=features)
+        # a micro-batch's length: a multiple of PAD_MULTIPLE, and of tp under sequence parallelism
+        self.pad_multiple = math.lcm(PAD_MULTIPLE, layout.tp) if spec.sequence_parallel else PAD_MULTIPLE
         if on_gpu:
             model.cuda(torch.cuda.current_device())
         load_weights(model, shape, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
@@ -137,7 +144,7 @@ class Scorer:
         for k in range(0, len(order), mbs):
             idx = order[k:k + mbs]
             b = len(idx)
-            length = -(-len(windows[idx[0]].inputs) // PAD_MULTIPLE) * PAD_MULTIPLE
+            length = -(-len(windows[idx[0]].inputs) // self.pad_multiple) * self.pad_multiple
             tokens = torch.zeros(b, length, dtype=torch.long)
             rows, labels, sizes = [], [], []
             for r, i in enumerate(idx):
@@ -204,6 +211,10 @@ class Scorer:
         """
         from megatron.core import parallel_state as ps
 
+        if self.spec.sequence_parallel:  # [s/tp, b, h] on each TP rank -> the whole sequence
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         weight = self.output_weight
         n, v_local = h.shape[0], weight.shape[0]

@@ -17,6 +17,7 @@ payloads; the caller renders them), writes metrics through ``metrics`` and check
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -35,7 +36,7 @@ from parallel.distributed import Layout
 from parallel.errors import NonFiniteValueError, PreemptedError
 from parallel.layout import micro_batches_per_step
 from parallel.loss import Selection
-from parallel.model import build_model, count_parameters, model_shape, recompute_options
+from parallel.model import build_model_chunks, count_parameters, model_features, model_shape
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -90,6 +91,18 @@ def wsd_decay_steps(cfg: TrainConfig) -> int:
     return cfg.wsd_decay_steps if cfg.wsd_decay_steps is not None else max(1, cfg.steps // 10)
 
 
+def data_parallel_features(cfg: TrainConfig, dp: int, on_gpu: bool) -> dict[str, bool]:
+    """megatron-core DDP options for a run: the distributed optimizer and the overlap of gradient
+    reduction / parameter gathering with compute, each as asked, or by default on with DP > 1 on a GPU
+    (where the communication is worth hiding; on CPU gloo runs them in the compute's place)."""
+    default = on_gpu and dp > 1
+    dist_opt = default if cfg.distributed_optimizer is None else cfg.distributed_optimizer
+    overlap_grad = default if cfg.overlap_grad_reduce is None else cfg.overlap_grad_reduce
+    overlap_param = (dist_opt and overlap_grad) if cfg.overlap_param_gather is None else cfg.overlap_param_gather
+    return {"use_distributed_optimizer": dist_opt, "overlap_grad_reduce": overlap_grad,
+            "overlap_param_gather": overlap_param}
+
+
 def _weights(refs) -> tuple[float, ...] | None:
     weights = [d.weight for d in refs]
     return tuple(weights) if len(weights) > 1 and all(w is not None for w in weights) else None
@@ -98,7 +111,7 @@ def _weights(refs) -> tuple[float, ...] | None:
 def _params_dtype(precision: str) -> torch.dtype:
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_available()):
         return torch.bfloat16
-    return torch.float32
+    return torch.float16 if precision == "fp16" else torch.float32
 
 
 def make_forward_step(selection):
@@ -147,6 +160,7 @@ class Trainer:
         self.params_dtype = _params_dtype(self.cfg.precision)
         self.shape = model_shape(spec.model, spec.vocab_size, layout.tp, self.params_dtype)
         self.num_microbatches = micro_batches_per_step(self.cfg.global_batch_size, self.cfg.micro_batch_size, layout.dp)
+        self.vp = self.cfg.virtual_pp or 1
         self.selection = Selection(ratio=self.cfg.select_ratio, scope=self.cfg.select_scope)
         self._build_model_and_optimizer()
         self.step = 0
@@ -154,30 +168,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_model_and_optimizer(self) -> None:
-        from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
-        module = build_model(
-            self.spec.model, self.shape, self.layout.tp, self.layout.pp,
-            pre_process=ps.is_pipeline_first_stage(), post_process=self.is_last_stage,
-            features=recompute_options(cfg),
-        )
-        if torch.cuda.is_available():
-            module.cuda(torch.cuda.current_device())
-        # Distributed optimizer shards optimizer state over DP on GPU; its state cannot be reloaded
-        # on CPU in megatron-core 0.16 (shared/notes), so CPU runs use the plain FP32 optimizer.
-        use_dist_opt = torch.cuda.is_available() and self.layout.dp > 1
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=use_dist_opt,
-        )
-        self.model = DistributedDataParallel(config=module.config, ddp_config=ddp_config, module=module)
-        bf16 = self.params_dtype == torch.bfloat16
+        parallel_features = data_parallel_features(cfg, self.layout.dp, torch.cuda.is_available())
+        use_dist_opt = parallel_features["use_distributed_optimizer"]
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, **parallel_features)
+        # one model chunk per virtual pipeline stage (interleaved 1F1B), else one
+        self.model_chunks = []
+        for vp_stage, module in enumerate(build_model_chunks(self.spec.model, self.shape, self.layout.tp,
+                                                             self.layout.pp, self.vp, model_features(cfg))):
+            if torch.cuda.is_available():
+                module.cuda(torch.cuda.current_device())
+            # as Megatron-LM: only the first chunk's gradients are bucketed (the others' reductions
+            # are started by the schedule once their backward is done)
+            self.model_chunks.append(DistributedDataParallel(config=module.config, ddp_config=ddp_config,
+                                                             module=module, disable_bucketing=vp_stage > 0))
+        bf16, fp16 = self.params_dtype == torch.bfloat16, self.params_dtype == torch.float16
         opt_config = OptimizerConfig(
             optimizer=cfg.optimizer,
             lr=cfg.lr,
@@ -189,10 +199,17 @@ class Trainer:
             sgd_momentum=0.0,
             clip_grad=cfg.clip_grad,
             bf16=bf16,
+            fp16=fp16,
             params_dtype=self.params_dtype,
             use_distributed_optimizer=use_dist_opt,
+            # fp16: a fixed loss scale when given, else megatron-core's DynamicGradScaler
+            loss_scale=cfg.loss_scale,
+            initial_loss_scale=cfg.initial_loss_scale,
+            loss_scale_window=cfg.loss_scale_window,
+            hysteresis=cfg.loss_scale_hysteresis,
+            min_loss_scale=1.0,
         )
-        self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.optimizer = get_megatron_optimizer(opt_config, self.model_chunks)
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             # megatron sets no state initialiser for SGD (it has no state with momentum 0), but
             # sharded_state_dict(is_loading=True) calls it unconditionally.
@@ -213,10 +230,35 @@ class Trainer:
             wd_incr_steps=max(cfg.steps, 1),
             wd_incr_style="constant",
         )
-        config = module.config
+        # the schedule's hooks into DDP, wired as Megatron-LM's train loop wires them
+        config = self.model_chunks[0].module.config
+        one = (lambda fns: fns[0] if len(fns) == 1 else fns)
+        if parallel_features["overlap_grad_reduce"]:
+            # reduce only after the last micro-batch's backward, bucket by bucket as it finishes
+            config.no_sync_func = one([m.no_sync for m in self.model_chunks])
+            config.grad_sync_func = one([m.start_grad_sync for m in self.model_chunks])
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         self.use_dist_opt = use_dist_opt
+        # with the parameter all-gather overlapped, DDP gathers the updated weights in forward
+        # pre-hooks: checkpoints and evaluation first gather them synchronously
+        self.param_gather_hooks = parallel_features["overlap_param_gather"] and use_dist_opt
+
+    @contextlib.contextmanager
+    def _weights_gathered(self):
+        """The block sees every rank's updated weights (a save, an evaluation): with the overlapped
+        parameter gather, its forward pre-hooks are removed after a synchronous all-gather, and put
+        back after (Megatron-LM's disable/enable_forward_pre_hook around eval and checkpoints)."""
+        if not self.param_gather_hooks:
+            yield
+            return
+        for chunk in self.model_chunks:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.model_chunks:
+                chunk.enable_forward_pre_hook()
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -235,9 +277,13 @@ class Trainer:
         )
         valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_iters > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(spec, cfg.steps * cfg.global_batch_size, valid_samples)
-        self.train_iter = MicroBatches(
-            self.train_ds, self.consumed_samples, cfg.micro_batch_size, self.dp_rank, self.layout.dp
-        )
+        self.train_iter = self._iterators(self.train_ds, self.consumed_samples)
+
+    def _iterators(self, dataset, consumed_samples: int):
+        """Micro-batches from ``consumed_samples`` on: one iterator, or under the interleaved schedule
+        one per model chunk (each chunk draws its own micro-batches, the same sequence)."""
+        make = lambda: MicroBatches(dataset, consumed_samples, self.cfg.micro_batch_size, self.dp_rank, self.layout.dp)
+        return make() if self.vp == 1 else [make() for _ in range(self.vp)]
 
     # ------------------------------------------------------------ checkpoints
     def _manifest(self) -> dict[str, Any]:
@@ -277,8 +323,9 @@ class Trainer:
         return None if v != v else v
 
     def save(self) -> Path:
-        self._check_finite_params()
-        path = save_checkpoint(self.checkpoints, self.step, [self.model], self.optimizer, self._manifest())
+        with self._weights_gathered():
+            self._check_finite_params()
+            path = save_checkpoint(self.checkpoints, self.step, self.model_chunks, self.optimizer, self._manifest())
         self.on_event("checkpoint", {"step": self.step, "path": str(path)})
         return path
 
@@ -294,7 +341,7 @@ class Trainer:
             if latest is None:
                 return  # nothing saved yet: a fresh start
             step_dir, manifest = latest
-            load_checkpoint(step_dir, [self.model], self.optimizer, saved_world_size=manifest.get("world_size"))
+            load_checkpoint(step_dir, self.model_chunks, self.optimizer, saved_world_size=manifest.get("world_size"))
             self.step = int(manifest["step"])
             self.consumed_samples = int(manifest["consumed_samples"])
             self.scheduler.load_state_dict(manifest["scheduler"])
@@ -303,11 +350,16 @@ class Trainer:
                 self.metrics.truncate_after(self.step)
             self.on_event("resumed", {"step": self.step, "path": str(step_dir)})
         elif self.spec.init_checkpoint:
-            load_checkpoint(Path(self.spec.init_checkpoint), [self.model], optimizer=None)
+            load_checkpoint(Path(self.spec.init_checkpoint), self.model_chunks, optimizer=None)
+            # the mixed-precision and distributed optimizers copied the random initial weights into
+            # their fp32 main parameters when they were built; without this the first step would
+            # copy those back over the loaded weights (Megatron-LM does the same after a load
+            # without optimizer state)
+            self.optimizer.reload_model_params()
             self.on_event("initialized", {"path": self.spec.init_checkpoint})
 
     def _check_finite_params(self) -> None:
-        for name, param in self.model.module.named_parameters():
+        for name, param in (item for chunk in self.model_chunks for item in chunk.module.named_parameters()):
             if not torch.isfinite(param).all():
                 raise NonFiniteValueError(f"step {self.step}, rank {self.layout.rank}: parameter {name} is not finite; not saving")
 
@@ -336,18 +388,22 @@ class Trainer:
         return get_forward_backward_func()(
             forward_step_func=make_forward_step(selection if selection is not None else self.selection),
             data_iterator=data_iterator,
-            model=[self.model],
+            model=self.model_chunks,
             num_microbatches=num_microbatches,
             seq_length=self.cfg.seq_length,
             micro_batch_size=self.cfg.micro_batch_size,
             forward_only=forward_only,
         )
 
-    def _optimizer_step(self, loss: float) -> float:
-        """Megatron's ChainedOptimizer.step, with a finiteness check before any parameter changes."""
+    def _optimizer_step(self, loss: float) -> float | None:
+        """Megatron's ChainedOptimizer.step, with a finiteness check before any parameter changes.
+        None: fp16 gradients overflowed at this loss scale; the scaler lowered it and no parameter
+        changed (megatron's skipped step)."""
         from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-        self.optimizer.prepare_grads()
+        found_inf = self.optimizer.prepare_grads()  # fp16: unscale, check, update the loss scale
+        if found_inf and math.isfinite(loss) and self.params_dtype == torch.float16:
+            return None
         grad_norm = float(self.optimizer.get_grad_norm())
         if not math.isfinite(loss) or not math.isfinite(grad_norm):
             what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -367,7 +423,8 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.model.zero_grad_buffer()
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._forward_backward(self.train_iter, self.num_microbatches, forward_only=False)
         report = self._reduce_report(outputs)
@@ -381,6 +438,7 @@ class Trainer:
             report = {**report, "loss": None}
         else:
             grad_norm = self._optimizer_step(report["loss"])
+        overflow = not skipped and grad_norm is None
         self.scheduler.step(increment=1)
         self.selection.end_step()
         self.step += 1
@@ -394,6 +452,8 @@ class Trainer:
             "lr": lr,
             "grad_norm": grad_norm,
             **({"skipped": "no token kept"} if skipped else {}),
+            **({"skipped": "fp16 gradient overflow"} if overflow else {}),
+            **({"loss_scale": float(self.optimizer.get_loss_scale())} if self.params_dtype == torch.float16 else {}),
             "step_time_s": dt,
             "tokens_per_s": self.cfg.global_batch_size * self.cfg.seq_length / dt,
             "consumed_samples": self.consumed_samples,
@@ -403,10 +463,13 @@ class Trainer:
     def evaluate(self) -> float | None:
         if self.cfg.eval_iters <= 0 or self.valid_ds is None or len(self.valid_ds) == 0:
             return None
-        self.model.eval()
+        for chunk in self.model_chunks:
+            chunk.eval()
+        gathered = self._weights_gathered()
+        gathered.__enter__()
         try:
             # Always the same first eval_iters global batches: curves compare across evaluations.
-            data = MicroBatches(self.valid_ds, 0, self.cfg.micro_batch_size, self.dp_rank, self.layout.dp)
+            data = self._iterators(self.valid_ds, 0)
             total_loss, total_tokens = 0.0, 0.0
             for _ in range(self.cfg.eval_iters):
                 # validation loss: every token, whatever the training selection
@@ -415,7 +478,9 @@ class Trainer:
                 total_loss += report["all_tokens_loss"] * report["tokens"]
                 total_tokens += report["tokens"]
         finally:
-            self.model.train()
+            gathered.__exit__(None, None, None)
+            for chunk in self.model_chunks:
+                chunk.train()
         return total_loss / total_tokens if total_tokens else None
 
     def _log(self, record: dict[str, Any]) -> None:

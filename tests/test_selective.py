@@ -118,6 +118,12 @@ def test_score_dp2_identical_and_tp2_within_tolerance(corpus, tmp_path):
     _, a = _read_store(tmp_path / "tp2")
     _, b = _read_store(d / "c.ref")
     assert np.abs(a - b).max() < 1e-5
+    # sequence parallelism: each TP rank's norms hold half of every window; the hidden states are
+    # gathered before the output layer
+    rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "sp", "--seq-len", 32,
+        "--shard-documents", 80, "--tp", 2, "--sequence-parallel", "-q", timeout=600)
+    _, c = _read_store(tmp_path / "sp")
+    assert np.abs(c - b).max() < 1e-5
 
 
 def test_score_resumes_after_kill_and_never_publishes_partial(corpus, tmp_path, capsys):

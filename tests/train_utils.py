@@ -86,6 +86,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
+def grad_norms(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["grad_norm"] for r in records if r.get("grad_norm") is not None}
+
+
 def valid_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {r["step"]: r["valid_loss"] for r in records if r.get("valid_loss") is not None}

@@ -73,6 +73,7 @@ def score_command(
     stride: Annotated[Optional[int], typer.Option("--stride", help="Sliding-window stride for long documents (default: half the window).")] = None,
     micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Windows per forward pass (default: about 4,096 positions per forward on CPU, 16,384 on a GPU).")] = None,
     shard_documents: Annotated[int, typer.Option("--shard-documents", help="Documents per resumable shard.")] = 2048,
+    sequence_parallel: Annotated[bool, typer.Option("--sequence-parallel", help="Split norms and the residual stream over the TP ranks along the sequence (TP > 1).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (finished shards are kept).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing store / restart an unfinished run.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -87,6 +88,6 @@ def score_command(
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     job, world = build_score_job(
         model, data, output, tp, pp, dp, seq_len, stride, micro_batch_size, resume, force, shard_documents,
-        world_size=world_from_env(),
+        world_size=world_from_env(), sequence_parallel=sequence_parallel,
     )
     run_scoring(job, world, force, resume, None if quiet else ScoreRenderer)

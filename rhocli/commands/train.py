@@ -55,6 +55,10 @@ def train_command(
     select_scope: Annotated[Optional[str], typer.Option("--select-scope", help="sequence (default), microbatch or batch.")] = None,
     mask: Annotated[Optional[list[str]], typer.Option("--mask", help="Static mask store (rho select) per --data prefix: train only on its tokens.")] = None,
     recompute: Annotated[Optional[str], typer.Option("--recompute", help="Recompute activations in backward: full (whole layers) or selective (core attention); none by default.")] = None,
+    sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel", help="Split norms and the residual stream over the TP ranks along the sequence (TP > 1).")] = None,
+    distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Shard Adam's state and fp32 weights over the data-parallel ranks (default: on for DP > 1 on GPU).")] = None,
+    virtual_pp: Annotated[Optional[int], typer.Option("--virtual-pp", help="Virtual pipeline stages per PP rank (interleaved 1F1B; needs --pp > 1).")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (dynamic loss scaling).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any option: train.KEY=VALUE or model.KEY=VALUE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Reuse a run directory that holds checkpoints (start over).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
@@ -74,10 +78,13 @@ def train_command(
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
         "eval_interval": eval_interval, "eval_data": tuple(eval_data) if eval_data else None, "stop_after": stop_after,
         "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, "select_ratio": select_ratio, "select_scope": select_scope,
-        "recompute": recompute,
+        "recompute": recompute, "sequence_parallel": sequence_parallel,
+        "distributed_optimizer": distributed_optimizer, "virtual_pp": virtual_pp, "precision": precision,
     }
     if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):
         raise UsageError(f"--select-scope: expected sequence, microbatch or batch, got {select_scope!r}")
+    if precision is not None and precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
     if recompute is not None and recompute not in ("none", "full", "selective"):
         raise UsageError(f"--recompute: expected full, selective or none, got {recompute!r}")
     model_cfg, train_cfg = load_run_configs(config, flags, list(set_ or []))

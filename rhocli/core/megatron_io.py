@@ -27,7 +27,11 @@ def quiet_megatron() -> None:
     for pattern in (r".*Transformer Engine and Apex.*", r".*apex.*", r".*full scope is deprecated.*",
                     r".*torch.jit.script.* is deprecated.*", r".*dynamic_context.py.*",
                     # torch deprecations inside megatron's dist_checkpointing (loading a checkpoint)
-                    r".*`load_state_dict` is deprecated.*", r".*Please use DTensor instead.*"):
+                    r".*`load_state_dict` is deprecated.*", r".*Please use DTensor instead.*",
+                    # torch 2.13 renamed collectives megatron-core calls (sequence parallelism)
+                    r".*`torch.distributed.\w+` is deprecated. Please use `torch.distributed.\w+` instead.*",
+                    # the fp32 distributed optimizer's main parameters are views of the model's
+                    r".*The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("megatron").setLevel(logging.WARNING)
 

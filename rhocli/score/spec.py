@@ -81,7 +81,7 @@ RESUME_NAMES = {"reference_model": "--model (its fingerprint)", "tokens": "--dat
 
 def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: int | None, seq_len: int | None,
                     stride: int | None, micro_batch_size: int | None, resume: bool, force: bool,
-                    shard_documents: int, world_size: int | None = None):
+                    shard_documents: int, world_size: int | None = None, sequence_parallel: bool = False):
     """Validate ``rho score``'s options; returns (ScoreJob, world size). Nothing is written but the
     output's parent directory."""
     from rhocli.score.rank import import_engine
@@ -90,7 +90,7 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
     import torch
 
     from parallel.config import ModelConfig
-    from parallel.layout import data_parallel_size, padded_vocab_size
+    from parallel.layout import check_sequence_parallel, data_parallel_size, padded_vocab_size
     from parallel.model import transformer_config
     from parallel.scorer import ScoreSpec
     from rhocli.core.formats.scores import ScoreStoreWriter
@@ -123,7 +123,8 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
         world_size = tp * pp * (dp or 1)
     # the engine's layout checks (LayoutError: the CLI names the sizes by their flags)
     data_parallel_size(world_size, tp, pp, dp)
-    transformer_config(model_cfg, tp, pp, torch.float32)
+    check_sequence_parallel(sequence_parallel, tp, tp)  # windows are padded to a multiple of tp
+    transformer_config(model_cfg, tp, pp, torch.float32, **({"sequence_parallel": True} if sequence_parallel else {}))
     padded_vocab_size(vocab, tp, model_cfg.make_vocab_size_divisible_by)
 
     reference_model = source.description()
@@ -141,7 +142,7 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
     engine = ScoreSpec(
         model=model_cfg, vocab_size=vocab, tokens=str(data), window=window, stride=stride,
         micro_batch_size=micro_batch_size, microbatches_per_call=8, shard_documents=shard_documents,
-        eod_id=int(eod), tp=tp, pp=pp,
+        eod_id=int(eod), tp=tp, pp=pp, sequence_parallel=sequence_parallel,
     )
     if writer.work.exists() and resume:
         writer.check_resume(RESUME_NAMES)

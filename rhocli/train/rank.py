@@ -19,7 +19,7 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
 
     spec = spec_from_dict(spec_dict)
     try:
-        layout = init_distributed(spec.train.tp, spec.train.pp, spec.train.seed)
+        layout = init_distributed(spec.train.tp, spec.train.pp, spec.train.seed, virtual_pp=spec.train.virtual_pp)
         metrics = MetricsLog(spec.run_dir) if layout.rank == 0 else None
         try:
             return Trainer(spec, layout, CheckpointStore(spec.run_dir), metrics, on_event).run()

@@ -82,8 +82,8 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     import_megatron()  # before the engine: quietly, torch.compile deferred
     import torch
 
-    from parallel.layout import data_parallel_size, micro_batches_per_step
-    from parallel.model import recompute_options, transformer_config
+    from parallel.layout import check_sequence_parallel, check_virtual_pipeline, data_parallel_size, micro_batches_per_step
+    from parallel.model import model_features, transformer_config
     from parallel.trainer import DatasetRef, RunSpec
     from rhocli.core.formats import checkpoint as ckpt
     from rhocli.core.formats.tokens import TokenDataset
@@ -93,7 +93,9 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     if world_size is None:
         world_size = cfg.tp * cfg.pp * (cfg.dp or 1)
     dp = data_parallel_size(world_size, cfg.tp, cfg.pp, cfg.dp)
-    micro_batches_per_step(cfg.global_batch_size, cfg.micro_batch_size, dp)
+    num_microbatches = micro_batches_per_step(cfg.global_batch_size, cfg.micro_batch_size, dp)
+    check_virtual_pipeline(cfg.virtual_pp, cfg.pp, model_cfg.num_layers, num_microbatches)
+    _check_precision_features(cfg, dp)
     if cfg.seq_length > model_cfg.max_position_embeddings:
         raise UsageError(f"seq_length {cfg.seq_length} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}")
     if model_cfg.hidden_size % model_cfg.num_attention_heads:
@@ -101,7 +103,8 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     if model_cfg.num_attention_heads % model_cfg.num_query_groups:
         raise ConfigError(f"{config_path}: num_attention_heads must be a multiple of num_query_groups")
     # parallel.layout's and megatron-core's checks, of the shape and of the training features
-    transformer_config(model_cfg, cfg.tp, cfg.pp, torch.float32, **recompute_options(cfg))
+    check_sequence_parallel(cfg.sequence_parallel, cfg.tp, cfg.seq_length)
+    transformer_config(model_cfg, cfg.tp, cfg.pp, torch.float32, **model_features(cfg))
     if not 0 <= cfg.warmup_steps < cfg.steps:
         raise UsageError(f"warmup_steps {cfg.warmup_steps} must be below --steps {cfg.steps} (--set train.warmup_steps=N)")
     if cfg.lr_decay_style == "wsd":
@@ -186,6 +189,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
             raise MismatchError(f"{label} {step_dir}: model shape differs from {config_path} in {', '.join(diff)}")
         if label == "--resume":
             _same_run(manifest, cfg, refs, step_dir)
+            _same_optimizer(manifest, cfg, dp, step_dir)
 
     scores = _check_scores(cfg, refs)
     masks = _check_masks(cfg, refs)
@@ -283,7 +287,28 @@ RESUME_MAY_CHANGE = frozenset({"steps", "stop_after", "save_interval", "eval_int
                                "tp", "pp", "dp", "init", "resume", "save", "data_cache", "data", "eval_data",
                                "scores", "masks",
                                # memory/speed features: the same math, so a resume may switch them
-                               "recompute", "recompute_method", "recompute_num_layers", "recompute_modules"})
+                               "recompute", "recompute_method", "recompute_num_layers", "recompute_modules",
+                               "sequence_parallel", "virtual_pp", "overlap_grad_reduce", "overlap_param_gather",
+                               # compared by what it resolves to (``_same_optimizer``)
+                               "distributed_optimizer"})
+
+
+def _check_precision_features(cfg, dp: int) -> None:
+    """Feature combinations megatron-core refuses deep inside a worker, said up front."""
+    import torch
+
+    from parallel.trainer import data_parallel_features
+
+    features = data_parallel_features(cfg, dp, torch.cuda.is_available())
+    if features["use_distributed_optimizer"] and cfg.optimizer != "adam":
+        raise UsageError("--distributed-optimizer shards Adam's state; megatron-core checkpoints no other "
+                         "optimizer's (set train.optimizer=adam, or drop --distributed-optimizer)")
+    if cfg.overlap_param_gather and not features["use_distributed_optimizer"]:
+        raise UsageError("train.overlap_param_gather needs the distributed optimizer (--distributed-optimizer)")
+    if cfg.overlap_param_gather and not features["overlap_grad_reduce"]:
+        raise UsageError("train.overlap_param_gather needs train.overlap_grad_reduce (megatron-core's DDP)")
+    if cfg.loss_scale is not None and cfg.precision != "fp16":
+        raise UsageError(f"train.loss_scale applies to precision fp16, not {cfg.precision}")
 
 
 def _same_run(manifest: dict, cfg, refs, step_dir: Path) -> None:
@@ -302,6 +327,26 @@ def _same_run(manifest: dict, cfg, refs, step_dir: Path) -> None:
     if changed:
         raise MismatchError(f"--resume {step_dir}: the run's options differ ({'; '.join(changed)}); a resume continues "
                             "the run exactly, so give its options (or start a new run with --init)")
+
+
+def _same_optimizer(manifest: dict, cfg, dp: int, step_dir: Path) -> None:
+    """A checkpoint's optimizer state loads into the same kind of optimizer only; a distributed one's
+    (saved dp_reshardable, Megatron-LM's default) into another data-parallel size, not another TP/PP."""
+    import torch
+
+    from parallel.trainer import data_parallel_features
+
+    saved = manifest.get("optimizer")
+    mine = "distributed" if data_parallel_features(cfg, dp, torch.cuda.is_available())["use_distributed_optimizer"] else "fp32"
+    if saved and saved != mine:
+        flag = "--distributed-optimizer" if saved == "distributed" else "--no-distributed-optimizer"
+        raise MismatchError(f"--resume {step_dir}: saved with the {saved} optimizer; its state loads only into the same "
+                            f"kind (pass {flag}), or start a new run from its weights with --init")
+    layout = manifest.get("layout") or {}
+    if saved == "distributed" and (layout.get("tp"), layout.get("pp")) != (cfg.tp, cfg.pp):
+        raise MismatchError(f"--resume {step_dir}: the distributed optimizer's state was saved at tp {layout.get('tp')} "
+                            f"pp {layout.get('pp')}; it resumes at another --dp, not another --tp/--pp (or start a "
+                            "new run from its weights with --init)")
 
 
 def _store_fingerprint(prefix: str) -> str | None:
