@@ -112,6 +112,15 @@ class TrainConfig:
     """Checkpoint every N steps (0: only at the end)."""
     checkpoint: bool = True
     """Write checkpoints at all (false only for benchmarks: nothing to resume from)."""
+    async_save: bool = False
+    """Write checkpoints in the background (megatron-core's asynchronous dist_checkpointing: the
+    tensors are copied to host memory, a forked writer process writes them while training goes on);
+    the checkpoint is published, and ``latest`` moves, only once every rank's writes are complete."""
+    tensorboard: str | None = None
+    """Also log the metrics.jsonl scalars as TensorBoard events in this directory (extra: tensorboard)."""
+    wandb_project: str | None = None
+    """Also log the metrics.jsonl scalars to this Weights & Biases project (extra: wandb; honours
+    WANDB_MODE=offline and WANDB_DIR)."""
     log_interval: int = 1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU. fp16 trains with a loss scale (below): for GPUs without bf16."""

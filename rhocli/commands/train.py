@@ -59,6 +59,9 @@ def train_command(
     distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Shard Adam's state and fp32 weights over the data-parallel ranks (default: on for DP > 1 on GPU).")] = None,
     virtual_pp: Annotated[Optional[int], typer.Option("--virtual-pp", help="Virtual pipeline stages per PP rank (interleaved 1F1B; needs --pp > 1).")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (dynamic loss scaling).")] = None,
+    async_save: Annotated[Optional[bool], typer.Option("--async-save", help="Write checkpoints in the background; latest moves only when a save is complete.")] = None,
+    tensorboard: Annotated[Optional[str], typer.Option("--tensorboard", help="Also log the metrics as TensorBoard events in DIR (pip install 'rho[tensorboard]').")] = None,
+    wandb_project: Annotated[Optional[str], typer.Option("--wandb-project", help="Also log the metrics to this W&B project (pip install 'rho[wandb]'; WANDB_MODE=offline works).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any option: train.KEY=VALUE or model.KEY=VALUE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Reuse a run directory that holds checkpoints (start over).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
@@ -80,6 +83,7 @@ def train_command(
         "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, "select_ratio": select_ratio, "select_scope": select_scope,
         "recompute": recompute, "sequence_parallel": sequence_parallel,
         "distributed_optimizer": distributed_optimizer, "virtual_pp": virtual_pp, "precision": precision,
+        "async_save": async_save, "tensorboard": tensorboard, "wandb_project": wandb_project,
     }
     if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):
         raise UsageError(f"--select-scope: expected sequence, microbatch or batch, got {select_scope!r}")

@@ -290,7 +290,9 @@ RESUME_MAY_CHANGE = frozenset({"steps", "stop_after", "save_interval", "eval_int
                                "recompute", "recompute_method", "recompute_num_layers", "recompute_modules",
                                "sequence_parallel", "virtual_pp", "overlap_grad_reduce", "overlap_param_gather",
                                # compared by what it resolves to (``_same_optimizer``)
-                               "distributed_optimizer"})
+                               "distributed_optimizer",
+                               # where checkpoints and metrics go, not what is trained
+                               "async_save", "tensorboard", "wandb_project"})
 
 
 def _check_precision_features(cfg, dp: int) -> None:
