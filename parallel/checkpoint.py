@@ -7,13 +7,21 @@ store (``rhocli.core.formats.checkpoint.CheckpointStore`` or anything with its `
 
     save_checkpoint(store, step, [model], optimizer, fields)     # every rank (collective)
     load_checkpoint(step_dir, [model], optimizer, saved_world_size=4)
+
+Asynchronous saves (``AsyncSaves``): megatron-core's own -- ``dist_checkpointing.save(...,
+async_sharded_save=True)`` gives an ``AsyncRequest`` that its ``AsyncCallsQueue`` runs in a forked
+writer process while training goes on; the request's finalize functions run on every rank once every
+rank's writer is done, and the last of them publishes the step (``latest`` moves). A run killed
+before that keeps the previous checkpoint as ``latest``; the half-written staging directory is
+removed by the next start (``clean_stale_temporaries``).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -72,9 +80,11 @@ def _set_rng_state(state: dict[str, Any]) -> bool:
     return True
 
 
-def save_checkpoint(store: CheckpointSink, step: int, model_chunks, optimizer, fields: dict[str, Any]) -> Path:
+def save_checkpoint(store: CheckpointSink, step: int, model_chunks, optimizer, fields: dict[str, Any],
+                    async_saves: "AsyncSaves | None" = None) -> Path:
     """Save on every rank (collective); rank 0 publishes with ``fields`` (plus the world size) as the
-    manifest. Returns the published step directory."""
+    manifest. Returns the step directory: published on return, or -- with ``async_saves`` -- once
+    ``async_saves.finalize`` reports it."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -83,17 +93,112 @@ def save_checkpoint(store: CheckpointSink, step: int, model_chunks, optimizer, f
     if rank == 0:
         store.begin(step)
     dist.barrier()
+    manifest = {"world_size": dist.get_world_size(), **fields}
+    state = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    if async_saves is not None:
+        async_saves.schedule(store, step, state, tmp, manifest)
+        return store.step_dir(step)
     use_in_process_write_results()
     # dist_checkpointing wants an empty directory; per-rank RNG states go in beside its files after.
-    dist_checkpointing.save(_sharded_state_dict(model_chunks, optimizer, is_loading=False), str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
+    dist_checkpointing.save(state, str(tmp))
+    _save_rng_state(tmp, rank)
     _fault_injection_pause()
     dist.barrier()
     if rank == 0:
-        store.publish(step, {"world_size": dist.get_world_size(), **fields})
+        store.publish(step, manifest)
     dist.barrier()
     return store.step_dir(step)
+
+
+def _save_rng_state(tmp: Path, rank: int) -> None:
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank{rank:05d}.pt")
+
+
+class AsyncSaves:
+    """This rank's checkpoints in flight (``--async-save``), through megatron-core's ``AsyncCallsQueue``.
+
+    ``schedule`` (collective) plans the save, lets megatron-core fork its writer and returns at once;
+    ``finalize`` (collective; every rank calls it at the same points) publishes the saves whose
+    writes are complete on every rank -- all of them with ``blocking=True`` -- and returns their
+    (step, directory). ``close`` ends the queue: after a failure with ``abort=True`` the writers are
+    killed and nothing more is published.
+
+    ``child_setup`` runs first in every process this starts (the writer, and the server of the
+    queue that carries the writers' results back): the caller's way to make them die with this rank
+    (the engine does not decide process policy).
+    """
+
+    def __init__(self, child_setup: Callable[[], None] | None = None):
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        self._calls = AsyncCallsQueue(persistent=False)
+        self._child_setup = child_setup
+        self._published: list[tuple[int, Path]] = []
+        self._manager = None
+
+    def pending(self) -> int:
+        return self._calls.get_num_unfinalized_calls()
+
+    def schedule(self, store: CheckpointSink, step: int, state: dict[str, Any], tmp: Path, manifest: dict[str, Any]) -> None:
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
+
+        self._use_write_results_queue()
+        request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+        # the writer process: made to die with this rank, and (test hook) held after its writes
+        request = request._replace(async_fn=functools.partial(_writer, request.async_fn, self._child_setup))
+        _save_rng_state(tmp, dist.get_rank())
+
+        def publish() -> None:  # the last finalize function: every rank's files are complete
+            if dist.get_rank() == 0:
+                store.publish(step, manifest)
+            dist.barrier()
+            self._published.append((step, store.step_dir(step)))
+
+        request.add_finalize_fn(publish)
+        self._calls.schedule_async_request(request)
+
+    def finalize(self, blocking: bool) -> list[tuple[int, Path]]:
+        if not self.pending():  # the same answer on every rank: saves are scheduled collectively
+            return []
+        self._calls.maybe_finalize_async_calls(blocking=blocking)
+        done, self._published = self._published, []
+        return done
+
+    def close(self, abort: bool = False) -> None:
+        if abort:
+            for call in list(self._calls.async_calls):
+                call.async_caller.close(abort=True)
+            self._calls.async_calls.clear()
+        else:
+            self.finalize(blocking=True)
+        if self._manager is not None:
+            self._manager.shutdown()
+            self._manager = None
+
+    def _use_write_results_queue(self) -> None:
+        """megatron-core's writer returns its results through ``filesystem_async._results_queue``:
+        a queue served by a ``multiprocessing`` Manager (a pipe could fill up while this rank only
+        reads it after the writer has ended). megatron-core would spawn that server with no link to
+        this rank; this one is forked (no re-import of torch) and runs ``child_setup``."""
+        from multiprocessing import get_context
+        from multiprocessing.managers import SyncManager
+
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        if self._manager is None:
+            self._manager = SyncManager(ctx=get_context("fork"))
+            self._manager.start(initializer=self._child_setup)
+            filesystem_async._results_queue = self._manager.Queue()
+
+
+def _writer(write: Callable[..., None], child_setup: Callable[[], None] | None, *args, **kwargs) -> None:
+    """megatron-core's writer function, in its forked process."""
+    if child_setup is not None:
+        child_setup()
+    write(*args, **kwargs)
+    _fault_injection_pause()
 
 
 def use_in_process_write_results() -> None:

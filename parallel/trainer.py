@@ -29,7 +29,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from parallel.checkpoint import CheckpointSink, load_checkpoint, save_checkpoint
+from parallel.checkpoint import AsyncSaves, CheckpointSink, load_checkpoint, save_checkpoint
 from parallel.config import ModelConfig, TrainConfig
 from parallel.data import DataSpec, MicroBatches, build_datasets
 from parallel.distributed import Layout
@@ -142,10 +142,11 @@ class Trainer:
     """One rank of a training run. ``checkpoints`` is where every rank saves and resumes from;
     ``metrics`` (rank 0's; None elsewhere) receives one record per logged step; ``on_event`` (rank 0's
     renderer, or None) receives ``start``/``resumed``/``initialized``/``eval``/``step``/``checkpoint``/
-    ``done`` with structured payloads."""
+    ``done`` with structured payloads. ``child_setup`` runs first in every process the engine starts
+    itself (an asynchronous save's writer and its results server)."""
 
     def __init__(self, spec: RunSpec, layout: Layout, checkpoints: CheckpointStore, metrics: MetricsSink | None = None,
-                 on_event: Event | None = None):
+                 on_event: Event | None = None, child_setup: Callable[[], None] | None = None):
         from megatron.core import parallel_state as ps
 
         self.spec = spec
@@ -163,6 +164,8 @@ class Trainer:
         self.vp = self.cfg.virtual_pp or 1
         self.selection = Selection(ratio=self.cfg.select_ratio, scope=self.cfg.select_scope)
         self._build_model_and_optimizer()
+        # checkpoints written in the background (None: each save completes before training goes on)
+        self.async_saves = AsyncSaves(child_setup) if self.cfg.async_save and self.cfg.checkpoint else None
         self.step = 0
         self.consumed_samples = 0
 
@@ -322,12 +325,25 @@ class Trainer:
         v = float(value.item())
         return None if v != v else v
 
-    def save(self) -> Path:
+    def save(self, wait: bool = False) -> Path:
+        """Checkpoint this step. Asynchronous saves: one at a time (the previous one is finished
+        first); the step directory exists once ``_finish_saves`` reports it, here with ``wait``."""
+        self._finish_saves(blocking=True)
         with self._weights_gathered():
             self._check_finite_params()
-            path = save_checkpoint(self.checkpoints, self.step, self.model_chunks, self.optimizer, self._manifest())
-        self.on_event("checkpoint", {"step": self.step, "path": str(path)})
+            path = save_checkpoint(self.checkpoints, self.step, self.model_chunks, self.optimizer, self._manifest(),
+                                   async_saves=self.async_saves)
+        if self.async_saves is None:
+            self.on_event("checkpoint", {"step": self.step, "path": str(path)})
+        elif wait:
+            self._finish_saves(blocking=True)
         return path
+
+    def _finish_saves(self, blocking: bool) -> None:
+        """Publish the asynchronous saves whose writes are complete on every rank (collective)."""
+        if self.async_saves is not None:
+            for step, path in self.async_saves.finalize(blocking):
+                self.on_event("checkpoint", {"step": step, "path": str(path)})
 
     def restore(self) -> None:
         """Resume: continue from the latest checkpoint exactly. Init: weights only, step 0."""
@@ -517,15 +533,22 @@ class Trainer:
                 if self.step % cfg.log_interval == 0 or "valid_loss" in metrics or self.step == end:
                     self._log(metrics)
                 self.on_event("step", metrics)
+                self._finish_saves(blocking=False)
                 if self._sigterm_agreed(flag):
-                    path = self.save()
+                    path = self.save(wait=True)
                     raise PreemptedError(f"SIGTERM: saved checkpoint {path} at step {self.step}", self.step)
                 if cfg.checkpoint and cfg.save_interval > 0 and self.step % cfg.save_interval == 0 and self.step < end:
                     self.save()
             if cfg.checkpoint:
-                self.save()
+                self.save(wait=True)
+        except BaseException:
+            if self.async_saves is not None:  # a save still in flight is not published
+                self.async_saves.close(abort=True)
+            raise
         finally:
             flag.restore()
+        if self.async_saves is not None:
+            self.async_saves.close()
         summary = {"step": self.step, "valid_loss": last_valid, "run_dir": str(self.run_dir)}
         self.on_event("done", summary)
         return summary

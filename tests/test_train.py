@@ -69,14 +69,15 @@ def test_layouts_match_tp1pp1(tmp_path, tiny_data, init_ckpt, reference_run, lay
 
 
 def test_exact_resume_is_bit_identical(tmp_path, tiny_data, init_ckpt):
-    """Adam, 4 steps straight == 2 steps + --resume + 2 steps: same losses and parameters, bit for bit."""
+    """Adam, 4 steps straight == 2 steps + --resume + 2 steps: same losses and parameters, bit for bit;
+    the split run saves asynchronously (megatron-core's forked writer), the straight one does not."""
     config, init = init_ckpt
     common = ("--data", tiny_data, "--init", init, "--steps", 4, "--set", "train.optimizer=adam", "-q")
     rho("train", config, "--save", tmp_path / "straight", *common)
-    rho("train", config, "--save", tmp_path / "split", *common, "--stop-after", 2)
+    rho("train", config, "--save", tmp_path / "split", *common, "--stop-after", 2, "--async-save")
     assert (tmp_path / "split" / "latest").read_text().strip() == "step_000002"
     rho("train", config, "--save", tmp_path / "split", "--data", tiny_data, "--steps", 4,
-        "--set", "train.optimizer=adam", "--resume", "-q")
+        "--set", "train.optimizer=adam", "--resume", "--async-save", "-q")
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     a = model_tensors(tmp_path / "straight" / "step_000004")
     b = model_tensors(tmp_path / "split" / "step_000004")
@@ -125,6 +126,50 @@ def test_kill_during_save_keeps_latest_on_good_checkpoint(tmp_path, tiny_data, i
     assert (run / "latest").read_text().strip() == "step_000003"
     assert not list(run.glob(".tmp-*"))
     assert sorted(losses(run)) == [1, 2, 3]
+
+
+def test_async_save_trains_on_and_a_kill_leaves_the_previous_checkpoint_latest(tmp_path, tiny_data, init_ckpt):
+    """--async-save: while the step-2 checkpoint is being written (its writer held by the test
+    hook), steps 3 and 4 train; `latest` stays on step 1 until the write is complete on every rank,
+    so a kill -9 then leaves step 1 as `latest`, and --resume continues from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config, init = init_ckpt
+    run = tmp_path / "run"
+    rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "--steps", 4, "--stop-after", 1, "-q")
+    env = dict(os.environ, RHO_FAULT_SLEEP_IN_SAVE="60")
+    proc = subprocess.Popen([sys.executable, "-m", "rhocli", "train", str(config), "--data", str(tiny_data),
+                             "--save", str(run), "--resume", "--steps", "4", "--save-interval", "2", "--async-save",
+                             "--dp", "2", "-q"],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and 4 not in losses_if_any(run):
+            time.sleep(0.2)
+        assert sorted(losses_if_any(run)) == [1, 2, 3, 4], "training did not go on during the save"
+        assert proc.poll() is None, "the run ended before the fault point"
+        assert (run / "latest").read_text().strip() == "step_000001"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (run / "latest").read_text().strip() == "step_000001"
+    assert not (run / "step_000002").exists() and (run / ".tmp-step_000002").exists()
+    rho("train", config, "--data", tiny_data, "--save", run, "--resume", "--steps", 4, "--async-save", "-q")
+    assert (run / "latest").read_text().strip() == "step_000004"
+    assert not list(run.glob(".tmp-*"))
+    assert sorted(losses(run)) == [1, 2, 3, 4]
+
+
+def losses_if_any(run: Path) -> dict[int, float]:
+    """The losses logged so far by a run in progress (a line being written is no record yet)."""
+    try:
+        return losses(run)
+    except (OSError, ValueError):
+        return {}
 
 
 def test_sigterm_saves_and_exits_with_its_code(tmp_path, tiny_data, init_ckpt):

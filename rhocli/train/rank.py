@@ -15,6 +15,7 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
     from parallel.trainer import Trainer
     from rhocli.core.formats.checkpoint import CheckpointStore
     from rhocli.core.formats.metrics import MetricsLog
+    from rhocli.core.processes import die_with_parent
     from rhocli.train.spec import spec_from_dict
 
     spec = spec_from_dict(spec_dict)
@@ -22,7 +23,9 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
         layout = init_distributed(spec.train.tp, spec.train.pp, spec.train.seed, virtual_pp=spec.train.virtual_pp)
         metrics = MetricsLog(spec.run_dir) if layout.rank == 0 else None
         try:
-            return Trainer(spec, layout, CheckpointStore(spec.run_dir), metrics, on_event).run()
+            # processes the engine starts (an async save's writer) die with this rank
+            return Trainer(spec, layout, CheckpointStore(spec.run_dir), metrics, on_event,
+                           child_setup=die_with_parent).run()
         except PreemptedError as err:
             err.args = (f"{err}; continue with: rho train ... --resume",)
             raise
