@@ -31,7 +31,9 @@ def quiet_megatron() -> None:
                     # torch 2.13 renamed collectives megatron-core calls (sequence parallelism)
                     r".*`torch.distributed.\w+` is deprecated. Please use `torch.distributed.\w+` instead.*",
                     # the fp32 distributed optimizer's main parameters are views of the model's
-                    r".*The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*"):
+                    r".*The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
+                    # selective recompute of core attention: rho uses megatron's own attention, not TE's
+                    r".*you have no need to set 'core_attn' to recompute.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("megatron").setLevel(logging.WARNING)
 
