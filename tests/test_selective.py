@@ -196,13 +196,19 @@ def test_select_ratio_one_is_plain_training_bit_for_bit(corpus, tmp_path):
     assert all((a[k] == b[k]).all() for k in a)
 
 
-@pytest.mark.parametrize("scope", ["sequence", "microbatch"])
-def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope):
+# the parallel run also switches on scale features (selection must not notice them): sequence
+# parallelism with selective recompute, or the interleaved schedule with the overlapped gradient
+# reduction
+@pytest.mark.parametrize("scope,features", [
+    ("sequence", ("--sequence-parallel", "--recompute", "selective")),
+    ("microbatch", ("--virtual-pp", 2, "--set", "train.overlap_grad_reduce=true")),
+], ids=["sequence-sp-recompute", "microbatch-vpp-overlap"])
+def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope, features):
     d, config = corpus
     common = ("--data", d / "c", "--init", d / "ref", "--steps", 3, "--scores", d / "c.ref",
               "--select-ratio", "0.6", "--select-scope", scope, "-q")
     rho("train", config, *common, "--save", tmp_path / "a")
-    rho("train", config, *common, "--save", tmp_path / "b", "--tp", 2, "--pp", 2, timeout=600)
+    rho("train", config, *common, "--save", tmp_path / "b", "--tp", 2, "--pp", 2, *features, timeout=600)
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
     assert sorted(la) == [1, 2, 3]
     for step in la:
@@ -221,15 +227,17 @@ def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope):
 
 
 def test_resume_is_exact_with_batch_selection(corpus, tmp_path):
+    """The split run recomputes activations and saves asynchronously; neither changes a bit."""
     d, config = corpus
     common = ("--data", d / "c", "--init", d / "ref", "--steps", 4, "--scores", d / "c.ref",
               "--select-ratio", "0.6", "--select-scope", "batch", "--set", "train.optimizer=adam", "-q")
+    features = ("--recompute", "full", "--async-save")
     rho("train", config, *common, "--save", tmp_path / "straight")
-    rho("train", config, *common, "--save", tmp_path / "split", "--stop-after", 2)
+    rho("train", config, *common, *features, "--save", tmp_path / "split", "--stop-after", 2)
     manifest = json.loads((tmp_path / "split" / "step_000002" / "rho_checkpoint.json").read_text())
     assert manifest["selection"]["threshold"] is not None
     rho("train", config, "--data", d / "c", "--save", tmp_path / "split", "--steps", 4, "--scores", d / "c.ref",
-        "--select-ratio", "0.6", "--select-scope", "batch", "--set", "train.optimizer=adam", "--resume", "-q")
+        "--select-ratio", "0.6", "--select-scope", "batch", "--set", "train.optimizer=adam", "--resume", *features, "-q")
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
 
 
