@@ -121,6 +121,9 @@ class TrainConfig:
     wandb_project: str | None = None
     """Also log the metrics.jsonl scalars to this Weights & Biases project (extra: wandb; honours
     WANDB_MODE=offline and WANDB_DIR)."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device at the training precision, for the MFU in metrics.jsonl
+    (model TFLOP/s per device / this). Null: 989 (H100/H200 bf16) with CUDA, no MFU on CPU."""
     log_interval: int = 1
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU. fp16 trains with a loss scale (below): for GPUs without bf16."""
@@ -168,5 +171,5 @@ class TrainConfig:
         "adam_beta2": "[0, 1)", "adam_eps": "> 0", "clip_grad": ">= 0", "seed": ">= 0", "eval_interval": ">= 0",
         "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1", "virtual_pp": ">= 1",
         "loss_scale": "> 0", "initial_loss_scale": "> 0", "loss_scale_window": ">= 1", "loss_scale_hysteresis": ">= 1",
-        "stop_after": ">= 1", "select_ratio": "(0, 1]",
+        "stop_after": ">= 1", "select_ratio": "(0, 1]", "peak_tflops": "> 0",
     }

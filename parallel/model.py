@@ -206,3 +206,11 @@ def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
     mlp = 3 * h * f
     norms = 2 * h
     return L * (qkv + attn_out + mlp + norms) + h + 2 * vocab_size * h
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_length: int) -> int:
+    """Model FLOPs of one trained token, forward + backward (Megatron-LM / PaLM accounting, no
+    recomputation counted): 6 per weight (2 forward, 4 backward) plus 12·layers·hidden·seq for the
+    attention scores and their weighted sum, which no weight counts. The one home of the formula:
+    ``rho bench train`` and the TFLOP/s and MFU of every training step use it."""
+    return 6 * count_parameters(cfg, vocab_size) + 12 * cfg.num_layers * cfg.hidden_size * seq_length

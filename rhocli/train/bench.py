@@ -5,7 +5,8 @@ dataset of random ids, without checkpoints, and reads per-step times from its me
 first ``warmup`` steps (allocation, compilation of the schedule's buffers) are left out.
 
 FLOPs per token follow Megatron-LM / PaLM accounting: 6·N for the dense weights (forward + backward)
-plus 12·layers·hidden·seq for attention scores. MFU is reported against ``peak_tflops`` per device
+plus 12·layers·hidden·seq for attention scores (``parallel.model.flops_per_token``, which every training
+step's ``tflops``/``mfu`` in metrics.jsonl uses too). MFU is reported against ``peak_tflops`` per device
 (default: 989 for H100/H200 bf16 dense when CUDA is present; none on CPU unless given).
 """
 
@@ -24,8 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from rhocli.core.errors import WorkerError
-
-H100_BF16_DENSE_TFLOPS = 989.0
+from rhocli.train.sinks import default_peak_tflops, throughput
 
 
 @dataclasses.dataclass
@@ -88,7 +88,7 @@ def run_bench_train(config: Path, tp: int, pp: int, dp: int, steps: int, warmup:
                     extra: list[str], peak_tflops: float | None, select_ratio: float | None = None) -> TrainBenchReport:
     import torch
 
-    from parallel.model import count_parameters
+    from parallel.model import count_parameters, flops_per_token
     from rhocli.core.formats.metrics import MetricsLog
     from rhocli.train.spec import load_run_configs
 
@@ -121,14 +121,12 @@ def run_bench_train(config: Path, tp: int, pp: int, dp: int, steps: int, warmup:
     tokens_per_step = gbs * seq
     tokens_per_s = tokens_per_step / step_time
     params = count_parameters(model_cfg, vocab)
-    flops_per_token = 6 * params + 12 * model_cfg.num_layers * model_cfg.hidden_size * seq
-    tflops = flops_per_token * tokens_per_s / devices / 1e12
-    if peak_tflops is None and torch.cuda.is_available():
-        peak_tflops = H100_BF16_DENSE_TFLOPS
+    peak = default_peak_tflops(peak_tflops if peak_tflops is not None else train_cfg.peak_tflops)
+    rate = throughput(flops_per_token(model_cfg, vocab, seq), tokens_per_s, devices, peak)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     return TrainBenchReport(
         config=str(config), layout=f"tp{tp} pp{pp} dp{dp}", device=device, parameters=params,
         tokens_per_step=tokens_per_step, step_time_s=step_time, tokens_per_s=tokens_per_s,
-        tokens_per_s_per_device=tokens_per_s / devices, tflops_per_device=tflops,
-        mfu=(tflops / peak_tflops) if peak_tflops else None, steps_measured=len(times),
+        tokens_per_s_per_device=tokens_per_s / devices, tflops_per_device=rate["tflops"],
+        mfu=rate["mfu"], steps_measured=len(times),
     )

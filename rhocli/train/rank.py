@@ -1,5 +1,5 @@
 """One rank of ``rho train`` (started through ``rhocli.core.launch``): the engine's ``Trainer`` with
-the run directory's checkpoint store and (on rank 0) its metrics log as sinks."""
+the run directory's checkpoint store and (on rank 0) its metrics sinks (``sinks.run_metrics``)."""
 
 from __future__ import annotations
 
@@ -14,20 +14,32 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
     from parallel.errors import PreemptedError
     from parallel.trainer import Trainer
     from rhocli.core.formats.checkpoint import CheckpointStore
-    from rhocli.core.formats.metrics import MetricsLog
     from rhocli.core.processes import die_with_parent
+    from rhocli.train.sinks import run_metrics
     from rhocli.train.spec import spec_from_dict
 
     spec = spec_from_dict(spec_dict)
     try:
         layout = init_distributed(spec.train.tp, spec.train.pp, spec.train.seed, virtual_pp=spec.train.virtual_pp)
-        metrics = MetricsLog(spec.run_dir) if layout.rank == 0 else None
+        store = CheckpointStore(spec.run_dir)
+        # metrics.jsonl, TensorBoard, W&B: rank 0 only; a W&B run is continued when the Trainer will resume
+        metrics = (run_metrics(spec, layout.world_size, resuming=bool(spec.train.resume) and store.latest() is not None)
+                   if layout.rank == 0 else None)
+        failed = True
         try:
             # processes the engine starts (an async save's writer) die with this rank
-            return Trainer(spec, layout, CheckpointStore(spec.run_dir), metrics, on_event,
-                           child_setup=die_with_parent).run()
+            summary = Trainer(spec, layout, store, metrics, on_event, child_setup=die_with_parent).run()
+            failed = False
+            return summary
         except PreemptedError as err:
             err.args = (f"{err}; continue with: rho train ... --resume",)
             raise
+        finally:
+            if metrics is not None:  # flushed and finished however the run ended (wandb: failed or not)
+                try:
+                    metrics.close(failed)
+                except Exception:
+                    if not failed:  # after a failure, the run's own error is the one to report
+                        raise
     finally:
         destroy_distributed()

@@ -77,6 +77,7 @@ def _from_mapping(cls, values: dict[str, Any], where: str):
 
 def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False, world_size: int | None = None):
     """Validate everything and return (RunSpec, world_size)."""
+    check_metric_sinks(train_cfg)  # first: cheap, and no worker should start only to fail at an import
     from rhocli.core.megatron_io import import_megatron
 
     import_megatron()  # before the engine: quietly, torch.compile deferred
@@ -292,7 +293,26 @@ RESUME_MAY_CHANGE = frozenset({"steps", "stop_after", "save_interval", "eval_int
                                # compared by what it resolves to (``_same_optimizer``)
                                "distributed_optimizer",
                                # where checkpoints and metrics go, not what is trained
-                               "async_save", "tensorboard", "wandb_project"})
+                               "async_save", "tensorboard", "wandb_project", "peak_tflops"})
+
+
+#: the optional metric sinks: (config key, flag, package = the pyproject extra that installs it)
+METRIC_SINKS = (("tensorboard", "--tensorboard", "tensorboard"), ("wandb_project", "--wandb-project", "wandb"))
+
+
+def check_metric_sinks(cfg) -> None:
+    """--tensorboard / --wandb-project need an optional package; without it a worker would fail at
+    its import after the process group is up, so say it here (find_spec: nothing is imported)."""
+    import importlib.util
+
+    from rhocli.core.errors import NotAvailableError
+
+    for key, flag, package in METRIC_SINKS:
+        if getattr(cfg, key) and importlib.util.find_spec(package) is None:
+            raise NotAvailableError(f"{flag} needs the {package} package: pip install 'rho[{package}]' (or pip install {package})")
+    # W&B refuses these in a project name, and only when the run is already training
+    if cfg.wandb_project and any(c in cfg.wandb_project for c in "/\\#?%:"):
+        raise UsageError(f"--wandb-project {cfg.wandb_project}: a W&B project name cannot contain / \\ # ? % :")
 
 
 def _check_precision_features(cfg, dp: int) -> None:
