@@ -61,6 +61,29 @@ def hf_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+def _tokenized(tmp_path_factory, tokenizer_dir: Path, name: str, texts: list[str]) -> Path:
+    from rhocli.tokenize.pipeline import TokenizeConfig, run_tokenize
+
+    d = tmp_path_factory.mktemp(name)
+    write_jsonl(d / "corpus.jsonl", [{"text": t} for t in texts])
+    run_tokenize(TokenizeConfig(inputs=(str(d / "corpus.jsonl"),), tokenizer=str(tokenizer_dir), output=str(d / "corpus"), workers=1))
+    return d / "corpus"
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, hf_tokenizer_dir) -> Path:
+    """CORPUS (a few dozen documents) tokenized with the 400-token BPE tokenizer: for refusals and
+    dry runs, which read the data but train nothing."""
+    return _tokenized(tmp_path_factory, hf_tokenizer_dir, "small_data", list(CORPUS))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, hf_tokenizer_dir) -> Path:
+    """~3,000 short documents tokenized with the 400-token BPE tokenizer: enough for training runs."""
+    texts = [f"{i} {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 7) % len(CORPUS)]}" for i in range(3000)]
+    return _tokenized(tmp_path_factory, hf_tokenizer_dir, "tiny_data", texts)
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:

@@ -13,21 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CORPUS, write_jsonl
 from rho_cli import run_rho
 from train_utils import model_tensors, rho, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
 PEAK = 0.02  # TFLOP/s: a made-up peak, so that the CPU run has an MFU to check
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, hf_tokenizer_dir) -> Path:
-    d = tmp_path_factory.mktemp("sink_data")
-    write_jsonl(d / "corpus.jsonl", [{"text": f"{i} {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 7) % len(CORPUS)]}"} for i in range(3000)])
-    rho("tokenize", d / "corpus.jsonl", "-t", hf_tokenizer_dir, "-o", d / "corpus", "-w", "1")
-    return d / "corpus"
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,6 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory, hf_tokenizer_dir) -> Path:
-    """~3,000 short documents tokenized with the 400-token BPE tokenizer."""
-    d = tmp_path_factory.mktemp("train_data")
-    records = [{"text": f"{i} {CORPUS[i % len(CORPUS)]} {CORPUS[(i * 7) % len(CORPUS)]}"} for i in range(3000)]
-    write_jsonl(d / "corpus.jsonl", records)
-    rho("tokenize", d / "corpus.jsonl", "-t", hf_tokenizer_dir, "-o", d / "corpus", "-w", "1")
-    return d / "corpus"
-
-
-@pytest.fixture(scope="module")
 def init_ckpt(tmp_path_factory, tiny_data) -> tuple[Path, Path]:
     """(config, checkpoint) that every layout starts from: weights of a 1-step TP1PP1 run."""
     d = tmp_path_factory.mktemp("init")
@@ -408,14 +398,14 @@ def test_launched_ranks_end_with_the_right_code_and_one_line(tmp_path, tiny_data
 
 
 def test_wsd_learning_rates_follow_the_schedule_formula(tmp_path, tiny_data, capsys):
-    """--set train.lr_decay_style=wsd (megatron-core's WSD): linear warmup, the peak held, then the
+    """--lr-decay-style wsd (megatron-core's WSD): linear warmup, the peak held, then the
     last wsd_decay_steps decayed to min_lr in the chosen shape; step k trains with the rate for k - 1
     completed steps. Too long a decay is refused before anything runs."""
     import math
 
     config = write_tiny_config(tmp_path)
     steps, warmup, decay, peak, low = 8, 2, 3, 0.05, 0.005  # lr/min_lr: the tiny config's
-    wsd = ("--set", "train.lr_decay_style=wsd", "--set", f"train.wsd_decay_steps={decay}",
+    wsd = ("--lr-decay-style", "wsd", "--wsd-decay-steps", decay,
            "--set", f"train.warmup_steps={warmup}", "--set", "train.lr_wsd_decay_style=cosine")
     rho("train", config, "--data", tiny_data, "--save", tmp_path / "run", "--steps", steps, *wsd,
         "--set", "train.checkpoint=false", "-q")

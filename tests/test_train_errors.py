@@ -5,22 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CORPUS, write_jsonl
 from rho_cli import run_rho
 from train_utils import write_tiny_config
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory, hf_tokenizer_dir):
-    from rhocli.tokenize.pipeline import TokenizeConfig, run_tokenize
-
-    import shutil
-
-    d = tmp_path_factory.mktemp("errdata")
-    shutil.copytree(hf_tokenizer_dir, d / "tok")
-    write_jsonl(d / "c.jsonl", [{"text": t} for t in CORPUS])
-    run_tokenize(TokenizeConfig(inputs=(str(d / "c.jsonl"),), tokenizer=str(d / "tok"), output=str(d / "c"), workers=1))
-    return d / "c"
 
 
 def _train(capsys, tmp_path, data, *extra):
@@ -43,6 +29,16 @@ def test_heads_must_divide_by_tp(capsys, tmp_path, small_data):
 def test_layers_must_divide_by_pp(capsys, tmp_path, small_data):
     r = _train(capsys, tmp_path, small_data, "--pp", "3", "--dry-run")
     assert r.exit_code == 2 and "--pp 3 must divide num_layers=4" in r.stderr
+
+
+def test_recompute_settings_megatron_cannot_run_are_refused(capsys, tmp_path, small_data):
+    # megatron-core 0.16's uniform recompute indexes past the stage's last layer (IndexError)
+    r = _train(capsys, tmp_path, small_data, "--recompute", "full", "--set", "train.recompute_num_layers=3", "--dry-run")
+    assert r.exit_code == 2 and "recompute_num_layers 3 must divide the 4 layers" in r.stderr, r.stderr
+    r = _train(capsys, tmp_path, small_data, "--recompute", "full", "--pp", "2", "--set", "train.recompute_num_layers=2", "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    r = _train(capsys, tmp_path, small_data, "--recompute", "selective", "--set", "train.recompute_modules=[layernorm]", "--dry-run")
+    assert r.exit_code == 7 and "Transformer Engine" in r.stderr, r.stderr
 
 
 def test_missing_data(capsys, tmp_path):
@@ -96,7 +92,7 @@ def _copy_store(src, dst) -> None:
     ("short_idx", 4, [".idx: ", "truncated or damaged"]),
     ("other_manifest", 4, [".json: says", "the manifest belongs to another store"]),
 ])
-def test_damaged_token_stores_are_refused_on_open(capsys, tmp_path, small_data, damage, code, words):
+def test_damaged_token_stores_are_refused_on_open(capsys, tmp_path, small_data, hf_tokenizer_dir, damage, code, words):
     """The store's files are checked against each other and its manifest before anything reads them:
     one line naming the file, exit 4, no traceback (megatron's reader would crash, or read garbage)."""
     import json
@@ -107,7 +103,7 @@ def test_damaged_token_stores_are_refused_on_open(capsys, tmp_path, small_data, 
     _copy_store(small_data, bad)
     if damage == "other_bin":  # another dataset's .bin under this .idx
         (tmp_path / "o.jsonl").write_text('{"text": "a different and much shorter corpus"}\n')
-        run_tokenize(TokenizeConfig(inputs=(str(tmp_path / "o.jsonl"),), tokenizer=str(small_data.parent / "tok"),
+        run_tokenize(TokenizeConfig(inputs=(str(tmp_path / "o.jsonl"),), tokenizer=str(hf_tokenizer_dir),
                                     output=str(tmp_path / "o"), workers=1))
         (tmp_path / "bad.bin").write_bytes((tmp_path / "o.bin").read_bytes())
     elif damage == "short_bin":

@@ -12,8 +12,15 @@ Kernel (CPU; on a GPU the CUDA and megatron rows are added):
 
 Training (CPU, one GPU; the benchmark starts its own workers like rho train):
 
-    rho bench train configs/tiny.yaml --steps 20
+    rho bench train configs/tiny.yaml --steps 30
     rho bench train configs/tinyllama-1.1b.yaml --steps 10 --set train.micro_batch_size=4
+
+Comparisons run rounds of two fresh runs taking turns step by step (A B B A ...; or one after the
+other, --alternate run) and report the median over rounds of B's step time over A's, with its spread:
+
+    rho bench train configs/tiny.yaml --select-ratio 0.6                 # selective vs plain step
+    rho bench train configs/tiny.yaml --vs-set train.recompute=full      # a setting's cost
+    rho bench train configs/tiny.yaml --vs-source ../rho-old             # regression vs another checkout
 
 Scoring (CPU, one GPU): rho score against a transformers loop on the same windows and weights:
 
@@ -90,37 +97,80 @@ def bench_train_command(
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size.")] = 1,
     pp: Annotated[int, typer.Option("--pp", help="Pipeline-parallel size.")] = 1,
     dp: Annotated[int, typer.Option("--dp", help="Data-parallel size.")] = 1,
-    steps: Annotated[int, typer.Option("--steps", help="Steps to run.")] = 10,
-    warmup: Annotated[int, typer.Option("--warmup", help="First steps left out of the timing.")] = 2,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override train.KEY=VALUE / model.KEY=VALUE.")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Steps per run (each arm, each round).")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="First steps of each run left out of the timing.")] = 2,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override train.KEY=VALUE / model.KEY=VALUE (both arms).")] = None,
     peak_tflops: Annotated[Optional[float], typer.Option(help="Peak TFLOP/s per device for MFU (default 989 on GPU).")] = None,
-    select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Also run selective training (synthetic scores) and print its overhead.")] = None,
+    select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Compare: arm B trains selectively (synthetic scores), keeping this fraction.")] = None,
+    vs_set: Annotated[Optional[list[str]], typer.Option("--vs-set", help="Compare: arm B also gets this KEY=VALUE override; repeat.")] = None,
+    vs_source: Annotated[Optional[Path], typer.Option("--vs-source", help="Compare: arm B runs the rho source tree in DIR (e.g. a git worktree of an older commit).")] = None,
+    alternate: Annotated[str, typer.Option("--alternate", help="Compare by turns of one step (both arms in memory at once) or of whole runs (one at a time; --vs-source).")] = "step",
+    rounds: Annotated[Optional[int], typer.Option("--rounds", help="Comparisons: fresh runs per arm, one ratio each. [default: 30]")] = None,
 ) -> None:
-    """Step time, tokens/s and MFU of rho train on synthetic data (no checkpoints)."""
-    from rhocli.train.bench import run_bench_train
+    """Step time, tokens/s and MFU of rho train on synthetic data (no checkpoints); with --select-ratio,
+    --vs-set or --vs-source, arm B's step time over arm A's as a paired median ratio."""
+    from rhocli.core.errors import MissingInputError, UsageError
+    from rhocli.train.bench import Arm, run_bench_train
 
-    plain = run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops)
-    out.print(_train_table(plain))
-    if select_ratio is not None:
-        slm = run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops, select_ratio=select_ratio)
-        out.print(_train_table(slm))
-        overhead = slm.step_time_s / plain.step_time_s - 1
-        out.print(f"selective ({select_ratio:.0%}) vs plain step time: {overhead * 100:+.1f} %")
+    comparing = select_ratio is not None or bool(vs_set) or vs_source is not None
+    if alternate not in ("step", "run"):
+        raise UsageError(f"--alternate: expected step or run, got {alternate!r}")
+    if vs_source is not None and alternate == "step":
+        alternate = "run"  # another checkout's rho cannot take turns; whole runs it is
+    rounds = rounds if rounds is not None else (30 if comparing else 1)
+    if rounds < 1 or steps < 1 or warmup < 0:
+        raise UsageError("--rounds and --steps must be >= 1, --warmup >= 0")
+    if warmup >= steps:
+        raise UsageError(f"--warmup {warmup} leaves none of --steps {steps} to time")
+    if select_ratio is not None and not 0 < select_ratio <= 1:
+        raise UsageError(f"--select-ratio {select_ratio}: expected a fraction in (0, 1]")
+    if vs_source is not None and not (vs_source / "rhocli" / "__main__.py").is_file():
+        raise MissingInputError(f"--vs-source {vs_source}: not a rho source tree (no rhocli/__main__.py)")
+    arms = [Arm("A: plain")]
+    if comparing:
+        what = [f"selective {select_ratio:g}" if select_ratio is not None else "", *(vs_set or []),
+                f"rho at {vs_source}" if vs_source is not None else ""]
+        arms.append(Arm("B: " + ", ".join(w for w in what if w), tuple(vs_set or ()),
+                        vs_source.resolve() if vs_source is not None else None, select_ratio))
+    result = run_bench_train(config, tp, pp, dp, steps, warmup, list(set_ or []), peak_tflops, arms, rounds, alternate)
+    out.print(_train_table(result.reports))
+    if result.comparison is not None:
+        design = (f"{result.rounds} rounds x {steps - warmup} steps, "
+                  + ("taking turns step by step" if alternate == "step" else "runs in ABBA order"))
+        out.print(_comparison_line(result.comparison, design))
 
 
-def _train_table(r):
+def _train_table(reports):
     from rich.table import Table
 
-    t = Table(title=f"rho bench train: {lit(r.config)} ({r.layout}, {lit(r.device)})", show_header=False, title_justify="left")
+    r = reports[0]
+    t = Table(title=f"rho bench train: {lit(r.config)} ({r.layout}, {lit(r.device)})", show_header=len(reports) > 1,
+              title_justify="left")
     t.add_column(style="bold")
-    t.add_column(justify="right")
-    t.add_row("parameters", f"{r.parameters:,}")
-    t.add_row("tokens / step", f"{r.tokens_per_step:,}")
-    t.add_row("step time (median)", f"{r.step_time_s * 1000:.1f} ms over {r.steps_measured} steps")
-    t.add_row("tokens/s", f"{r.tokens_per_s:,.0f}  ({r.tokens_per_s_per_device:,.0f} per device)")
-    t.add_row("model TFLOP/s per device", f"{r.tflops_per_device:.2f}")
-    t.add_row("MFU", f"{r.mfu * 100:.1f} %" if r.mfu is not None else "n/a (pass --peak-tflops)")
+    for rep in reports:
+        t.add_column(lit(rep.arm) if len(reports) > 1 else "", justify="right")
+
+    def row(name, fmt):
+        t.add_row(name, *[fmt(rep) for rep in reports])
+
+    row("parameters", lambda x: f"{x.parameters:,}")
+    row("tokens / step", lambda x: f"{x.tokens_per_step:,}")
+    row("step time (median)", lambda x: f"{x.step_time_s * 1000:.1f} ms over {x.steps_measured} steps")
+    row("tokens/s", lambda x: f"{x.tokens_per_s:,.0f}  ({x.tokens_per_s_per_device:,.0f} per device)")
+    row("model TFLOP/s per device", lambda x: f"{x.tflops_per_device:.2f}")
+    row("MFU", lambda x: f"{x.mfu * 100:.1f} %" if x.mfu is not None else "n/a (pass --peak-tflops)")
     return t
+
+
+def _comparison_line(c, design: str) -> str:
+    pct = lambda x: f"{(x - 1) * 100:+.1f} %"  # noqa: E731
+    text = f"B / A step time: {pct(c.median)} (paired median of {design}); quartiles {pct(c.q1)} .. {pct(c.q3)}"
+    text += "\nper round: " + " ".join(pct(r) for r in c.ratios)
+    if c.ci_coverage is None:
+        return text + "\nno confidence interval below 6 rounds (--rounds)"
+    verdict = ("no difference resolved" if c.ci_low <= 1 <= c.ci_high
+               else "B is slower" if c.ci_low > 1 else "B is faster")
+    return text + f"\n{c.ci_coverage * 100:.1f} % CI {pct(c.ci_low)} .. {pct(c.ci_high)}: {verdict}"
 
 
 @bench_app.command("kernel")

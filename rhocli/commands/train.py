@@ -42,6 +42,8 @@ def train_command(
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --save exactly from its latest checkpoint.")] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="Start from this checkpoint's weights only (new optimizer, step 0).")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
+    lr_decay_style: Annotated[Optional[str], typer.Option("--lr-decay-style", help="After warmup: cosine (default), linear, constant or wsd (warmup-stable-decay).")] = None,
+    wsd_decay_steps: Annotated[Optional[int], typer.Option("--wsd-decay-steps", help="wsd: steps of the final decay (default: a tenth of --steps).")] = None,
     seq_length: Annotated[Optional[int], typer.Option("--seq-length", help="Tokens per sequence.")] = None,
     micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Sequences per micro-batch.")] = None,
     global_batch_size: Annotated[Optional[int], typer.Option("--global-batch-size", help="Sequences per optimizer step.")] = None,
@@ -60,11 +62,11 @@ def train_command(
     virtual_pp: Annotated[Optional[int], typer.Option("--virtual-pp", help="Virtual pipeline stages per PP rank (interleaved 1F1B; needs --pp > 1).")] = None,
     precision: Annotated[Optional[str], typer.Option("--precision", help="auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16 (dynamic loss scaling).")] = None,
     async_save: Annotated[Optional[bool], typer.Option("--async-save", help="Write checkpoints in the background; latest moves only when a save is complete.")] = None,
-    tensorboard: Annotated[Optional[str], typer.Option("--tensorboard", help="Also log the metrics as TensorBoard events in DIR (pip install 'rho[tensorboard]').")] = None,
-    wandb_project: Annotated[Optional[str], typer.Option("--wandb-project", help="Also log the metrics to this W&B project (pip install 'rho[wandb]'; WANDB_MODE=offline works).")] = None,
+    tensorboard: Annotated[Optional[str], typer.Option("--tensorboard", help="Also log the metrics as TensorBoard events in DIR (pip install 'rho\\[tensorboard]').")] = None,
+    wandb_project: Annotated[Optional[str], typer.Option("--wandb-project", help="Also log the metrics to this W&B project (pip install 'rho\\[wandb]'; WANDB_MODE=offline works).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any option: train.KEY=VALUE or model.KEY=VALUE.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Reuse a run directory that holds checkpoints (start over).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan, exit.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate config, data and layout, print the plan and a per-rank memory estimate, exit.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No banner or progress (errors still print).")] = False,
 ) -> None:
     """Train a causal LM, or a selective one, on megatron-core with TP / PP / DP."""
@@ -77,7 +79,8 @@ def train_command(
     quiet_megatron()
     flags = {
         "tp": tp, "pp": pp, "dp": dp, "data": tuple(data) if data else None, "save": save, "steps": steps,
-        "resume": resume, "init": init, "lr": lr, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
+        "resume": resume, "init": init, "lr": lr,
+        "lr_decay_style": lr_decay_style, "wsd_decay_steps": wsd_decay_steps, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
         "eval_interval": eval_interval, "eval_data": tuple(eval_data) if eval_data else None, "stop_after": stop_after,
         "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, "select_ratio": select_ratio, "select_scope": select_scope,
@@ -89,6 +92,8 @@ def train_command(
         raise UsageError(f"--select-scope: expected sequence, microbatch or batch, got {select_scope!r}")
     if precision is not None and precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError(f"--precision: expected auto, fp32, bf16 or fp16, got {precision!r}")
+    if lr_decay_style is not None and lr_decay_style not in ("cosine", "linear", "constant", "wsd"):
+        raise UsageError(f"--lr-decay-style: expected cosine, linear, constant or wsd, got {lr_decay_style!r}")
     if recompute is not None and recompute not in ("none", "full", "selective"):
         raise UsageError(f"--recompute: expected full, selective or none, got {recompute!r}")
     model_cfg, train_cfg = load_run_configs(config, flags, list(set_ or []))
@@ -124,5 +129,35 @@ def _print_plan(plan: dict) -> None:
     table.add_row("steps", f"{plan['steps']} ({plan['steps'] * plan['global_batch_size'] * plan['seq_length']:,} tokens)")
     table.add_row("run dir", lit(plan["run_dir"]) + (" (resume)" if plan["resume"] else ""))
     table.add_row("config hash", plan["config_hash"])
+    _memory_rows(table, plan["memory"], plan["pp"], plan["dp"])
     out.print(table)
     out.print("[green]config, data and layout are valid[/]")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _optimizer_state_words(m: dict) -> str:
+    main = "fp32 main weights" if m["precision"] != "fp32" else ""
+    moments = "Adam moments" if m["optimizer"] == "adam" else ""
+    words = " + ".join(w for w in (main, moments) if w) or "none (SGD without momentum)"
+    return words + (", sharded over the DP ranks" if m["distributed_optimizer"] else "")
+
+
+def _memory_rows(table, m: dict, pp: int, dp: int) -> None:
+    """``parallel.memory``'s estimate for the most loaded rank, in GiB; labelled an estimate, since it
+    leaves out what no config determines (docs/train.md, "Sizing a run")."""
+    optimizer = {"adam": "Adam", "sgd": "SGD"}.get(m["optimizer"], m["optimizer"])
+    distributed = f", distributed optimizer over dp {dp}" if m["distributed_optimizer"] else ""
+    flight = m["micro_batches_in_flight"]
+    table.add_row("memory per rank (estimate)", f"pipeline rank {m['pipeline_rank']} of {pp}, the most loaded, on CUDA "
+                                                f"devices: {m['precision']}, {optimizer}{distributed}")
+    table.add_row("  weights", f"{_gib(m['weights'])} ({m['parameters']:,} parameters)")
+    table.add_row("  gradients", f"{_gib(m['gradients'])} (fp32 main_grad buffer)")
+    table.add_row("  optimizer state", f"{_gib(m['optimizer_state'])} ({_optimizer_state_words(m)})")
+    table.add_row("  activations", f"{_gib(m['activations'])} (recompute {m['recompute']}; {flight} micro-batch"
+                                   f"{'es' if flight > 1 else ''} in flight)")
+    table.add_row("  without recompute", _gib(m["activations_no_recompute"]))
+    table.add_row("  with full recompute", f"{_gib(m['activations_full_recompute'])} (one layer per checkpoint)")
+    table.add_row("  total", f"{_gib(m['total'])} + CUDA context, NCCL buffers, fragmentation (~10-20 % more)")

@@ -17,6 +17,7 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
     from rhocli.core.processes import die_with_parent
     from rhocli.train.sinks import run_metrics
     from rhocli.train.spec import spec_from_dict
+    from rhocli.train.step_gate import rank_gate
 
     spec = spec_from_dict(spec_dict)
     try:
@@ -25,6 +26,9 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
         # metrics.jsonl, TensorBoard, W&B: rank 0 only; a W&B run is continued when the Trainer will resume
         metrics = (run_metrics(spec, layout.world_size, resuming=bool(spec.train.resume) and store.latest() is not None)
                    if layout.rank == 0 else None)
+        if layout.rank == 0:  # ``rho bench train`` alternating two runs step by step (step_gate.py)
+            gate = rank_gate(min(spec.train.steps, spec.train.stop_after or spec.train.steps))
+            on_event = gate.wrap(on_event) if gate is not None else on_event
         failed = True
         try:
             # processes the engine starts (an async save's writer) die with this rank

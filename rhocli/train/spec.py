@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rhocli.core.config import config_from_mapping, config_to_dict, load_yaml_mapping, range_problems
-from rhocli.core.errors import ConfigError, MismatchError, MissingInputError, OutputExistsError, UsageError
+from rhocli.core.errors import ConfigError, MismatchError, MissingInputError, NotAvailableError, OutputExistsError, UsageError
 
 
 def parse_data_arg(arg: str) -> tuple[str, float | None]:
@@ -97,6 +97,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     num_microbatches = micro_batches_per_step(cfg.global_batch_size, cfg.micro_batch_size, dp)
     check_virtual_pipeline(cfg.virtual_pp, cfg.pp, model_cfg.num_layers, num_microbatches)
     _check_precision_features(cfg, dp)
+    _check_recompute(model_cfg, cfg)
     if cfg.seq_length > model_cfg.max_position_embeddings:
         raise UsageError(f"seq_length {cfg.seq_length} exceeds the model's max_position_embeddings {model_cfg.max_position_embeddings}")
     if model_cfg.hidden_size % model_cfg.num_attention_heads:
@@ -305,8 +306,6 @@ def check_metric_sinks(cfg) -> None:
     its import after the process group is up, so say it here (find_spec: nothing is imported)."""
     import importlib.util
 
-    from rhocli.core.errors import NotAvailableError
-
     for key, flag, package in METRIC_SINKS:
         if getattr(cfg, key) and importlib.util.find_spec(package) is None:
             raise NotAvailableError(f"{flag} needs the {package} package: pip install 'rho[{package}]' (or pip install {package})")
@@ -331,6 +330,20 @@ def _check_precision_features(cfg, dp: int) -> None:
         raise UsageError("train.overlap_param_gather needs train.overlap_grad_reduce (megatron-core's DDP)")
     if cfg.loss_scale is not None and cfg.precision != "fp16":
         raise UsageError(f"train.loss_scale applies to precision fp16, not {cfg.precision}")
+
+
+def _check_recompute(model_cfg, cfg) -> None:
+    """Recompute settings megatron-core 0.16 fails on inside a worker (an IndexError, a NameError)."""
+    import importlib.util
+
+    if cfg.recompute == "full" and cfg.recompute_method == "uniform":
+        chunk_layers = model_cfg.num_layers // (cfg.pp * (cfg.virtual_pp or 1))
+        if chunk_layers % cfg.recompute_num_layers:
+            raise UsageError(f"train.recompute_num_layers {cfg.recompute_num_layers} must divide the {chunk_layers} layers "
+                             "each pipeline stage runs at a time (uniform recompute checkpoints them in groups of that size)")
+    if (cfg.recompute == "selective" and "layernorm" in cfg.recompute_modules
+            and importlib.util.find_spec("transformer_engine") is None):
+        raise NotAvailableError("train.recompute_modules layernorm needs Transformer Engine in megatron-core (not installed)")
 
 
 def _same_run(manifest: dict, cfg, refs, step_dir: Path) -> None:
@@ -419,15 +432,19 @@ def spec_from_dict(d: dict[str, Any]):
 
 
 def run_plan(spec, world: int) -> dict[str, Any]:
-    """What ``--dry-run`` shows, as data: the layout, the model, the data and the batch."""
+    """What ``--dry-run`` shows, as data: the layout, the model, the data, the batch, and the memory
+    estimate per rank (``parallel.memory``; sized for CUDA devices, where such a run is meant to go:
+    ``precision: auto`` counts as bf16 and the distributed optimizer is on by default for DP > 1)."""
     import torch
 
     from parallel.layout import micro_batches_per_step
+    from parallel.memory import estimate_memory
     from parallel.model import count_parameters, model_shape
 
     cfg = spec.train
     shape = model_shape(spec.model, spec.vocab_size, cfg.tp, torch.float32)
     dp = world // (cfg.tp * cfg.pp)
+    memory = estimate_memory(spec.model, cfg, spec.vocab_size, dp, on_gpu=True)
     return {
         "world_size": world, "tp": cfg.tp, "pp": cfg.pp, "dp": dp,
         "architecture": spec.model.architecture, "parameters": count_parameters(spec.model, spec.vocab_size),
@@ -437,6 +454,7 @@ def run_plan(spec, world: int) -> dict[str, Any]:
         "global_batch_size": cfg.global_batch_size, "seq_length": cfg.seq_length, "micro_batch_size": cfg.micro_batch_size,
         "num_microbatches": micro_batches_per_step(cfg.global_batch_size, cfg.micro_batch_size, dp),
         "steps": cfg.steps, "run_dir": spec.run_dir, "resume": cfg.resume, "config_hash": spec.config_hash(),
+        "memory": {**dataclasses.asdict(memory), "total": memory.total},
     }
 
 
