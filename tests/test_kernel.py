@@ -276,3 +276,27 @@ def test_cuda_kernel_matches_reference(monkeypatch, dtype, tokens, vocab, seg):
     assert int(out.n_kept) == int(ref.n_kept)
     if torch.equal(out.kept.cpu(), ref.kept):
         assert torch.allclose(grad.double().cpu(), ref_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_rows_give_torchs_logsumexp(impl, dtype):
+    """A row holding +inf has logsumexp +inf, one holding a NaN has NaN (torch.logsumexp, and the
+    CUDA kernel): the CPU kernel's vectorised max and clamped exp must not hide them. The rows are
+    wider than one of the kernel's 512-wide chunks, with the odd value in the second chunk."""
+    from cuda_ext import ops
+
+    vocab, inf, nan = 1100, float("inf"), float("nan")
+    logits = torch.randn(6, vocab).to(dtype)
+    logits[1, 700] = inf
+    logits[2, 900] = nan
+    logits[3] = -inf
+    logits[4, 600], logits[4, 601] = inf, nan
+    logits[5, 3] = -inf
+    lse, _ = ops.row_stats(logits, torch.zeros(6, dtype=torch.long), 0)
+    expected = torch.logsumexp(logits.float(), dim=-1)
+    assert torch.equal(torch.isnan(lse), torch.isnan(expected)), (lse, expected)
+    finite = ~torch.isnan(expected)
+    assert torch.equal(torch.isinf(lse[finite]), torch.isinf(expected[finite]))
+    both_finite = torch.isfinite(expected)
+    torch.testing.assert_close(lse[both_finite].float(), expected[both_finite], rtol=1e-5, atol=1e-5)
+    assert lse[1] == inf and torch.isnan(lse[2]) and lse[3] == -inf and torch.isnan(lse[4])

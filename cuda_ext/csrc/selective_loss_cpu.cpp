@@ -57,6 +57,15 @@ inline void load_chunk(const scalar_t* src, float* dst, int64_t n) {
   for (int64_t j = 0; j < n; ++j) dst[j] = to_float(src[j]);
 }
 
+// logsumexp of a row holding a NaN or +inf, as torch.logsumexp (and the CUDA kernel) give it:
+// NaN if any element is NaN, else +inf. Rare, so a plain scalar pass.
+template <typename scalar_t>
+float nonfinite_lse(const scalar_t* row, int64_t V) {
+  for (int64_t j = 0; j < V; ++j)
+    if (std::isnan(to_float(row[j]))) return std::numeric_limits<float>::quiet_NaN();
+  return std::numeric_limits<float>::infinity();
+}
+
 template <typename scalar_t>
 void row_stats_kernel(const at::Tensor& logits, const at::Tensor& targets, int64_t vocab_start,
                       at::Tensor& lse, at::Tensor& target_logit) {
@@ -71,12 +80,16 @@ void row_stats_kernel(const at::Tensor& logits, const at::Tensor& targets, int64
       const scalar_t* row = z + i * stride;
       float m = -std::numeric_limits<float>::infinity();
       float s = 0.0f;
+      int nonfinite = 0;  // a NaN or +inf seen: the vectorised max and exp would hide it
       for (int64_t c = 0; c < V; c += kChunk) {
         const int64_t n = std::min(kChunk, V - c);
         load_chunk(row + c, buf, n);
         float cm = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : cm)
-        for (int64_t j = 0; j < n; ++j) cm = std::max(cm, buf[j]);
+#pragma omp simd reduction(max : cm) reduction(| : nonfinite)
+        for (int64_t j = 0; j < n; ++j) {
+          cm = std::max(cm, buf[j]);
+          nonfinite |= !(buf[j] <= std::numeric_limits<float>::max());  // NaN or +inf
+        }
         if (cm > m) {  // online rescale: the running sum was relative to the old max
           s = (m == -std::numeric_limits<float>::infinity()) ? 0.0f : s * fast_exp(m - cm);
           m = cm;
@@ -87,7 +100,8 @@ void row_stats_kernel(const at::Tensor& logits, const at::Tensor& targets, int64
         for (int64_t j = 0; j < n; ++j) cs += fast_exp(buf[j] - m);
         s += cs;
       }
-      lse_out[i] = (s > 0.0f) ? m + std::log(s) : -std::numeric_limits<float>::infinity();
+      lse_out[i] = nonfinite ? nonfinite_lse(row, V)
+                             : (s > 0.0f) ? m + std::log(s) : -std::numeric_limits<float>::infinity();
       const int64_t local = tgt[i] - vocab_start;
       tl_out[i] = (local >= 0 && local < V) ? to_float(row[local]) : 0.0f;
     }
