@@ -51,13 +51,21 @@ def _(logits, targets, vocab_start):
     return logits.new_empty(logits.shape[:1], dtype=acc), logits.new_empty(logits.shape[:1], dtype=acc)
 
 
+def _kernel_vector(t: torch.Tensor) -> torch.Tensor:
+    """A per-token vector as both compiled kernels take it: fp32, contiguous. The CPU glue converts
+    too; the CUDA glue checks and refuses, so e.g. the stride-0 ``grad_loss`` of ``loss.sum()`` or a
+    float64 excess would fail there while the CPU passed."""
+    return t.to(torch.float32).contiguous()
+
+
 @torch.library.custom_op("rho::grad_logits", mutates_args=())
 def grad_logits(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, lse: torch.Tensor,
                 grad_loss: torch.Tensor) -> torch.Tensor:
     choice = dispatch.choose(logits.device, logits.dtype)
     if choice.backend == "torch":
         return ref.grad_logits_reference(logits, targets, vocab_start, lse, grad_loss)
-    return dispatch.extension(choice.backend).grad_logits(logits, targets, vocab_start, lse, grad_loss, False)
+    return dispatch.extension(choice.backend).grad_logits(logits, targets, vocab_start, _kernel_vector(lse),
+                                                          _kernel_vector(grad_loss), False)
 
 
 @grad_logits.register_fake
@@ -73,7 +81,8 @@ def grad_logits_(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int, 
     if choice.backend == "torch":
         logits.copy_(ref.grad_logits_reference(logits, targets, vocab_start, lse, grad_loss))
     else:
-        dispatch.extension(choice.backend).grad_logits(logits, targets, vocab_start, lse, grad_loss, True)
+        dispatch.extension(choice.backend).grad_logits(logits, targets, vocab_start, _kernel_vector(lse),
+                                                       _kernel_vector(grad_loss), True)
 
 
 @grad_logits_.register_fake
@@ -90,7 +99,8 @@ def topk_mask(excess: torch.Tensor, candidate: torch.Tensor, ratio: float, segme
     choice = dispatch.choose(excess.device, torch.float32)
     if choice.backend == "torch":
         return ref.topk_mask_reference(excess, candidate, ratio, seg)
-    return dispatch.extension(choice.backend).topk_mask(excess, candidate, float(ratio), int(seg))
+    return dispatch.extension(choice.backend).topk_mask(_kernel_vector(excess), candidate.to(torch.bool).contiguous(),
+                                                        float(ratio), int(seg))
 
 
 @topk_mask.register_fake

@@ -300,3 +300,38 @@ def test_non_finite_rows_give_torchs_logsumexp(impl, dtype):
     both_finite = torch.isfinite(expected)
     torch.testing.assert_close(lse[both_finite].float(), expected[both_finite], rtol=1e-5, atol=1e-5)
     assert lse[1] == inf and torch.isnan(lse[2]) and lse[3] == -inf and torch.isnan(lse[4])
+
+
+def test_compiled_kernels_get_fp32_contiguous_vectors(monkeypatch):
+    """What the CUDA glue demands (it checks; the CPU glue converts): ``loss.sum().backward()`` hands
+    the backward a stride-0 grad_loss, and a float64 excess must reach the top-k as fp32. A spy
+    extension records what the ops pass; the results must still equal the reference."""
+    from cuda_ext import ops, reference
+
+    seen = []
+
+    class Spy:
+        def grad_logits(self, logits, targets, vocab_start, lse, grad_loss, inplace):
+            seen.extend([lse, grad_loss])
+            grad = reference.grad_logits_reference(logits, targets, vocab_start, lse, grad_loss)
+            return logits.copy_(grad) if inplace else grad
+
+        def row_stats(self, logits, targets, vocab_start):
+            return reference.row_stats_reference(logits, targets, vocab_start)
+
+        def topk_mask(self, excess, candidate, ratio, seg):
+            seen.extend([excess, candidate])
+            return reference.topk_mask_reference(excess, candidate, ratio, seg)
+
+    monkeypatch.setattr(dispatch, "choose", lambda device, dtype: dispatch.Choice("cuda", "spy"))
+    monkeypatch.setattr(dispatch, "extension", lambda backend: Spy())
+    logits = torch.randn(6, 11, requires_grad=True)
+    targets = torch.randint(0, 11, (6,))
+    loss, _ = ops.cross_entropy(logits, targets)
+    loss.sum().backward()
+    expected = torch.softmax(logits.detach(), -1) - F.one_hot(targets, 11)
+    torch.testing.assert_close(logits.grad, expected)
+    excess = torch.randn(8, dtype=torch.float64)
+    kept = ops.topk_mask(excess, torch.ones(8, dtype=torch.bool), 0.5, 4)
+    assert kept.sum() == 4
+    assert seen and all(t.dtype in (torch.float32, torch.bool) and t.is_contiguous() and t.stride() == (1,) for t in seen)
