@@ -7,7 +7,7 @@ reference. ``RHO_KERNEL=torch|cpu|cuda`` forces one; a forced implementation tha
 ``rho.kernel``) and can be read with ``last_choice``.
 
 The extensions are compiled from ``cuda_ext/csrc`` with torch's JIT builder on first use (tens of
-seconds, cached in ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); ``python -m
+seconds, cached under ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``: ``build_directory``); ``python -m
 cuda_ext.build`` builds them ahead of time. float64 inputs always use the reference (the kernels
 accumulate in fp32).
 """
@@ -15,9 +15,11 @@ accumulate in fp32).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -58,33 +60,73 @@ def _build(name: str) -> object:
             raise KernelUnavailableError(_failures[name]) from err
 
 
-def _compile(name: str) -> object:
+def build_directory(name: str) -> Path:
+    """Where extension ``name`` is built and cached: ``$TORCH_EXTENSIONS_DIR`` (else torch's
+    ``~/.cache/torch_extensions``) / one folder per Python and torch build / ``name``. rho names it
+    itself, rather than leaving it to torch, to know where torch's build lock lies."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return root / f"rho-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}" / name
+
+
+def _ensure_ninja() -> None:
+    """torch's JIT builder runs ``ninja`` from PATH; the ``ninja`` wheel (a dependency) installs it
+    next to the interpreter, which is not on PATH when a venv's ``rho`` runs unactivated."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        raise RuntimeError("ninja is not installed (pip install ninja)") from None
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _load(name: str, **kwargs) -> object:
+    """torch's ``load`` for extension ``name``, one builder at a time per machine and never stuck on
+    a dead builder's lock.
+
+    torch guards a build with a ``lock`` file it deletes when the build ends; a builder killed
+    mid-build leaves it, and every later ``load`` waits on it forever. rho holds an flock (released
+    by the kernel when its holder dies, however it dies) around every ``load`` of its builds, so a
+    ``lock`` file found while holding it was left by a dead builder and is removed."""
     from torch.utils.cpp_extension import load
 
+    _ensure_ninja()
+    build_dir = build_directory(name)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir.parent / f"{name}.flock", "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)  # waits for a live builder (another rank) to finish
+        stale = build_dir / "lock"
+        if stale.exists():
+            logger.warning("rho: removed %s, left by a kernel build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        return load(name=name, build_directory=str(build_dir), verbose=False, **kwargs)
+
+
+def _compile(name: str) -> object:
     if name == "cpu":
         if not (shutil.which("c++") or shutil.which("g++")):
             raise RuntimeError("no C++ compiler (c++/g++) on PATH")
         logger.info("rho: building or loading the CPU selective-loss kernel (cached after the first build)")
-        return load(
-            name="rho_selective_loss_cpu",
+        return _load(
+            "rho_selective_loss_cpu",
             sources=[str(CSRC / "selective_loss_cpu.cpp")],
             # -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it;
             # -march=native: the build is per machine (JIT cache), so use its widest vectors.
             extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
-            verbose=False,
         )
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
     if not shutil.which("nvcc") and not os.environ.get("CUDA_HOME"):
         raise RuntimeError("nvcc is not on PATH and CUDA_HOME is not set")
     logger.info("rho: building or loading the CUDA selective-loss kernel (cached after the first build)")
-    return load(
-        name="rho_selective_loss_cuda",
+    # torch picks the C++ standard its headers need (C++20 for torch 2.13) and the GPU's arch
+    # (TORCH_CUDA_ARCH_LIST to build for others)
+    return _load(
+        "rho_selective_loss_cuda",
         sources=[str(CSRC / "selective_loss_cuda.cpp"), str(CSRC / "selective_loss_cuda_kernels.cu")],
         extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-std=c++17"],
-        verbose=False,
+        extra_cuda_cflags=["-O3", "--use_fast_math"],
     )
 
 
@@ -122,7 +164,11 @@ def choose(device: torch.device, dtype: torch.dtype) -> Choice:
     key = f"{device.type}/{dtype}"
     if _announced.get(key) != choice:
         _announced[key] = choice
-        logger.info("rho selective loss on %s %s: %s kernel (%s)", device.type, dtype, choice.backend, choice.reason)
+        # on a GPU the PyTorch loss materialises fp32 copies of the logits: a run that falls back
+        # to it silently would be slow and memory-hungry for no visible reason
+        slow = device.type == "cuda" and choice.backend == "torch" and want == "auto"
+        logger.log(logging.WARNING if slow else logging.INFO, "rho selective loss on %s %s: %s kernel (%s)",
+                   device.type, dtype, choice.backend, choice.reason)
     return choice
 
 

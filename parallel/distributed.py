@@ -74,6 +74,12 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600, virtua
 
     if torch.cuda.is_available():
         backend = "nccl"
+        gpus = torch.cuda.device_count()
+        if local_rank >= gpus:  # set_device would fail with "invalid device ordinal"
+            raise DistributedSetupError(
+                f"local rank {local_rank} has no GPU: this node has {gpus} visible (CUDA_VISIBLE_DEVICES), "
+                f"so start at most {gpus} processes per node"
+            )
         torch.cuda.set_device(local_rank)
     else:
         backend = "gloo"

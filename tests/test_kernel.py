@@ -261,6 +261,67 @@ def test_cuda_source_compiles(tmp_path, arch):
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
+def _nvcc_include_flags() -> list[str]:
+    """The CUDA include flags nvcc itself uses (read from its dry run, so a wrapper script on PATH
+    or a non-standard install is found as nvcc finds it)."""
+    import shlex
+    import subprocess
+
+    dry = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "-c", "/dev/null", "-o", "/dev/null"],
+                         capture_output=True, text=True, timeout=60)
+    flags = []
+    for line in dry.stderr.splitlines():
+        if line.startswith(("#$ INCLUDES=", "#$ SYSTEM_INCLUDES=")):
+            flags += shlex.split(line[3:].split("=", 1)[1])
+    return flags
+
+
+@pytest.mark.skipif(not (shutil.which("nvcc") and shutil.which("g++")), reason="nvcc and g++ are needed")
+def test_cuda_glue_compiles_with_an_nvcc_only_toolkit(tmp_path):
+    """The C++ glue of the CUDA extension needs only the CUDA runtime headers an nvcc-only toolkit
+    has (no cuBLAS/cuSPARSE, which ATen/cuda/CUDAContext.h pulls in): a syntax check against torch's
+    headers and nvcc's own include path. A CPU build of torch lacks one generated header of c10/cuda
+    (its build options); an empty stand-in takes its place there."""
+    import subprocess
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    from cuda_ext.dispatch import CSRC
+
+    stand_in = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stand_in.parent.mkdir(parents=True)
+    stand_in.write_text("#pragma once\n")
+    includes = [f"-I{p}" for p in include_paths()] + _nvcc_include_flags()
+    proc = subprocess.run(
+        ["g++", "-std=c++20", "-fsyntax-only", *includes, f"-I{sysconfig.get_paths()['include']}",
+         "-idirafter", str(tmp_path), "-DTORCH_EXTENSION_NAME=rho_glue_check", "-DTORCH_API_INCLUDE_EXTENSION_H",
+         str(CSRC / "selective_loss_cuda.cpp")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_a_dead_builders_lock_is_removed(tmp_path):
+    """A builder killed mid-build leaves torch's ``lock`` in the build directory, and torch's
+    ``load`` then waits on it forever. A fresh process must load the (already built) CPU kernel
+    anyway, and remove the lock."""
+    import subprocess
+    import sys
+
+    dispatch.extension("cpu")  # built (cached) before the lock is planted
+    lock = dispatch.build_directory("rho_selective_loss_cpu") / "lock"
+    lock.touch()
+    try:
+        proc = subprocess.run([sys.executable, "-c", "from cuda_ext import dispatch; dispatch.extension('cpu')"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "left by a kernel build that did not finish" in proc.stderr
+        assert not lock.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

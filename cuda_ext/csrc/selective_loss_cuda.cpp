@@ -2,8 +2,10 @@
 // Validates inputs, allocates outputs and enqueues the launchers on the current CUDA stream of the
 // inputs' device. Nothing here synchronises with the host.
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
+// c10's stream header, not ATen/cuda/CUDAContext.h: that one pulls in the cuBLAS / cuSPARSE /
+// cuSOLVER headers, which an nvcc-only CUDA install lacks; the glue needs only the current stream.
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 #include <limits>
@@ -63,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor> row_stats(const at::Tensor& logits, const at:
   const auto fopts = logits.options().dtype(at::kFloat);
   at::Tensor lse = at::empty({T}, fopts), target_logit = at::empty({T}, fopts);
   if (T == 0) return {lse, target_logit};
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_logits(logits, [&](auto* z) {
     check_cuda_error(rho_cuda::launch_row_stats(z, T, V, logits.stride(0),
                                                 targets.data_ptr<int64_t>(), vocab_start,
@@ -86,7 +88,7 @@ at::Tensor grad_logits(const at::Tensor& logits, const at::Tensor& targets, int6
   const c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = inplace ? logits : at::empty({T, V}, logits.options());  // contiguous
   if (T == 0 || V == 0) return grad;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_logits(logits, [&](auto* z) {
     using T_ = std::remove_pointer_t<decltype(z)>;
     check_cuda_error(rho_cuda::launch_grad_logits(
@@ -120,7 +122,7 @@ at::Tensor topk_mask(const at::Tensor& excess, const at::Tensor& candidate, doub
   if (T == 0) return kept;
   check_cuda_error(rho_cuda::launch_topk_mask(excess.data_ptr<float>(), candidate.data_ptr<bool>(),
                                               kept.data_ptr<bool>(), T, segment_len, ratio,
-                                              at::cuda::getCurrentCUDAStream()),
+                                              c10::cuda::getCurrentCUDAStream()),
                    "topk_mask kernel launch");
   return kept;
 }

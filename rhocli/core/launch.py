@@ -169,6 +169,13 @@ def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls:
         run_stage(entry, spec_dict, renderer_cls)
         return
 
+    gpus = _gpu_count()
+    if gpus and world > gpus:
+        from rhocli.core.errors import NotAvailableError
+
+        raise NotAvailableError(f"this run starts {world} processes, one per GPU (--tp x --pp x --dp), and this "
+                                f"machine has {gpus}: lower the sizes, or start it across nodes with torchrun")
+
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -205,6 +212,13 @@ def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls:
         raise Terminated(f"terminated ({signal.Signals(err.sigval).name}); only complete outputs are published") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _gpu_count() -> int:
+    """GPUs this process may use (0 without CUDA): each launched rank takes one."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def _failure(error_dir: str, failures: dict[int, int]):
