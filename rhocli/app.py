@@ -118,7 +118,9 @@ def message_for(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``rho`` console script."""
     from rhocli.core.errors import Interrupted, category_for, exit_code_for
+    from rhocli.core.processes import stacks_on_sigusr1
 
+    stacks_on_sigusr1()
     debug = os.environ.get("RHO_DEBUG", "") not in ("", "0")
     try:
         app(args=argv, prog_name="rho")

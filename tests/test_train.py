@@ -357,11 +357,12 @@ def test_resume_and_force_never_lose_the_run(tmp_path, tiny_data, init_ckpt, cap
     ("sigterm", 12, "SIGTERM: saved checkpoint"),
     ("kill_worker", 10, "worker rank 1 died from SIGKILL"),
     ("non_finite", 11, "is not finite"),
+    ("stacks", 12, "SIGTERM: saved checkpoint"),
 ])
 def test_launched_ranks_end_with_the_right_code_and_one_line(tmp_path, tiny_data, init_ckpt, event, code, words):
     """Under rho's launcher (--tp 2) a run ends as a one-process run would: SIGTERM saves and exits 12,
     a rank killed with -9 is exit 10, a NaN is exit 11, each one line with -q (no warning, no traceback
-    from the elastic agent)."""
+    from the elastic agent). ``kill -USR1`` makes every process print its Python stacks and go on."""
     import signal
     import subprocess
     import sys
@@ -381,7 +382,12 @@ def test_launched_ranks_end_with_the_right_code_and_one_line(tmp_path, tiny_data
                                                and (run / "metrics.jsonl").read_text().count("\n") >= 2):
             assert proc.poll() is None
             time.sleep(0.2)
-        if event == "sigterm":
+        if event == "stacks":  # kill -USR1: each process prints its stacks and goes on
+            for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children()]:
+                if "resource_tracker" not in " ".join(p.cmdline()):  # not a rho process: USR1 would end it
+                    p.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+        if event in ("sigterm", "stacks"):
             proc.send_signal(signal.SIGTERM)
         else:
             # the launcher's children are its ranks (forked or spawned), started in rank order
@@ -391,6 +397,10 @@ def test_launched_ranks_end_with_the_right_code_and_one_line(tmp_path, tiny_data
             ranks[-1].kill()
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
+    if event == "stacks":  # the launcher's and both ranks' (one is in the trainer), then the usual line
+        assert err.count("Current thread") >= 3 and "trainer.py" in err, err
+        assert err.strip().splitlines()[-1].endswith(words) or words in err.strip().splitlines()[-1], err
+        return
     assert words in err and len(err.strip().splitlines()) == 1 and not out.strip(), err
     if event == "sigterm":
         step = int((run / "latest").read_text().strip().split("_")[1])

@@ -4,10 +4,12 @@ process groups, so it never runs in the pytest process), and reading results bac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 TINY_MODEL_YAML = """
@@ -77,8 +79,36 @@ def _in_process(argv: list[str]) -> subprocess.CompletedProcess:
 def _subprocess(args, env_extra: dict | None, timeout: float) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "rhocli", *map(str, args)], capture_output=True, text=True,
-                           timeout=timeout, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "rhocli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = _stacks_then_kill(proc)
+        raise AssertionError(f"rho {' '.join(map(str, args))} did not end in {timeout:.0f} s; the Python stacks "
+                             f"of its processes when it was stopped (last 12000 characters):\n{err[-12000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _stacks_then_kill(proc: subprocess.Popen) -> tuple[str, str]:
+    """A run that hangs: SIGUSR1 to it and every process it started (each prints its threads' stacks
+    to the shared stderr: rho's faulthandler), then SIGKILL to all; returns what they printed."""
+    import signal
+
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGUSR1)
+    time.sleep(3)
+    for p in family:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    return proc.communicate()
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -69,9 +69,10 @@ def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | 
     """Entry point of each process the launcher starts (module level: spawn imports it). Whatever ends
     it is reported in one line and an exit code, never a traceback (``RHO_DEBUG=1`` shows a bug's)."""
     from rhocli.core.errors import category_for, exit_code_for
-    from rhocli.core.processes import TerminatedSignal, die_with_parent, terminate_as_interrupt
+    from rhocli.core.processes import TerminatedSignal, die_with_parent, stacks_on_sigusr1, terminate_as_interrupt
 
     die_with_parent()  # no rank outlives a kill -9 of the launching rho
+    stacks_on_sigusr1()
     # a forked rank inherits the elastic agent's handlers (they raise its SignalException): a rank
     # takes Ctrl-C as KeyboardInterrupt and hang-ups as their default, as a spawned one does
     signal.signal(signal.SIGINT, signal.default_int_handler)

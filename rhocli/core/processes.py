@@ -21,6 +21,16 @@ class TerminatedSignal(BaseException):
     """SIGTERM arrived (raised in the main thread by ``terminate_as_interrupt``)."""
 
 
+def stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack of that rho process to its stderr and
+    lets it go on (faulthandler): where a stuck run waits, rank by rank
+    (``pkill -USR1 -f rhocli`` for all of them)."""
+    import faulthandler
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
 def die_with_parent() -> None:
     if not sys.platform.startswith("linux"):
         return
