@@ -42,11 +42,16 @@ class SDPAttention(DotProductAttention):
         if not self._fused_path(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
-        sq, b = query.shape[0], query.shape[1]
-        # [s, b, heads, hn] -> [b, heads, s, hn] (views; SDPA takes strided inputs)
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        gqa = q.shape[1] != k.shape[1]
-        context = F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, scale=self.softmax_scale,
-                                                 enable_gqa=gqa)
-        # [b, np, sq, hn] -> [sq, b, np * hn]
-        return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+        return causal_sdpa(query, key, value, self.softmax_scale)
+
+
+def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of megatron's layout through SDPA: query [sq, b, heads, hn], key/value
+    [sq, b, groups, hn] (grouped-query: heads a multiple of groups) -> context [sq, b, heads * hn]."""
+    sq, b, heads, hn = query.shape
+    # [s, b, heads, hn] -> [b, heads, s, hn] (views; SDPA takes strided inputs)
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    gqa = q.shape[1] != k.shape[1]
+    context = F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, scale=scale, enable_gqa=gqa)
+    # [b, heads, sq, hn] -> [sq, b, heads * hn]
+    return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)

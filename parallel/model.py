@@ -3,8 +3,15 @@
 RMSNorm, SwiGLU (gated linear unit with SiLU), RoPE with the configured theta, grouped-query
 attention, untied input/output embeddings, no biases. Parallelism is applied by megatron-core's layers
 from ``parallel_state`` (tensor-parallel linears, vocab-parallel embedding and output, the pipeline
-stage's slice of layers). ``use_cpu_initialization`` makes the full (unsharded) initial weights the same
-for any TP size, so layouts can be compared.
+stage's slice of layers).
+
+Where the layers come from (``layer_backend``): on the CPU, megatron-core's local spec with rho's SDPA
+attention and sequence-parallel RMSNorm, weights initialised on the CPU (``use_cpu_initialization``
+makes the full initial weights the same for any TP size, so layouts can be compared). On a GPU, the
+same spec with Transformer Engine's modules when ``transformer_engine`` imports (fused RMSNorm, its
+linears, FlashAttention/cuDNN attention, fused RoPE), megatron's fused SwiGLU, and weights created
+on the device; the parameter names are the local spec's either way, so a checkpoint loads under
+both. Weights a checkpoint will overwrite are not initialised (``backend_features``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,61 @@ class ModelShape:
     vocab_size: int
     padded_vocab_size: int
     params_dtype: torch.dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerBackend:
+    """Which implementation builds the layers (for the banner and the config)."""
+
+    layer_spec: str
+    """"local" (megatron-core's local spec + rho's SDPA/RMSNorm) or "transformer_engine"."""
+    attention: str
+    """"sdpa" (PyTorch's fused attention) or "te" (Transformer Engine: FlashAttention / cuDNN)."""
+    on_gpu: bool
+    """weights created on the device, fused SwiGLU (and RoPE with Transformer Engine)."""
+
+
+def layer_backend(on_gpu: bool | None = None, te_available: bool | None = None) -> LayerBackend:
+    """The backend for this process: Transformer Engine's modules on a GPU where it imports, else
+    the local spec. The CPU path is always the local one."""
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if on_gpu and (_te_importable() if te_available is None else te_available):
+        return LayerBackend("transformer_engine", "te", True)
+    return LayerBackend("local", "sdpa", on_gpu)
+
+
+@functools.lru_cache(maxsize=None)
+def _te_importable() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        from megatron.core.extensions import transformer_engine as _  # noqa: F401
+    except Exception:  # absent, or built for another torch/CUDA: the local spec runs anyway
+        return False
+    return True
+
+
+def backend_features(backend: LayerBackend, weights_loaded: bool = False) -> dict:
+    """TransformerConfig fields for where the model runs. ``weights_loaded``: every weight is about
+    to be overwritten by a checkpoint, so none is initialised."""
+    features = {"use_cpu_initialization": not backend.on_gpu}
+    if backend.on_gpu:
+        # megatron's fused SwiGLU (bias_swiglu_impl; rho's linears have no bias)
+        features["bias_activation_fusion"] = True
+        # fused RoPE is Transformer Engine's kernel
+        features["apply_rope_fusion"] = backend.layer_spec == "transformer_engine"
+    if weights_loaded:
+        # not perform_initialization=False: megatron-core (0.16-0.19) sets the tensor-parallel
+        # attributes of a weight (which rank's shard it is; the gradient norm counts a weight without
+        # them once, from TP rank 0) in the initialisation it skips; the TP2 gradient norm came out
+        # 0.71 where TP1's is 1.26. An init method that leaves the memory as it is keeps them.
+        features.update(init_method=_leave_uninitialised, output_layer_init_method=_leave_uninitialised,
+                        embedding_init_method=_leave_uninitialised)
+    return features
+
+
+def _leave_uninitialised(weight: torch.Tensor) -> None:
+    """megatron's init_method for weights a checkpoint is about to overwrite: none of the random
+    number generation (minutes for a 7B model on a CPU)."""
 
 
 def model_features(train_cfg) -> dict:
@@ -70,16 +132,16 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.d
             activation_func=F.silu,
             add_bias_linear=False,
             add_qkv_bias=False,
-            bias_activation_fusion=False,
+            bias_activation_fusion=features.pop("bias_activation_fusion", False),
             masked_softmax_fusion=False,
             bias_dropout_fusion=False,
-            apply_rope_fusion=False,
+            apply_rope_fusion=features.pop("apply_rope_fusion", False),
             gradient_accumulation_fusion=False,
             persist_layer_norm=False,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=cfg.init_method_std,
-            use_cpu_initialization=True,
+            use_cpu_initialization=features.pop("use_cpu_initialization", True),
             params_dtype=params_dtype,
             pipeline_dtype=params_dtype,
             bf16=bf16,
@@ -135,7 +197,8 @@ def _rho_gpt_model_class():
     return RhoGPTModel
 
 
-def build_model_chunks(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, vp: int, features: dict) -> list:
+def build_model_chunks(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, vp: int, features: dict,
+                       weights_loaded: bool = False) -> list:
     """This rank's model: one ``GPTModel`` per virtual pipeline stage (``vp`` > 1: interleaved 1F1B,
     stage ``i`` holding the layers megatron-core assigns to it), each with its own first/last-stage
     role."""
@@ -143,21 +206,25 @@ def build_model_chunks(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, vp
 
     if vp == 1:
         return [build_model(cfg, shape, tp, pp, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
-                            features=features)]
+                            features=features, weights_loaded=weights_loaded)]
     return [build_model(cfg, shape, tp, pp, ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
-                        ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i), features=features, vp_stage=i)
+                        ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i), features=features, vp_stage=i,
+                        weights_loaded=weights_loaded)
             for i in range(vp)]
 
 
 def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_process: bool, post_process: bool,
-                features: dict | None = None, vp_stage: int | None = None):
-    """This pipeline stage's ``GPTModel`` (on CPU; the caller moves it to the GPU). Given ``labels``,
-    the last stage returns per-token losses [b, s] from rho's fused kernel (``_rho_gpt_model_class``);
-    without, vocab-parallel logits [b, s, vocab/tp] as megatron's GPTModel does."""
-    config = transformer_config(cfg, tp, pp, shape.params_dtype, **(features or {}))
+                features: dict | None = None, vp_stage: int | None = None, weights_loaded: bool = False):
+    """This pipeline stage's ``GPTModel``, built by ``layer_backend()`` (on the CPU, or created on
+    the current GPU). Given ``labels``, the last stage returns per-token losses [b, s] from rho's
+    fused kernel (``_rho_gpt_model_class``); without, vocab-parallel logits [b, s, vocab/tp] as
+    megatron's GPTModel does. ``weights_loaded``: a checkpoint overwrites every weight next."""
+    backend = layer_backend()
+    config = transformer_config(cfg, tp, pp, shape.params_dtype,
+                                **{**backend_features(backend, weights_loaded), **(features or {})})
     return _rho_gpt_model_class()(
         config=config,
-        transformer_layer_spec=block_spec(config, vp_stage),
+        transformer_layer_spec=block_spec(config, vp_stage, backend),
         vocab_size=shape.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=pre_process,
@@ -170,23 +237,48 @@ def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_proce
     )
 
 
-def block_spec(config, vp_stage: int | None = None):
-    """megatron-core's local layer spec (RMSNorm) with rho's two substitutions, for this stage's layers:
+def block_spec(config, vp_stage: int | None = None, backend: LayerBackend | None = None):
+    """This stage's layers: megatron-core's local layer spec (RMSNorm) with rho's two substitutions,
     fused causal attention (PyTorch SDPA, ``parallel.attention``) in place of the unfused
-    DotProductAttention, and ``parallel.norm.RMSNorm`` (sequence-parallel capable) for every norm,
-    the block's final one included."""
+    DotProductAttention and ``parallel.norm.RMSNorm`` (sequence-parallel capable) for every norm,
+    the block's final one included; or, with the ``transformer_engine`` backend, the same layer
+    shape from Transformer Engine's modules (``_te_layer``)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    from parallel.attention import SDPAttention
-    from parallel.norm import RMSNorm
+    backend = backend or layer_backend()
+    if backend.layer_spec == "transformer_engine":
+        layer, final_norm = _te_layer()
+    else:
+        from parallel.attention import SDPAttention
+        from parallel.norm import RMSNorm
+
+        layer, final_norm = get_gpt_layer_local_spec(normalization="RMSNorm"), RMSNorm
+        layer.submodules.self_attention.submodules.core_attention = SDPAttention
+        layer.submodules.input_layernorm = RMSNorm
+        layer.submodules.pre_mlp_layernorm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=final_norm)
+
+
+def _te_layer():
+    """The local spec's layer with Transformer Engine's modules in every place: its RMSNorm, column-
+    and row-parallel linears and DotProductAttention (FlashAttention / cuDNN, GQA, sequence
+    parallelism built in). megatron-core's own TE spec fuses each norm into the next linear
+    (``linear_qkv.layer_norm_weight``); rho keeps the norms apart so that the parameter names, and so
+    checkpoints and the Hugging Face name map, are the local spec's on every device."""
+    from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear, TEDotProductAttention,
+                                                             TENorm, TERowParallelLinear)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    layer.submodules.self_attention.submodules.core_attention = SDPAttention
-    layer.submodules.input_layernorm = RMSNorm
-    layer.submodules.pre_mlp_layernorm = RMSNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=RMSNorm)
+    attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+    attention.linear_qkv, attention.core_attention, attention.linear_proj = (
+        TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear)
+    mlp.linear_fc1, mlp.linear_fc2 = TEColumnParallelLinear, TERowParallelLinear
+    layer.submodules.input_layernorm = TENorm
+    layer.submodules.pre_mlp_layernorm = TENorm
+    return layer, TENorm
 
 
 def model_shape(cfg: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.dtype) -> ModelShape:

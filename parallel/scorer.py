@@ -120,7 +120,7 @@ class Scorer:
         shape = model_shape(spec.model, spec.vocab_size, layout.tp, dtype)
         features = {"sequence_parallel": True} if spec.sequence_parallel else {}
         model = build_model(spec.model, shape, layout.tp, layout.pp, ps.is_pipeline_first_stage(), self.is_last,
-                            features=features)
+                            features=features, weights_loaded=True)  # load_weights fills every one
         # a micro-batch's length: a multiple of PAD_MULTIPLE, and of tp under sequence parallelism
         self.pad_multiple = math.lcm(PAD_MULTIPLE, layout.tp) if spec.sequence_parallel else PAD_MULTIPLE
         if on_gpu:

@@ -36,7 +36,7 @@ from parallel.distributed import Layout
 from parallel.errors import NonFiniteValueError, PreemptedError
 from parallel.layout import micro_batches_per_step
 from parallel.loss import Selection
-from parallel.model import build_model_chunks, count_parameters, model_features, model_shape
+from parallel.model import build_model_chunks, count_parameters, layer_backend, model_features, model_shape
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -182,8 +182,12 @@ class Trainer:
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, **parallel_features)
         # one model chunk per virtual pipeline stage (interleaved 1F1B), else one
         self.model_chunks = []
+        # restore() overwrites every weight when it resumes from a checkpoint or starts from --init:
+        # then none is initialised (a 7B model's random init is minutes on a CPU, wasted)
+        weights_loaded = (self.checkpoints.latest() is not None) if cfg.resume else bool(self.spec.init_checkpoint)
         for vp_stage, module in enumerate(build_model_chunks(self.spec.model, self.shape, self.layout.tp,
-                                                             self.layout.pp, self.vp, model_features(cfg))):
+                                                             self.layout.pp, self.vp, model_features(cfg),
+                                                             weights_loaded=weights_loaded)):
             if torch.cuda.is_available():
                 module.cuda(torch.cuda.current_device())
             # as Megatron-LM: only the first chunk's gradients are bucketed (the others' reductions
@@ -564,6 +568,7 @@ class Trainer:
             "dp": self.layout.dp,
             "backend": self.layout.backend,
             "cpu_shims": _cpu_shims(),
+            **_kernels(self.params_dtype),
             "parameters": count_parameters(self.spec.model, self.spec.vocab_size),
             "vocab_size": self.shape.vocab_size,
             "padded_vocab_size": self.shape.padded_vocab_size,
@@ -585,6 +590,19 @@ class Trainer:
             "config_hash": self.spec.config_hash(),
             "run_dir": str(self.run_dir),
         }
+
+
+def _kernels(dtype: torch.dtype) -> dict[str, str]:
+    """What computes the layers and the loss on this rank (the same choices the model makes):
+    the layer spec, the attention backend, and the selective-loss kernel for logits of ``dtype``.
+    A forced kernel (RHO_KERNEL) that cannot run raises here, before the first step."""
+    from cuda_ext import dispatch
+
+    backend = layer_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    choice = dispatch.choose(device, dtype)
+    return {"layer_spec": backend.layer_spec, "attention": backend.attention,
+            "loss_kernel": f"{choice.backend} ({choice.reason})"}
 
 
 def _cpu_shims() -> list[str]:

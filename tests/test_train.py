@@ -30,7 +30,10 @@ def init_ckpt(tmp_path_factory, tiny_data) -> tuple[Path, Path]:
 def reference_run(tmp_path_factory, tiny_data, init_ckpt) -> Path:
     config, init = init_ckpt
     run = tmp_path_factory.mktemp("ref") / "run"
-    rho("train", config, "--data", tiny_data, "--save", run, "--init", init, "-q")
+    proc = rho("train", config, "--data", tiny_data, "--save", run, "--init", init)
+    # the banner says what computes the layers and the loss (on CPU: the local spec, the C++ kernel)
+    banner = " ".join(proc.stdout.split())
+    assert "local layer spec, sdpa attention; loss kernel cpu (fastest" in banner, proc.stdout
     return run
 
 

@@ -105,6 +105,7 @@ def banner_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("layout", f"tp={p['tp']} pp={p['pp']} dp={p['dp']} ({p['backend']})"),
         ("backend", backend),
+        ("layers", f"{p['layer_spec']} layer spec, {p['attention']} attention; loss kernel {p['loss_kernel']}"),
         ("parameters", f"{human_count(p['parameters'])} ({p['parameters']:,})"),
         ("vocab", f"{p['vocab_size']} (padded {p['padded_vocab_size']})"),
         ("precision", p["precision"]),

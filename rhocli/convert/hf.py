@@ -40,7 +40,7 @@ def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
     tmp = dest.parent / f".rho-tmp-{dest.name}"
     try:
         shape = model_shape(cfg, cfg.vocab_size, 1, torch.float32)
-        model = build_model(cfg, shape, 1, 1, True, True)
+        model = build_model(cfg, shape, 1, 1, True, True, weights_loaded=True)  # the HF tensors fill every weight
         load_hf_into_model(model, hf.reader.get, cfg, shape.padded_vocab_size, torch.float32, source=str(src))
         shutil.rmtree(tmp, ignore_errors=True)
         fields = {

@@ -27,8 +27,12 @@ def stacks_on_sigusr1() -> None:
     (``pkill -USR1 -f rhocli`` for all of them)."""
     import faulthandler
 
-    if hasattr(signal, "SIGUSR1"):
-        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:  # the process's own stderr (a caller's redirected sys.stderr may have no descriptor)
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True, chain=False)
+    except (AttributeError, OSError, ValueError):  # no stderr at all (a daemon): nothing to print to
+        pass
 
 
 def die_with_parent() -> None:
