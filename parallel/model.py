@@ -214,12 +214,14 @@ def build_model_chunks(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, vp
 
 
 def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_process: bool, post_process: bool,
-                features: dict | None = None, vp_stage: int | None = None, weights_loaded: bool = False):
-    """This pipeline stage's ``GPTModel``, built by ``layer_backend()`` (on the CPU, or created on
-    the current GPU). Given ``labels``, the last stage returns per-token losses [b, s] from rho's
-    fused kernel (``_rho_gpt_model_class``); without, vocab-parallel logits [b, s, vocab/tp] as
-    megatron's GPTModel does. ``weights_loaded``: a checkpoint overwrites every weight next."""
-    backend = layer_backend()
+                features: dict | None = None, vp_stage: int | None = None, weights_loaded: bool = False,
+                backend: LayerBackend | None = None):
+    """This pipeline stage's ``GPTModel``, built by ``backend`` (default ``layer_backend()``: on the
+    CPU, or created on the current GPU). Given ``labels``, the last stage returns per-token losses
+    [b, s] from rho's fused kernel (``_rho_gpt_model_class``); without, vocab-parallel logits
+    [b, s, vocab/tp] as megatron's GPTModel does. ``weights_loaded``: a checkpoint overwrites every
+    weight next."""
+    backend = backend or layer_backend()
     config = transformer_config(cfg, tp, pp, shape.params_dtype,
                                 **{**backend_features(backend, weights_loaded), **(features or {})})
     return _rho_gpt_model_class()(

@@ -185,3 +185,36 @@ def test_sdpa_takes_the_flash_backend_with_rhos_gqa_inputs(dtype):
         math_ = causal_sdpa(q.float(), k.float(), v.float(), None)
     assert flash.shape == (s, b, heads * hn)
     torch.testing.assert_close(flash.float(), math_, rtol=2e-2, atol=2e-2)
+
+
+def test_transformer_engine_layers_take_the_local_specs_weights_and_agree(monkeypatch):
+    """The Transformer Engine backend has the local spec's parameter names (a checkpoint of either
+    loads into the other) and, given the same weights, the same logits within bf16 tolerance."""
+    from parallel.model import LayerBackend, _te_importable, build_model, model_shape
+
+    if not _te_importable():
+        pytest.skip("transformer_engine does not import here")
+    from parallel.config import ModelConfig
+    from parallel.distributed import destroy_distributed, init_distributed
+
+    for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="29533").items():
+        monkeypatch.setenv(name, value)
+    init_distributed(1, 1, seed=0)
+    try:
+        cfg = ModelConfig(num_layers=2, hidden_size=256, ffn_hidden_size=688, num_attention_heads=8,
+                          num_query_groups=2, max_position_embeddings=512, vocab_size=1000)
+        shape = model_shape(cfg, 1000, 1, torch.bfloat16)
+        local = build_model(cfg, shape, 1, 1, True, True, backend=LayerBackend("local", "sdpa", True)).cuda()
+        te = build_model(cfg, shape, 1, 1, True, True, backend=LayerBackend("transformer_engine", "te", True))
+        weights = {k: v for k, v in local.state_dict().items() if "_extra_state" not in k}
+        assert weights.keys() == {k for k in te.state_dict() if "_extra_state" not in k}
+        te.load_state_dict(weights, strict=False)
+        tokens = torch.randint(0, 1000, (2, 256), device="cuda")
+        positions = torch.arange(256, device="cuda").expand(2, -1)
+        with torch.no_grad():
+            a = local(tokens, positions, attention_mask=None).float()
+            b = te(tokens, positions, attention_mask=None).float()
+        torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2)
+    finally:
+        destroy_distributed()
