@@ -62,10 +62,15 @@ def _build(name: str) -> object:
 
 def build_directory(name: str) -> Path:
     """Where extension ``name`` is built and cached: ``$TORCH_EXTENSIONS_DIR`` (else torch's
-    ``~/.cache/torch_extensions``) / one folder per Python and torch build / ``name``. rho names it
-    itself, rather than leaving it to torch, to know where torch's build lock lies."""
+    ``~/.cache/torch_extensions``) / one folder per Python, torch build and rho source tree / ``name``.
+    rho names it itself, rather than leaving it to torch, to know where torch's build lock lies; two
+    checkouts of rho (a CI clone beside a working copy) get their own, since torch rebuilds whenever
+    the source paths in its build file change."""
+    import hashlib
+
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    return root / f"rho-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}" / name
+    tree = hashlib.sha1(str(CSRC).encode()).hexdigest()[:8]
+    return root / f"rho-py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__}-{tree}" / name
 
 
 def _ensure_ninja() -> None:
