@@ -13,17 +13,36 @@ fused path for what rho's models are (causal mask built from the mask type, no e
 dropout, vanilla softmax, no sliding window or query-key layer scaling) and hands anything else to
 megatron's own implementation. Measured on the 2-core VM, tiny model (4 heads, 2 KV groups,
 head 32), 32 windows of 128: 2.0 ms per layer against 4.4 ms; values equal within 6e-7.
+
+Under context parallelism (``context_parallel_size`` > 1; megatron's own attention refuses it, on a
+GPU Transformer Engine's ring attention takes this place) each rank holds two of the 2·cp chunks of
+every sequence (megatron's load-balanced split). ``SDPAttention`` then gathers the keys and values
+of the whole sequence from the context-parallel group (its backward sums their gradients back) and
+attends from its own query chunks with the causal mask of their true positions: simple and exact,
+the reference that rho's CPU runs and tests use.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from parallel.context_parallel import GatherSequence, chunk_positions
+
 
 class SDPAttention(DotProductAttention):
+    def __init__(self, config, *args, **kwargs):
+        # megatron's DotProductAttention asserts context_parallel_size == 1; this class handles CP
+        one_rank = copy.copy(config)
+        one_rank.context_parallel_size = 1
+        super().__init__(one_rank, *args, **kwargs)
+        self.config = config
+
     def _fused_path(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> bool:
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         return (
@@ -39,6 +58,12 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        if self.config.context_parallel_size > 1:
+            if not self._fused_path(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+                raise NotImplementedError("context parallelism: only rho's plain causal attention is implemented")
+            from megatron.core import parallel_state as ps
+
+            return context_parallel_sdpa(query, key, value, self.softmax_scale, ps.get_context_parallel_group())
         if not self._fused_path(attention_mask, attn_mask_type, attention_bias, packed_seq_params):
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
@@ -54,4 +79,19 @@ def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     gqa = q.shape[1] != k.shape[1]
     context = F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, scale=scale, enable_gqa=gqa)
     # [b, heads, sq, hn] -> [sq, b, heads * hn]
+    return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+
+def context_parallel_sdpa(query, key, value, scale, group) -> torch.Tensor:
+    """Causal attention for this CP rank's query chunks against the whole sequence's keys and values
+    (gathered from ``group``): query [sq_local, b, heads, hn], key/value [sq_local, b, groups, hn]
+    -> [sq_local, b, heads * hn]."""
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    sq, b, heads, hn = query.shape
+    whole_k, whole_v = GatherSequence.apply(key, group), GatherSequence.apply(value, group)  # [S, b, groups, hn]
+    q_pos = chunk_positions(cp, rank, sq // 2, query.device)
+    allowed = torch.arange(whole_k.shape[0], device=query.device)[None, :] <= q_pos[:, None]  # [sq_local, S]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, whole_k, whole_v))
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
     return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)

@@ -137,7 +137,11 @@ class TrainConfig:
     tp: int = 1
     pp: int = 1
     dp: int | None = None
-    """Data-parallel size; null: world size / (tp x pp)."""
+    """Data-parallel size; null: world size / (tp x pp x cp)."""
+    cp: int = 1
+    """Context-parallel size: each sequence split over ``cp`` ranks (megatron-core's context
+    parallelism; attention exchanges keys and values between them). For sequences whose activations
+    do not fit one device; Transformer Engine's attention on a GPU."""
     virtual_pp: int | None = None
     """Virtual pipeline stages per pipeline rank (interleaved 1F1B, Megatron-LM's
     --num-layers-per-virtual-pipeline-stage expressed as chunks): each rank holds ``virtual_pp``
@@ -169,7 +173,7 @@ class TrainConfig:
         "steps": ">= 1", "seq_length": ">= 1", "micro_batch_size": ">= 1", "global_batch_size": ">= 1",
         "lr": ">= 0", "min_lr": ">= 0", "warmup_steps": ">= 0", "wsd_decay_steps": ">= 1", "recompute_num_layers": ">= 1", "weight_decay": ">= 0", "adam_beta1": "[0, 1)",
         "adam_beta2": "[0, 1)", "adam_eps": "> 0", "clip_grad": ">= 0", "seed": ">= 0", "eval_interval": ">= 0",
-        "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1", "virtual_pp": ">= 1",
+        "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1", "cp": ">= 1", "virtual_pp": ">= 1",
         "loss_scale": "> 0", "initial_loss_scale": "> 0", "loss_scale_window": ">= 1", "loss_scale_hysteresis": ">= 1",
         "stop_after": ">= 1", "select_ratio": "(0, 1]", "peak_tflops": "> 0",
     }

@@ -172,7 +172,8 @@ class CudaToCpuMode(TorchFunctionMode):
       "cuda:N", `torch.device("cuda"...)` or an int become the CPU;
     - `torch.device("cuda"...)` itself constructs the CPU device;
     - `Tensor.to(<cuda device>, ...)` positionally, and `Tensor.cuda(...)`, stay on the CPU;
-    - no-arg `Tensor.type()` of a CPU tensor answers e.g. "torch.cuda.FloatTensor".
+    - no-arg `Tensor.type()` of a CPU tensor answers e.g. "torch.cuda.FloatTensor";
+    - `pin_memory=True` is dropped (context parallelism's RoPE split, rope_utils.py:63, pins an index).
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -193,6 +194,8 @@ class CudaToCpuMode(TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs = {**kwargs, "device": _CPU}
+        if kwargs.get("pin_memory"):  # pinned host memory needs a CUDA allocator
+            kwargs = {**kwargs, "pin_memory": False}
         return func(*args, **kwargs)
 
 

@@ -43,16 +43,19 @@ class Layout:
     pp: int
     """Pipeline-parallel size."""
     dp: int
-    """Data-parallel size: world_size // (tp * pp)."""
+    """Data-parallel size: world_size // (tp * pp * cp)."""
     rank: int
     """Global rank."""
     local_rank: int
     """Rank on this node (the GPU index with NCCL)."""
     backend: str
     """"nccl" or "gloo"."""
+    cp: int = 1
+    """Context-parallel size (each sequence split over cp ranks)."""
 
 
-def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600, virtual_pp: int | None = None) -> Layout:
+def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600, virtual_pp: int | None = None,
+                     cp: int = 1) -> Layout:
     """Create the process group and megatron's TP/PP/DP groups, seed every RNG; return the Layout.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK (default: RANK), MASTER_ADDR and MASTER_PORT from the
@@ -68,7 +71,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600, virtua
     rank = int(os.environ["RANK"])
     world_size = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    dp = data_parallel_size(world_size, tp, pp)
+    dp = data_parallel_size(world_size, tp, pp, cp=cp)
     if dist.is_initialized():
         raise RuntimeError("init_distributed called twice; call destroy_distributed() first")
 
@@ -95,6 +98,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600, virtua
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=virtual_pp if (virtual_pp or 1) > 1 else None,
+        context_parallel_size=cp,
         distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
     )
     torch.manual_seed(seed)
@@ -109,6 +113,7 @@ def init_distributed(tp: int, pp: int, seed: int, timeout_s: float = 600, virtua
         rank=rank,
         local_rank=local_rank,
         backend=backend,
+        cp=cp,
     )
 
 

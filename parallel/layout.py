@@ -11,16 +11,20 @@ from parallel.config import ModelConfig
 from parallel.errors import LayoutError
 
 
-def data_parallel_size(world_size: int, tp: int, pp: int, dp: int | None = None) -> int:
-    """world_size // (tp * pp), after checking that the sizes are positive, that tp x pp divides the
-    world and that an explicit ``dp`` agrees."""
-    if tp < 1 or pp < 1 or (dp is not None and dp < 1) or world_size < 1:
-        raise LayoutError("{tp}, {pp} and {dp} must be >= 1", tp=None, pp=None, dp=None)
-    if world_size % (tp * pp):
-        raise LayoutError(f"{{tp}} x {{pp}} = {tp * pp} does not divide the world size {world_size}", tp=tp, pp=pp)
-    derived = world_size // (tp * pp)
+def data_parallel_size(world_size: int, tp: int, pp: int, dp: int | None = None, cp: int = 1) -> int:
+    """world_size // (tp * pp * cp), after checking that the sizes are positive, that tp x pp x cp
+    divides the world and that an explicit ``dp`` agrees."""
+    if tp < 1 or pp < 1 or cp < 1 or (dp is not None and dp < 1) or world_size < 1:
+        raise LayoutError("{tp}, {pp}, {cp} and {dp} must be >= 1", tp=None, pp=None, cp=None, dp=None)
+    if world_size % (tp * pp * cp):
+        if cp == 1:
+            raise LayoutError(f"{{tp}} x {{pp}} = {tp * pp} does not divide the world size {world_size}", tp=tp, pp=pp)
+        raise LayoutError(f"{{tp}} x {{pp}} x {{cp}} = {tp * pp * cp} does not divide the world size {world_size}",
+                          tp=tp, pp=pp, cp=cp)
+    derived = world_size // (tp * pp * cp)
     if dp is not None and dp != derived:
-        raise LayoutError(f"{{dp}} does not match world size {world_size} / (tp {tp} x pp {pp}) = {derived}", dp=dp)
+        of = f"tp {tp} x pp {pp}" + (f" x cp {cp}" if cp > 1 else "")
+        raise LayoutError(f"{{dp}} does not match world size {world_size} / ({of}) = {derived}", dp=dp)
     return derived
 
 
@@ -44,6 +48,20 @@ def check_sequence_parallel(enabled: bool, tp: int, seq_length: int) -> None:
         raise LayoutError("sequence parallelism needs {tp} > 1 (it splits the sequence over the TP ranks)", tp=tp)
     if seq_length % tp:
         raise LayoutError(f"sequence parallelism needs a sequence length that {{tp}} divides (got {seq_length})", tp=tp)
+
+
+def check_context_parallel(cp: int, seq_length: int, tp: int, sequence_parallel: bool) -> None:
+    """Context parallelism gives each of the ``cp`` ranks two of the 2·cp equal chunks of every
+    sequence (chunks i and 2·cp-1-i, which balances causal attention's work); with sequence
+    parallelism each rank's part is split again over the TP ranks."""
+    if cp == 1:
+        return
+    if seq_length % (2 * cp):
+        raise LayoutError(f"context parallelism splits each sequence into 2 x {{cp}} chunks: the sequence length "
+                          f"{seq_length} must be a multiple of {2 * cp}", cp=cp)
+    if sequence_parallel and (seq_length // cp) % tp:
+        raise LayoutError(f"sequence parallelism under context parallelism needs {{tp}} to divide the sequence length / "
+                          f"{{cp}} = {seq_length // cp}", tp=tp, cp=cp)
 
 
 def check_virtual_pipeline(vp: int | None, pp: int, num_layers: int, num_microbatches: int) -> None:

@@ -27,6 +27,8 @@ from typing import Literal
 
 import torch
 
+from parallel.context_parallel import own_chunks, whole_sequences
+
 Scope = Literal["sequence", "microbatch", "batch"]
 
 # report layout (float64 sums over tokens; reduced over micro-batches and DP for logging)
@@ -73,14 +75,22 @@ class Selection:
             return candidate
         excess = (losses.detach() - ref_loss.to(losses.dtype)).float()
         excess = torch.round(excess / EXCESS_QUANTUM) * EXCESS_QUANTUM
-        b, s = losses.shape
         if self.scope == "batch":
             self._step_excess.append(torch.where(candidate, excess, torch.full_like(excess, float("nan"))).reshape(-1))
             if self.threshold is not None:
                 return candidate & (excess >= self.threshold)
+        # under context parallelism a rank holds two chunks of each sequence: the top-k is taken over
+        # the whole sequences (gathered in order, so ties fall as without CP), each rank keeps its part
+        cp = _cp()
+        if cp is not None:
+            excess = whole_sequences(excess, cp[0])
+            candidate = whole_sequences(candidate.to(torch.uint8), cp[0]) > 0  # gloo gathers no bool
         if self.scope == "sequence":
-            return topk_mask(excess.reshape(-1), candidate.reshape(-1), float(self.ratio), s).view(b, s)
-        return self._across_dp(excess, candidate)
+            kept = topk_mask(excess.reshape(-1), candidate.reshape(-1), float(self.ratio), excess.shape[1])
+            kept = kept.view_as(candidate)
+        else:
+            kept = self._across_dp(excess, candidate)
+        return kept if cp is None else own_chunks(kept, cp[1], cp[2])
 
     def _across_dp(self, excess: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
@@ -112,7 +122,7 @@ class Selection:
 
         local = torch.cat(self._step_excess)
         self._step_excess.clear()
-        group = ps.get_data_parallel_group()
+        group = ps.get_data_parallel_group(with_context_parallel=True)  # every token of the batch
         world = dist.get_world_size(group)
         if world > 1:
             parts = [torch.empty_like(local) for _ in range(world)]
@@ -127,6 +137,15 @@ class Selection:
             self.threshold = (
                 float("inf") if k == 0 else float(torch.kthvalue(values, values.numel() - k + 1).values.item())
             )
+
+
+def _cp():
+    """(group, size, rank) of this rank's context-parallel group, or None without CP."""
+    from megatron.core import parallel_state as ps
+
+    size = ps.get_context_parallel_world_size()
+    # 0 before megatron's groups exist (unit tests of the selection alone)
+    return None if size <= 1 else (ps.get_context_parallel_group(), size, ps.get_context_parallel_rank())
 
 
 def make_loss_func(selection: Selection, loss_mask: torch.Tensor, ref_loss: torch.Tensor | None):

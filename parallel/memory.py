@@ -262,10 +262,11 @@ def micro_batches_in_flight(pp: int, vpp: int, num_microbatches: int, pipeline_r
 
 
 def micro_batch_dims(model: ModelConfig, train: TrainConfig, vocab_size: int, on_gpu: bool = True) -> _Dims:
-    """The sizes one rank sees of a micro-batch of ``train`` (its TP, SP, precision)."""
+    """The sizes one rank sees of a micro-batch of ``train`` (its TP, SP, CP, precision): under
+    context parallelism a rank holds seq_length / cp tokens of each sequence."""
     precision = resolve_precision(train.precision, on_gpu)
     head_dim = model.hidden_size // model.num_attention_heads
-    return _Dims(seq=train.seq_length, batch=train.micro_batch_size, hidden=model.hidden_size,
+    return _Dims(seq=train.seq_length // train.cp, batch=train.micro_batch_size, hidden=model.hidden_size,
                  ffn=model.ffn_hidden_size, heads=model.num_attention_heads, kv=model.num_query_groups * head_dim,
                  head_dim=head_dim, padded_vocab=padded_vocab_size(vocab_size, train.tp, model.make_vocab_size_divisible_by),
                  tp=train.tp, sequence_parallel=train.sequence_parallel, elem=DTYPE_BYTES[precision], fused_norm=on_gpu)
@@ -308,7 +309,9 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, vocab_size: int, dp:
     than for this CPU. Raises LayoutError when the batch does not split into micro-batches."""
     precision = resolve_precision(train.precision, on_gpu)
     num_microbatches = micro_batches_per_step(train.global_batch_size, train.micro_batch_size, dp)
-    distributed = _uses_distributed_optimizer(train, dp, on_gpu)
+    # gradients are reduced, and the distributed optimizer's state sharded, over the DP x CP ranks
+    shards = dp * train.cp
+    distributed = _uses_distributed_optimizer(train, shards, on_gpu)
     per_param_state = _optimizer_bytes_per_param(train.optimizer, precision)
     vpp = train.virtual_pp or 1
     candidates = []
@@ -322,7 +325,7 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, vocab_size: int, dp:
         candidates.append(MemoryEstimate(
             pipeline_rank=rank, parameters=params, weights=params * DTYPE_BYTES[precision],
             gradients=params * FP32,  # DDP's main_grad buffer: grad_reduce_in_fp32 (parallel/trainer.py)
-            optimizer_state=math.ceil(state / dp) if distributed else state,
+            optimizer_state=math.ceil(state / shards) if distributed else state,
             activations=configured, activations_no_recompute=without, activations_full_recompute=full,
             micro_batches_in_flight=in_flight, precision=precision, optimizer=train.optimizer,
             distributed_optimizer=distributed, recompute=train.recompute))

@@ -105,7 +105,19 @@ def model_features(train_cfg) -> dict:
         features["sequence_parallel"] = True
     if (train_cfg.virtual_pp or 1) > 1:
         features["virtual_pipeline_model_parallel_size"] = train_cfg.virtual_pp
+    if getattr(train_cfg, "cp", 1) > 1:
+        features["context_parallel_size"] = train_cfg.cp
     return features
+
+
+def context_parallel_problem(backend: LayerBackend | None = None) -> str | None:
+    """Why this process cannot split sequences over ranks, or None. On a GPU that is Transformer
+    Engine's attention (ring exchange of keys and values, overlapped); on the CPU rho's own
+    (``parallel.attention.context_parallel_sdpa``: the keys and values gathered)."""
+    backend = backend or layer_backend()
+    if backend.on_gpu and backend.attention != "te":
+        return "context parallelism on a GPU needs Transformer Engine's attention (transformer_engine does not import here)"
+    return None
 
 
 def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.dtype, **features):

@@ -120,10 +120,22 @@ def make_forward_step(selection):
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
+        # context parallelism: this rank's two chunks of every sequence (megatron's load-balanced split)
+        batch = split_for_context_parallel(batch)
         output = token_losses(model, batch)
         return output, make_loss_func(selection, batch["loss_mask"], batch.get("ref_loss"))
 
     return forward_step
+
+
+def split_for_context_parallel(batch: dict) -> dict:
+    """Each [b, s] tensor of a micro-batch cut to this CP rank's chunks (unchanged without CP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if ps.get_context_parallel_world_size() == 1:
+        return batch
+    return get_batch_on_this_cp_rank({k: v for k, v in batch.items()})
 
 
 class _SigtermFlag:
@@ -177,7 +189,8 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
-        parallel_features = data_parallel_features(cfg, self.layout.dp, torch.cuda.is_available())
+        # DDP reduces gradients over the DP x CP ranks
+        parallel_features = data_parallel_features(cfg, self.layout.dp * self.layout.cp, torch.cuda.is_available())
         use_dist_opt = parallel_features["use_distributed_optimizer"]
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, **parallel_features)
         # one model chunk per virtual pipeline stage (interleaved 1F1B), else one
@@ -297,7 +310,8 @@ class Trainer:
         return {
             "consumed_samples": self.consumed_samples,
             "scheduler": self.scheduler.state_dict(),
-            "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
+            "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                       **({"cp": self.layout.cp} if self.layout.cp > 1 else {})},
             "vocab_size": self.shape.vocab_size,
             "padded_vocab_size": self.shape.padded_vocab_size,
             "params_dtype": str(self.params_dtype).replace("torch.", ""),
@@ -396,7 +410,8 @@ class Trainer:
         if self.is_last_stage:
             for out in outputs:
                 total += out["report"].to(device=device, dtype=torch.float64)
-            dist.all_reduce(total, group=ps.get_data_parallel_group())
+            # every DP rank's and, under context parallelism, every chunk's tokens
+            dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
         if self.layout.pp > 1:
             last = ps.get_pipeline_model_parallel_last_rank()
             dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
@@ -566,6 +581,7 @@ class Trainer:
             "tp": self.layout.tp,
             "pp": self.layout.pp,
             "dp": self.layout.dp,
+            "cp": self.layout.cp,
             "backend": self.layout.backend,
             "cpu_shims": _cpu_shims(),
             **_kernels(self.params_dtype),

@@ -43,7 +43,7 @@ app = typer.Typer(
 )
 
 #: how error messages name the engine's parallel sizes (``parallel.errors.LayoutError.render``)
-SIZE_FLAGS = {"tp": "--tp", "pp": "--pp", "dp": "--dp", "vp": "--virtual-pp"}
+SIZE_FLAGS = {"tp": "--tp", "pp": "--pp", "dp": "--dp", "cp": "--cp", "vp": "--virtual-pp"}
 
 
 def _version_callback(value: bool) -> None:

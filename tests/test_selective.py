@@ -18,7 +18,7 @@ import pytest
 
 from conftest import CORPUS, write_jsonl
 from rho_cli import run_rho
-from train_utils import losses, model_tensors, rho, write_tiny_config
+from train_utils import grad_norms, losses, model_tensors, rho, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -224,6 +224,24 @@ def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope, features):
     assert m["dropped_loss"] != m["kept_loss"] and "ref_loss" in m and "mean_excess" in m
     # Rho-1's premise: kept tokens have the larger excess
     assert m["kept_loss"] - m["kept_ref_loss"] > m["mean_excess"]
+
+
+# context parallelism: each rank holds two chunks of every sequence; the top-k must still be taken
+# over whole sequences (sequence scope, at DP2 too: it does not depend on DP) and over every token
+# of the batch (batch scope, whose first step is the micro-batch scope; with TP2 beside CP2)
+@pytest.mark.parametrize("scope,layout", [("sequence", ("--cp", 2, "--dp", 2)), ("batch", ("--cp", 2, "--tp", 2))],
+                         ids=["sequence-cp2-dp2", "batch-cp2-tp2"])
+def test_cp2_slm_equals_cp1(corpus, tmp_path, scope, layout):
+    d, config = corpus
+    common = ("--data", d / "c", "--init", d / "ref", "--steps", 3, "--scores", d / "c.ref",
+              "--select-ratio", "0.6", "--select-scope", scope, "-q")
+    rho("train", config, *common, "--save", tmp_path / "a")
+    rho("train", config, *common, "--save", tmp_path / "b", *layout, timeout=600)
+    la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(la) == sorted(lb) == [1, 2, 3]
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=1e-5)
+    assert grad_norms(tmp_path / "b") == pytest.approx(grad_norms(tmp_path / "a"), abs=1e-5)
 
 
 def test_dp2_slm_under_the_distributed_optimizer_equals_dp1(corpus, tmp_path):

@@ -39,10 +39,11 @@ def reference_run(tmp_path_factory, tiny_data, init_ckpt) -> Path:
 
 # TP and PP together (a fault in either alone shows here too: the same code paths), DP, and
 # sequence parallelism (TP2: norms, residual stream and their gradients split along the sequence)
-# and the interleaved schedule (PP2 x 2 virtual stages: each rank holds layers 1 and 3, or 2 and 4)
+# and the interleaved schedule (PP2 x 2 virtual stages: each rank holds layers 1 and 3, or 2 and 4),
+# and context parallelism (CP2: each rank two of the four chunks of every sequence) beside TP2 + SP
 @pytest.mark.parametrize("layout", [("--tp", 2, "--pp", 2), ("--dp", 2), ("--tp", 2, "--sequence-parallel"),
-                                    ("--pp", 2, "--virtual-pp", 2)],
-                         ids=["tp2pp2", "dp2", "tp2-sp", "pp2-vpp2"])
+                                    ("--pp", 2, "--virtual-pp", 2), ("--cp", 2, "--tp", 2, "--sequence-parallel")],
+                         ids=["tp2pp2", "dp2", "tp2-sp", "pp2-vpp2", "cp2-tp2-sp"])
 def test_layouts_match_tp1pp1(tmp_path, tiny_data, init_ckpt, reference_run, layout):
     """SGD from the same weights: per-step losses and gradient norms equal TP1PP1 within 1e-5 for 3
     steps, and so do the weights they end with (fp32; the only differences are summation orders in

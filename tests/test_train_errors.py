@@ -21,6 +21,13 @@ def test_tp_pp_must_divide_world_size(capsys, tmp_path, small_data, monkeypatch)
     assert r.exit_code == 2 and "--tp 2 x --pp 1 = 2 does not divide the world size 3" in r.stderr
 
 
+def test_context_parallel_needs_sequences_it_can_split(capsys, tmp_path, small_data):
+    r = _train(capsys, tmp_path, small_data, "--cp", "3", "--dry-run")
+    assert r.exit_code == 2 and "--cp 3 chunks: the sequence length 32 must be a multiple of 6" in r.stderr, r.stderr
+    r = _train(capsys, tmp_path, small_data, "--cp", "2", "--dry-run")
+    assert r.exit_code == 0 and "x cp 2 x" in " ".join(r.stdout.split()), r.stdout
+
+
 def test_heads_must_divide_by_tp(capsys, tmp_path, small_data):
     r = _train(capsys, tmp_path, small_data, "--tp", "8", "--dry-run")
     assert r.exit_code == 2 and "--tp 8 must divide num_attention_heads=4" in r.stderr

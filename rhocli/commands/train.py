@@ -35,7 +35,8 @@ def train_command(
     config: Annotated[Path, typer.Argument(help="Run YAML with model: and train: sections (e.g. configs/tiny.yaml).")],
     tp: Annotated[Optional[int], typer.Option("--tp", help="Tensor-parallel size.")] = None,
     pp: Annotated[Optional[int], typer.Option("--pp", help="Pipeline-parallel size.")] = None,
-    dp: Annotated[Optional[int], typer.Option("--dp", help="Data-parallel size (default: world / (tp x pp); 1 when rho launches).")] = None,
+    dp: Annotated[Optional[int], typer.Option("--dp", help="Data-parallel size (default: world / (tp x pp x cp); 1 when rho launches).")] = None,
+    cp: Annotated[Optional[int], typer.Option("--cp", help="Context-parallel size: each sequence split over this many ranks (long sequences; Transformer Engine on GPU).")] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Token dataset PREFIX or PREFIX:WEIGHT; repeat to blend.")] = None,
     save: Annotated[Optional[str], typer.Option("--save", help="Run directory (checkpoints, metrics.jsonl).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps in total.")] = None,
@@ -78,7 +79,7 @@ def train_command(
 
     quiet_megatron()
     flags = {
-        "tp": tp, "pp": pp, "dp": dp, "data": tuple(data) if data else None, "save": save, "steps": steps,
+        "tp": tp, "pp": pp, "dp": dp, "cp": cp, "data": tuple(data) if data else None, "save": save, "steps": steps,
         "resume": resume, "init": init, "lr": lr,
         "lr_decay_style": lr_decay_style, "wsd_decay_steps": wsd_decay_steps, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
@@ -116,7 +117,8 @@ def _print_plan(plan: dict) -> None:
     table = Table(title="rho train --dry-run: plan", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("layout", f"world {plan['world_size']} = tp {plan['tp']} x pp {plan['pp']} x dp {plan['dp']}")
+    cp = f" x cp {plan['cp']}" if plan.get("cp", 1) > 1 else ""
+    table.add_row("layout", f"world {plan['world_size']} = tp {plan['tp']} x pp {plan['pp']}{cp} x dp {plan['dp']}")
     table.add_row("model", f"{plan['architecture']}, {plan['parameters']:,} parameters, "
                            f"{plan['num_layers']} layers ({plan['num_layers'] // plan['pp']} per stage)")
     table.add_row("vocab", f"{plan['vocab_size']} (padded {plan['padded_vocab_size']}, "

@@ -103,7 +103,8 @@ def banner_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
     selection = (f"top {sel['ratio']:.0%} by excess loss per {sel['scope']}; scores " + ", ".join(sel["scores"])
                  if sel else "all tokens (causal LM)")
     return [
-        ("layout", f"tp={p['tp']} pp={p['pp']} dp={p['dp']} ({p['backend']})"),
+        ("layout", f"tp={p['tp']} pp={p['pp']}" + (f" cp={p['cp']}" if p.get("cp", 1) > 1 else "")
+                   + f" dp={p['dp']} ({p['backend']})"),
         ("backend", backend),
         ("layers", f"{p['layer_spec']} layer spec, {p['attention']} attention; loss kernel {p['loss_kernel']}"),
         ("parameters", f"{human_count(p['parameters'])} ({p['parameters']:,})"),

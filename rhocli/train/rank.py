@@ -21,7 +21,8 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
 
     spec = spec_from_dict(spec_dict)
     try:
-        layout = init_distributed(spec.train.tp, spec.train.pp, spec.train.seed, virtual_pp=spec.train.virtual_pp)
+        layout = init_distributed(spec.train.tp, spec.train.pp, spec.train.seed, virtual_pp=spec.train.virtual_pp,
+                                  cp=spec.train.cp)
         store = CheckpointStore(spec.run_dir)
         # metrics.jsonl, TensorBoard, W&B: rank 0 only; a W&B run is continued when the Trainer will resume
         metrics = (run_metrics(spec, layout.world_size, resuming=bool(spec.train.resume) and store.latest() is not None)

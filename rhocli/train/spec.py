@@ -83,7 +83,8 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     import_megatron()  # before the engine: quietly, torch.compile deferred
     import torch
 
-    from parallel.layout import check_sequence_parallel, check_virtual_pipeline, data_parallel_size, micro_batches_per_step
+    from parallel.layout import (check_context_parallel, check_sequence_parallel, check_virtual_pipeline,
+                                 data_parallel_size, micro_batches_per_step)
     from parallel.model import model_features, transformer_config
     from parallel.trainer import DatasetRef, RunSpec
     from rhocli.core.formats import checkpoint as ckpt
@@ -92,8 +93,8 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     cfg = train_cfg
     # ---- layout (the engine's checks; their LayoutErrors name the sizes, the CLI names the flags)
     if world_size is None:
-        world_size = cfg.tp * cfg.pp * (cfg.dp or 1)
-    dp = data_parallel_size(world_size, cfg.tp, cfg.pp, cfg.dp)
+        world_size = cfg.tp * cfg.pp * cfg.cp * (cfg.dp or 1)
+    dp = data_parallel_size(world_size, cfg.tp, cfg.pp, cfg.dp, cfg.cp)
     num_microbatches = micro_batches_per_step(cfg.global_batch_size, cfg.micro_batch_size, dp)
     check_virtual_pipeline(cfg.virtual_pp, cfg.pp, model_cfg.num_layers, num_microbatches)
     _check_precision_features(cfg, dp)
@@ -106,6 +107,13 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         raise ConfigError(f"{config_path}: num_attention_heads must be a multiple of num_query_groups")
     # parallel.layout's and megatron-core's checks, of the shape and of the training features
     check_sequence_parallel(cfg.sequence_parallel, cfg.tp, cfg.seq_length)
+    check_context_parallel(cfg.cp, cfg.seq_length, cfg.tp, cfg.sequence_parallel)
+    if cfg.cp > 1:
+        from parallel.model import context_parallel_problem
+
+        problem = context_parallel_problem()
+        if problem:
+            raise NotAvailableError(f"--cp {cfg.cp}: {problem}")
     transformer_config(model_cfg, cfg.tp, cfg.pp, torch.float32, **model_features(cfg))
     if not 0 <= cfg.warmup_steps < cfg.steps:
         raise UsageError(f"warmup_steps {cfg.warmup_steps} must be below --steps {cfg.steps} (--set train.warmup_steps=N)")
@@ -286,7 +294,7 @@ def _check_scores(cfg, refs):
 #: what a resumed run may change: how long it runs, how it is laid out and logged (``tp``/``pp``/``dp``
 #: reshard; ``init`` only acts at step 0). Every other option is the run's, and a resume keeps it.
 RESUME_MAY_CHANGE = frozenset({"steps", "stop_after", "save_interval", "eval_interval", "log_interval", "checkpoint",
-                               "tp", "pp", "dp", "init", "resume", "save", "data_cache", "data", "eval_data",
+                               "tp", "pp", "dp", "cp", "init", "resume", "save", "data_cache", "data", "eval_data",
                                "scores", "masks",
                                # memory/speed features: the same math, so a resume may switch them
                                "recompute", "recompute_method", "recompute_num_layers", "recompute_modules",
@@ -443,10 +451,10 @@ def run_plan(spec, world: int) -> dict[str, Any]:
 
     cfg = spec.train
     shape = model_shape(spec.model, spec.vocab_size, cfg.tp, torch.float32)
-    dp = world // (cfg.tp * cfg.pp)
+    dp = world // (cfg.tp * cfg.pp * cfg.cp)
     memory = estimate_memory(spec.model, cfg, spec.vocab_size, dp, on_gpu=True)
     return {
-        "world_size": world, "tp": cfg.tp, "pp": cfg.pp, "dp": dp,
+        "world_size": world, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp, "dp": dp,
         "architecture": spec.model.architecture, "parameters": count_parameters(spec.model, spec.vocab_size),
         "num_layers": spec.model.num_layers, "vocab_size": shape.vocab_size, "padded_vocab_size": shape.padded_vocab_size,
         "datasets": [dataclasses.asdict(d) for d in spec.datasets],
