@@ -47,6 +47,7 @@ def test_a_cuda_run_on_the_pytorch_loss_warns(monkeypatch, caplog):
     from cuda_ext.errors import KernelUnavailableError
 
     monkeypatch.setattr(dispatch, "_announced", {})
+    monkeypatch.setattr(dispatch, "_extensions", {})  # as if nothing were built yet in this process
     monkeypatch.setitem(dispatch._failures, "cuda", "the cuda extension could not be built: nvcc failed")
     monkeypatch.delenv("RHO_KERNEL", raising=False)
     with caplog.at_level(logging.INFO, logger="rho.kernel"):
