@@ -12,7 +12,8 @@ from typing import ClassVar, Literal
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama / Mistral-style decoder (RMSNorm, SwiGLU, RoPE, GQA, untied embeddings, no biases)."""
+    """A Llama / Mistral / Qwen2-style decoder (RMSNorm, SwiGLU, RoPE, GQA; biases on the query/key/value
+    projections only with ``qkv_bias``; output layer tied to the embedding with ``tie_word_embeddings``)."""
 
     num_layers: int
     hidden_size: int
@@ -23,7 +24,7 @@ class ModelConfig:
     max_position_embeddings: int
     vocab_size: int | None = None
     """True vocabulary size; null takes it from the training data's tokenizer."""
-    architecture: Literal["llama", "mistral"] = "llama"
+    architecture: Literal["llama", "mistral", "qwen2"] = "llama"
     """Which Hugging Face architecture this shape exports to."""
     rope_theta: float = 10000.0
     norm_epsilon: float = 1e-5
@@ -33,6 +34,14 @@ class ModelConfig:
     (``parallel.layout.padded_vocab_size``)."""
     sliding_window: int | None = None
     """Mistral's attention window; recorded for export. Training sequences must not exceed it."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2); no other linear has one."""
+    tie_word_embeddings: bool = False
+    """The output layer is the input embedding (Llama-3.2-1B/3B, the small Qwen2.5s)."""
+    rope_scaling_factor: float | None = None
+    """Llama 3.x RoPE scaling (``rope_type: llama3``) with this factor; its other parameters are
+    megatron-core's fixed ones (low/high frequency factors 1 and 4, original context 8192), as in
+    every Llama 3.1/3.2 release."""
 
     #: the allowed range of each numeric option (``>= x``, ``> x``, ``[a, b)``), checked where a config
     #: is parsed (``rhocli.core.config``); None is always allowed where the type allows it
@@ -40,6 +49,7 @@ class ModelConfig:
         "num_layers": ">= 1", "hidden_size": ">= 1", "ffn_hidden_size": ">= 1", "num_attention_heads": ">= 1",
         "num_query_groups": ">= 1", "max_position_embeddings": ">= 1", "vocab_size": ">= 1", "rope_theta": "> 0",
         "norm_epsilon": "> 0", "init_method_std": "> 0", "make_vocab_size_divisible_by": ">= 1", "sliding_window": ">= 1",
+        "rope_scaling_factor": "> 0",
     }
 
 

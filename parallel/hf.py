@@ -1,8 +1,10 @@
-"""Hugging Face Llama / Mistral <-> megatron-core GPTModel weights: the one name map, both directions.
+"""Hugging Face Llama / Mistral / Qwen2 <-> megatron-core GPTModel weights: the one name map, both ways.
 
 ``PARAMS`` lists every parameter once: its megatron module key, its key in a rho checkpoint (layers
 stored stacked ``[layers, ...]``), its HF key(s) and its ``kind``, which says how HF tensors combine
-into the megatron tensor and how tensor parallelism slices it:
+into the megatron tensor and how tensor parallelism slices it; ``params_for(cfg)`` is the list of a
+given model (Qwen2's query/key/value biases; no separate output layer when it is tied to the
+embedding):
 
     kind    HF tensors -> megatron                  TP slice of rank r (of tp)
     norm    one, as is                              replicated
@@ -33,7 +35,10 @@ import torch
 from parallel.config import ModelConfig
 from parallel.errors import UnsupportedModelError, WeightsMismatchError
 
-SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+SUPPORTED = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+#: Llama 3.x RoPE scaling: the parameters megatron-core's implementation fixes (the only ones used
+#: by Llama 3.1 / 3.2 releases); other values are refused, naming the key
+LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,34 +66,61 @@ PARAMS: tuple[Param, ...] = (
     Param("decoder.final_layernorm.weight", "decoder.final_layernorm.weight", ("model.norm.weight",), "norm", "last"),
     Param("output_layer.weight", "output_layer.weight", ("lm_head.weight",), "vocab", "last"),
 )
+QKV_BIAS = Param("self_attention.linear_qkv.bias", "self_attention.linear_qkv.bias",
+                 ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv", "layer")
+
+
+def params_for(cfg: ModelConfig) -> tuple[Param, ...]:
+    """The parameters of a model of ``cfg``, in ``PARAMS`` order: with Qwen2's query/key/value biases,
+    and without the output layer when it is the embedding (megatron-core stores it once, under the
+    embedding's key; a last pipeline stage's copy is loaded from the embedding)."""
+    out = []
+    for p in PARAMS:
+        if p.megatron == "output_layer.weight" and cfg.tie_word_embeddings:
+            continue
+        out.append(p)
+        if p.megatron == "self_attention.linear_qkv.weight" and cfg.qkv_bias:
+            out.append(QKV_BIAS)
+    return tuple(out)
 
 
 def model_config_from_hf(config: dict) -> ModelConfig:
-    """rho's model config for a HF config.json; UnsupportedModelError names what rho does not build."""
+    """rho's model config for a HF config.json; UnsupportedModelError names the key of what rho does
+    not build."""
     archs = config.get("architectures") or []
     arch = next((a for a in archs if a in SUPPORTED), None)
     model_type = config.get("model_type")
-    if arch is None and model_type not in ("llama", "mistral"):
-        raise UnsupportedModelError(f"architecture {archs or model_type} is not supported (Llama and Mistral are)")
+    if arch is None and model_type not in SUPPORTED.values():
+        raise UnsupportedModelError(f"architecture {archs or model_type} is not supported (Llama, Mistral and Qwen2 are)")
     kind = SUPPORTED.get(arch) or model_type
     problems = []
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        problems.append("biases (attention_bias / mlp_bias)")
-    if config.get("tie_word_embeddings"):
-        problems.append("tied input/output embeddings")
+    if kind == "qwen2":  # Qwen2: biases on q/k/v, none elsewhere; a sliding window only if switched on
+        if config.get("use_sliding_window"):
+            problems.append("use_sliding_window (sliding-window attention)")
+    elif config.get("attention_bias"):
+        problems.append("attention_bias (an output-projection bias)")
+    if config.get("mlp_bias"):
+        problems.append("mlp_bias")
     if config.get("hidden_act", "silu") != "silu":
-        problems.append(f"activation {config.get('hidden_act')}")
+        problems.append(f"hidden_act {config.get('hidden_act')}")
     rope_params = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or ({} if rope_params.get("rope_type", "default") == "default" else rope_params)
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-        problems.append(f"rope scaling {scaling.get('rope_type') or scaling.get('type')}")
+    rope_type = (scaling.get("rope_type") or scaling.get("type")) if scaling else None
+    factor = None
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        for key, fixed in LLAMA3_ROPE_FIXED.items():
+            if key in scaling and float(scaling[key]) != fixed:
+                problems.append(f"rope_scaling.{key} {scaling[key]} (megatron-core's llama3 scaling fixes {fixed})")
+    elif rope_type not in (None, "default"):
+        problems.append(f"rope_scaling.rope_type {rope_type}")
     heads = int(config["num_attention_heads"])
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     if head_dim * heads != config["hidden_size"]:
-        problems.append("head_dim * num_attention_heads != hidden_size")
+        problems.append("head_dim (head_dim x num_attention_heads != hidden_size)")
     if problems:
         raise UnsupportedModelError("unsupported option(s): " + ", ".join(problems))
-    theta = config.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    theta = config.get("rope_theta") or rope_params.get("rope_theta") or 10000.0
     return ModelConfig(
         num_layers=int(config["num_hidden_layers"]),
         hidden_size=int(config["hidden_size"]),
@@ -102,11 +134,17 @@ def model_config_from_hf(config: dict) -> ModelConfig:
         norm_epsilon=float(config.get("rms_norm_eps", 1e-5)),
         init_method_std=float(config.get("initializer_range", 0.02)),
         sliding_window=config.get("sliding_window") if kind == "mistral" else None,
+        qkv_bias=kind == "qwen2",
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rope_scaling_factor=factor,
     )
 
 
 def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
-    """HF q [h*d, H], k [g*d, H], v [g*d, H] -> megatron linear_qkv [(h + 2g) * d, H]."""
+    """HF q [h*d, H], k [g*d, H], v [g*d, H] -> megatron linear_qkv [(h + 2g) * d, H]; biases
+    (q [h*d], k, v [g*d]) -> [(h + 2g) * d] the same way."""
+    if q.dim() == 1:
+        return interleave_qkv(q[:, None], k[:, None], v[:, None], groups)[:, 0]
     d = k.shape[0] // groups
     per = q.shape[0] // (groups * d)  # query heads per group
     qg = q.view(groups, per * d, -1)
@@ -117,6 +155,8 @@ def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: in
 
 def split_qkv(qkv: torch.Tensor, heads: int, groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of ``interleave_qkv``."""
+    if qkv.dim() == 1:
+        return tuple(t[:, 0] for t in split_qkv(qkv[:, None], heads, groups))
     d = qkv.shape[0] // (heads + 2 * groups)
     per = heads // groups
     view = qkv.view(groups, (per + 2) * d, -1)
@@ -173,7 +213,10 @@ def local_megatron_state_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelC
     per_stage = cfg.num_layers // pp
     stage = {"first": pp_rank == 0, "last": pp_rank == pp - 1}
     sd = {}
-    for p in PARAMS:
+    if cfg.tie_word_embeddings and pp > 1 and stage["last"]:  # the last stage's copy of the embedding
+        embedding = PARAMS[0]
+        sd["output_layer.weight"] = _to_megatron(embedding, [get(n) for n in embedding.hf], cfg, padded_vocab, tp, tp_rank)
+    for p in params_for(cfg):
         if p.where != "layer":
             if stage[p.where]:
                 sd[p.megatron] = _to_megatron(p, [get(n) for n in p.hf], cfg, padded_vocab, tp, tp_rank)
@@ -210,7 +253,7 @@ def hf_tensors_from_checkpoint(load: Callable[[str], torch.Tensor], cfg: ModelCo
                                dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, tensor) from a rho checkpoint's unsharded tensors (``load(stored name)``, any
     TP/PP), one stored tensor at a time: first-stage parameters, the layers, last-stage parameters."""
-    order = [p for w in ("first", "layer", "last") for p in PARAMS if p.where == w]
+    order = [p for w in ("first", "layer", "last") for p in params_for(cfg) if p.where == w]
     for p in order:
         if p.where != "layer":
             for name, t in zip(p.hf, _to_hf(p, load(p.stored), cfg, vocab_size)):
@@ -224,19 +267,25 @@ def hf_tensors_from_checkpoint(load: Callable[[str], torch.Tensor], cfg: ModelCo
 
 
 def hf_config(cfg: ModelConfig, vocab_size: int, bos: int | None, eos: int | None, dtype_name: str):
-    """config.json contents for LlamaForCausalLM / MistralForCausalLM (a transformers config)."""
-    from transformers import LlamaConfig, MistralConfig
+    """config.json contents for LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM (a transformers
+    config), the architecture the checkpoint's model came from."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_query_groups, max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.norm_epsilon, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+        rms_norm_eps=cfg.norm_epsilon, rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_word_embeddings,
         hidden_act="silu", initializer_range=cfg.init_method_std, bos_token_id=bos, eos_token_id=eos,
     )
+    if cfg.rope_scaling_factor is not None:
+        common["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **LLAMA3_ROPE_FIXED}
     if cfg.architecture == "mistral":
         config = MistralConfig(sliding_window=cfg.sliding_window, **common)
         config.architectures = ["MistralForCausalLM"]
+    elif cfg.architecture == "qwen2":
+        config = Qwen2Config(use_sliding_window=False, **common)
+        config.architectures = ["Qwen2ForCausalLM"]
     else:
         config = LlamaConfig(attention_bias=False, mlp_bias=False, **common)
         config.architectures = ["LlamaForCausalLM"]

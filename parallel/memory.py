@@ -157,7 +157,7 @@ def layer_parameters(model: ModelConfig, tp: int) -> int:
     """One transformer layer's parameters on one TP rank: the linears split tp-fold, the two norms
     whole."""
     h, head_dim = model.hidden_size, model.hidden_size // model.num_attention_heads
-    qkv = h * (model.num_attention_heads + 2 * model.num_query_groups) * head_dim  # [(a + 2g)·d, h]
+    qkv = (h + model.qkv_bias) * (model.num_attention_heads + 2 * model.num_query_groups) * head_dim  # [(a + 2g)·d, h (+1)]
     proj = model.num_attention_heads * head_dim * h  # [h, a·d]
     mlp = 3 * h * model.ffn_hidden_size  # fc1 [2f, h] (gate and up), fc2 [h, f]
     return (qkv + proj + mlp) // tp + 2 * h
@@ -173,7 +173,9 @@ def rank_parameters(model: ModelConfig, vocab_size: int, tp: int, pp: int, vpp: 
     if pipeline_rank == 0:
         count += vocab // tp * model.hidden_size  # embedding [vocab/tp, h]
     if pipeline_rank == pp - 1:
-        count += model.hidden_size + vocab // tp * model.hidden_size  # final norm [h], output [vocab/tp, h]
+        count += model.hidden_size  # final norm [h]
+        if not (model.tie_word_embeddings and pp == 1):  # tied: the last stage keeps a copy when pp > 1
+            count += vocab // tp * model.hidden_size  # output [vocab/tp, h]
     return count
 
 

@@ -143,7 +143,7 @@ def transformer_config(cfg: ModelConfig, tp: int, pp: int, params_dtype: torch.d
             gated_linear_unit=True,
             activation_func=F.silu,
             add_bias_linear=False,
-            add_qkv_bias=False,
+            add_qkv_bias=cfg.qkv_bias,
             bias_activation_fusion=features.pop("bias_activation_fusion", False),
             masked_softmax_fusion=False,
             bias_dropout_fusion=False,
@@ -244,9 +244,11 @@ def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_proce
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=int(cfg.rope_theta),
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        **({"rope_scaling_factor": cfg.rope_scaling_factor} if cfg.rope_scaling_factor is not None else {}),
         **({"vp_stage": vp_stage} if vp_stage is not None else {}),
     )
 
@@ -307,11 +309,12 @@ def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
     """Parameters of the whole (unsharded, unpadded) model, for banners and MFU."""
     h, f, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
     head_dim = h // cfg.num_attention_heads
-    qkv = h * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * head_dim
+    qkv = (h + cfg.qkv_bias) * (cfg.num_attention_heads + 2 * cfg.num_query_groups) * head_dim
     attn_out = cfg.num_attention_heads * head_dim * h
     mlp = 3 * h * f
     norms = 2 * h
-    return L * (qkv + attn_out + mlp + norms) + h + 2 * vocab_size * h
+    vocab_matrices = 1 if cfg.tie_word_embeddings else 2
+    return L * (qkv + attn_out + mlp + norms) + h + vocab_matrices * vocab_size * h
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_length: int) -> int:

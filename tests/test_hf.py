@@ -22,20 +22,34 @@ WINDOW, STRIDE = 64, 32
 
 
 def _hf_model(kind: str, directory, tokenizer_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    """A tiny random model built by transformers: ``llama`` and ``mistral`` (untied, no biases), ``llama3``
+    (Llama 3.x RoPE scaling, tied embeddings), ``qwen2`` (q/k/v biases, tied embeddings); the last two with
+    a vocabulary of 501, which TP2 does not divide."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
-    torch.manual_seed(1 if kind == "llama" else 2)
+    torch.manual_seed({"llama": 1, "mistral": 2, "llama3": 3, "qwen2": 4}[kind])
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
                   eos_token_id=0, bos_token_id=1)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
-    else:
+    elif kind == "mistral":
         model = MistralForCausalLM(MistralConfig(rope_theta=1000000.0, sliding_window=4096, **common))
-    with torch.no_grad():  # non-trivial norms, so a swapped norm would show
+    elif kind == "llama3":  # Llama-3.2-1B's RoPE: theta 500000, llama3 scaling with factor 32
+        common.update(vocab_size=501, tie_word_embeddings=True)
+        model = LlamaForCausalLM(LlamaConfig(rope_theta=500000.0, rope_scaling={
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}, **common))
+    else:
+        common.update(vocab_size=501, tie_word_embeddings=True, rms_norm_eps=1e-6)
+        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, **common))
+    with torch.no_grad():  # non-trivial norms and biases, so a swapped norm or a lost bias would show
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     model.save_pretrained(directory)
     shutil.copy(tokenizer_dir / "tokenizer.json", directory / "tokenizer.json")
     return model.eval()
@@ -102,10 +116,11 @@ def test_unsupported_models_are_refused(tmp_path, hf_tokenizer_dir, capsys):
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True, attention_bias=True)
+                      num_key_value_heads=2, max_position_embeddings=32, attention_bias=True, mlp_bias=True,
+                      rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32})
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tied")
     r = run_rho(capsys, "convert-hf", "--from-hf", tmp_path / "tied", tmp_path / "o")
-    assert r.exit_code == 4 and "biases" in r.stderr and "tied" in r.stderr
+    assert r.exit_code == 4 and all(k in r.stderr for k in ("attention_bias", "mlp_bias", "rope_type yarn")), r.stderr
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     r = run_rho(capsys, "convert-hf", "--from-hf", tmp_path / "gpt2", tmp_path / "o")
@@ -115,7 +130,7 @@ def test_unsupported_models_are_refused(tmp_path, hf_tokenizer_dir, capsys):
     # rho score --model takes a rho checkpoint or a HF Llama/Mistral directory; anything else is one line
     (tmp_path / "empty").mkdir()
     for bad, code, words in (("empty", 3, ["neither a rho checkpoint", "config.json"]), ("gpt2", 4, ["not supported"]),
-                             ("tied", 4, ["biases", "tied"]), ("nope", 3, ["not found"])):
+                             ("tied", 4, ["attention_bias", "yarn"]), ("nope", 3, ["not found"])):
         r = run_rho(capsys, "score", "--model", tmp_path / bad, "--data", tmp_path / "d", "--output", tmp_path / "s")
         message = r.stderr.strip()
         assert r.exit_code == code and message.startswith("error: --model") and len(message.splitlines()) == 1, (bad, message)
@@ -198,7 +213,7 @@ def test_export_shards_with_an_index(tmp_path, hf_tokenizer_dir):
     assert r.returncode == 5
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "llama3", "qwen2"])
 def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir, kind):
     """HF -> rho: rho's logits (vocab-parallel shards gathered) equal transformers' logits within
     1e-4 at TP1PP1 and TP2PP2; and the rho -> HF export gives transformers the same logits."""
@@ -214,7 +229,7 @@ def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir, kind):
     hf_dir = tmp_path / "hf"
     model = _hf_model(kind, hf_dir, hf_tokenizer_dir)
     rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
-    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
     torch.save(tokens, tmp_path / "tokens.pt")
     with torch.no_grad():
         expected = model(tokens).logits.float()
@@ -234,8 +249,12 @@ def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir, kind):
         assert (got - expected).abs().max() < 1e-4, (tp, pp, float((got - expected).abs().max()))
     rho("convert-hf", tmp_path / "ckpt", tmp_path / "back", "--dtype", "fp32")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(back) is type(model) and back.config.tie_word_embeddings == model.config.tie_word_embeddings
     with torch.no_grad():
         assert (back(tokens).logits.float() - torch.load(tmp_path / "logits_11.pt")).abs().max() < 1e-4
+    # tensor-exact both ways (the export of the converted checkpoint is the HF model itself)
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_export_of_a_trained_model_carries_the_tokenizers_ids(tmp_path, llama2_sp):
