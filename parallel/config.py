@@ -159,7 +159,8 @@ class TrainConfig:
     point-to-point traffic. Needs pp > 1, layers divisible by pp x virtual_pp and at least pp
     micro-batches per step."""
     init: str | None = None
-    """Start from this checkpoint's weights (a run dir or a step dir); new optimizer, step 0."""
+    """Start from these weights: a rho checkpoint (a run dir or a step dir) or a Hugging Face model
+    directory (config.json + safetensors, each rank reading its shards); new optimizer, step 0."""
     resume: bool = False
     """Continue the run in ``save`` exactly from its latest checkpoint."""
     stop_after: int | None = None

@@ -18,9 +18,9 @@ head, then its value head (each ``head_dim`` rows); HF keeps q, k, v separate wi
 Both apply RoPE to the two halves of each head, so no permutation is needed. Padding rows of the
 vocabulary are zeros on import and dropped on export.
 
-Import (``local_megatron_state_from_hf``) builds one rank's module state (its pipeline stage's layers,
-its TP slices) directly from HF tensors, so ``rho score --model HF_DIR`` reads only its shard; TP1 PP1
-is the whole model (``rho convert-hf --from-hf``). Export (``hf_tensors_from_checkpoint``) inverts
+Import (``local_megatron_state_from_hf``) builds one model chunk's module state (its layers, its TP
+slices) directly from HF tensors, so ``rho score --model HF_DIR`` and ``rho train --init HF_DIR``
+read only their shard; TP1 PP1 is the whole model (``rho convert-hf --from-hf``). Export (``hf_tensors_from_checkpoint``) inverts
 the same table from a checkpoint's unsharded tensors. Tensors come in through ``get(name)`` /
 ``load(name)`` callables: the engine reads no files itself.
 """
@@ -207,13 +207,18 @@ def _to_hf(p: Param, full: torch.Tensor, cfg: ModelConfig, vocab_size: int) -> t
 
 
 def local_megatron_state_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelConfig, padded_vocab: int,
-                                 dtype: torch.dtype, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0) -> dict:
-    """The module state dict of one rank's GPTModel (pipeline stage ``pp_rank``, TP slice ``tp_rank``)
-    from HF tensors; equal to loading the converted checkpoint at that layout. TP1 PP1: the whole model."""
-    per_stage = cfg.num_layers // pp
-    stage = {"first": pp_rank == 0, "last": pp_rank == pp - 1}
+                                 dtype: torch.dtype, tp: int = 1, tp_rank: int = 0, first: bool = True,
+                                 last: bool = True, layer_offset: int = 0, num_layers: int | None = None,
+                                 output_copy: bool = False) -> dict:
+    """The module state dict of one model chunk (``num_layers`` layers from global layer
+    ``layer_offset``; the embedding when ``first``, the final norm and output layer when ``last``; TP
+    slice ``tp_rank``) from HF tensors; equal to loading the converted checkpoint at that layout.
+    ``output_copy``: a tied output layer kept as its own weight (a last stage that is not the first),
+    loaded from the embedding. Defaults: the whole model (``rho convert-hf --from-hf``)."""
+    num_layers = cfg.num_layers if num_layers is None else num_layers
+    stage = {"first": first, "last": last}
     sd = {}
-    if cfg.tie_word_embeddings and pp > 1 and stage["last"]:  # the last stage's copy of the embedding
+    if output_copy:
         embedding = PARAMS[0]
         sd["output_layer.weight"] = _to_megatron(embedding, [get(n) for n in embedding.hf], cfg, padded_vocab, tp, tp_rank)
     for p in params_for(cfg):
@@ -221,23 +226,28 @@ def local_megatron_state_from_hf(get: Callable[[str], torch.Tensor], cfg: ModelC
             if stage[p.where]:
                 sd[p.megatron] = _to_megatron(p, [get(n) for n in p.hf], cfg, padded_vocab, tp, tp_rank)
             continue
-        for i in range(per_stage):
-            hf_prefix = f"model.layers.{pp_rank * per_stage + i}."
+        for i in range(num_layers):
+            hf_prefix = f"model.layers.{layer_offset + i}."
             sd[f"decoder.layers.{i}.{p.megatron}"] = _to_megatron(
                 p, [get(hf_prefix + n) for n in p.hf], cfg, padded_vocab, tp, tp_rank)
     return {k: v.to(dtype) for k, v in sd.items()}
 
 
 def load_hf_into_model(model, get: Callable[[str], torch.Tensor], cfg: ModelConfig, padded_vocab: int,
-                       dtype: torch.dtype, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
-                       source: str = "the HF model") -> None:
-    """Load this rank's shard of a HF model (tensors from ``get``) into ``model``: every parameter
-    set, no tensor left over, shapes checked. ``source`` names the model in messages."""
+                       dtype: torch.dtype, tp: int = 1, tp_rank: int = 0, source: str = "the HF model") -> None:
+    """Load this rank's shard of a HF model (tensors from ``get``) into ``model``, one GPTModel chunk
+    (which layers, and whether it holds the embedding or the head, are read from the model itself:
+    any PP and virtual-PP layout): every parameter set, no tensor left over, shapes checked.
+    ``source`` names the model in messages."""
+    layers = model.decoder.layers
+    mine = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
     try:
-        state = local_megatron_state_from_hf(get, cfg, padded_vocab, dtype, tp, tp_rank, pp, pp_rank)
+        state = local_megatron_state_from_hf(
+            get, cfg, padded_vocab, dtype, tp, tp_rank, first=model.pre_process, last=model.post_process,
+            layer_offset=layers[0].layer_number - 1 if len(layers) else 0, num_layers=len(layers),
+            output_copy=cfg.tie_word_embeddings and "output_layer.weight" in mine)
     except RuntimeError as err:  # shape mismatch between config.json and the tensors
         raise WeightsMismatchError(f"{source}: tensors do not match config.json ({str(err).splitlines()[0]})") from None
-    mine = {k: v for k, v in model.state_dict().items() if "_extra_state" not in k}
     if set(state) != set(mine):
         missing, unexpected = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
         raise WeightsMismatchError(f"{source}: tensors do not map onto the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -76,8 +76,10 @@ class RunSpec:
     masks: tuple[DatasetRef, ...] = ()
     #: validation datasets of their own (``TrainConfig.eval_data``), or empty: the split of ``datasets``
     eval_datasets: tuple[DatasetRef, ...] = ()
-    #: the step directory ``TrainConfig.init`` names (weights only), resolved by the caller
+    #: the step directory ``TrainConfig.init`` names (weights only), resolved by the caller; or a
+    #: Hugging Face model directory when ``init_format`` is "huggingface"
     init_checkpoint: str | None = None
+    init_format: str = "rho"
     #: the tokenizer's begin-of-sequence id (recorded in checkpoints, for export), if it has one
     bos_id: int | None = None
 
@@ -155,16 +157,20 @@ class Trainer:
     ``metrics`` (rank 0's; None elsewhere) receives one record per logged step; ``on_event`` (rank 0's
     renderer, or None) receives ``start``/``resumed``/``initialized``/``eval``/``step``/``checkpoint``/
     ``done`` with structured payloads. ``child_setup`` runs first in every process the engine starts
-    itself (an asynchronous save's writer and its results server)."""
+    itself (an asynchronous save's writer and its results server). ``init_tensors(name)`` reads one
+    tensor of the Hugging Face model a run starts from (``init_format`` "huggingface"): each rank
+    reads only its shards."""
 
     def __init__(self, spec: RunSpec, layout: Layout, checkpoints: CheckpointStore, metrics: MetricsSink | None = None,
-                 on_event: Event | None = None, child_setup: Callable[[], None] | None = None):
+                 on_event: Event | None = None, child_setup: Callable[[], None] | None = None,
+                 init_tensors: Callable[[str], torch.Tensor] | None = None):
         from megatron.core import parallel_state as ps
 
         self.spec = spec
         self.cfg = spec.train
         self.layout = layout
         self.checkpoints = checkpoints
+        self.init_tensors = init_tensors
         self.metrics = metrics
         self.on_event = on_event or (lambda kind, payload: None)
         self.run_dir = Path(spec.run_dir)
@@ -383,6 +389,17 @@ class Trainer:
             if self.metrics is not None:  # drop what a killed run logged after this checkpoint
                 self.metrics.truncate_after(self.step)
             self.on_event("resumed", {"step": self.step, "path": str(step_dir)})
+        elif self.spec.init_checkpoint and self.spec.init_format == "huggingface":
+            from megatron.core import parallel_state as ps
+
+            from parallel.hf import load_hf_into_model
+
+            for chunk in self.model_chunks:  # DDP-wrapped GPTModel chunks: each its own layers
+                load_hf_into_model(chunk.module, self.init_tensors, self.spec.model, self.shape.padded_vocab_size,
+                                   self.params_dtype, self.layout.tp, ps.get_tensor_model_parallel_rank(),
+                                   source=self.spec.init_checkpoint)
+            self.optimizer.reload_model_params()  # as below
+            self.on_event("initialized", {"path": self.spec.init_checkpoint})
         elif self.spec.init_checkpoint:
             load_checkpoint(Path(self.spec.init_checkpoint), self.model_chunks, optimizer=None)
             # the mixed-precision and distributed optimizers copied the random initial weights into

@@ -41,7 +41,7 @@ def train_command(
     save: Annotated[Optional[str], typer.Option("--save", help="Run directory (checkpoints, metrics.jsonl).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps in total.")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --save exactly from its latest checkpoint.")] = None,
-    init: Annotated[Optional[str], typer.Option("--init", help="Start from this checkpoint's weights only (new optimizer, step 0).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Start from these weights only (new optimizer, step 0): a rho checkpoint (run or step directory) or a Hugging Face Llama/Mistral/Qwen2 directory, each rank reading its own shards.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
     lr_decay_style: Annotated[Optional[str], typer.Option("--lr-decay-style", help="After warmup: cosine (default), linear, constant or wsd (warmup-stable-decay).")] = None,
     wsd_decay_steps: Annotated[Optional[int], typer.Option("--wsd-decay-steps", help="wsd: steps of the final decay (default: a tenth of --steps).")] = None,

@@ -31,7 +31,7 @@ def weight_loader(model_format: str, path: str, model_cfg, tp: int, pp: int):
         def load(model, shape, tp_rank: int, pp_rank: int) -> None:
             try:
                 load_hf_into_model(model, HFReader(path).get, model_cfg, shape.padded_vocab_size, shape.params_dtype,
-                                   tp, tp_rank, pp, pp_rank, source=f"--model {path}")
+                                   tp, tp_rank, source=f"--model {path}")
             except BadInputError as err:
                 raise BadInputError(f"--model {err}") from None
 

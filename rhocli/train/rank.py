@@ -33,7 +33,13 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
         failed = True
         try:
             # processes the engine starts (an async save's writer) die with this rank
-            summary = Trainer(spec, layout, store, metrics, on_event, child_setup=die_with_parent).run()
+            init_tensors = None
+            if spec.init_format == "huggingface":  # each rank reads its own shards of the HF weights
+                from rhocli.core.formats.hf import HFReader
+
+                init_tensors = HFReader(spec.init_checkpoint).get
+            summary = Trainer(spec, layout, store, metrics, on_event, child_setup=die_with_parent,
+                              init_tensors=init_tensors).run()
             failed = False
             return summary
         except PreemptedError as err:

@@ -181,8 +181,16 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
                              "(give the run's total, greater than its step)")
     if cfg.resume and cfg.init:
         raise UsageError("--resume and --init exclude each other")
-    init_dir = ckpt.resolve_checkpoint(cfg.init, label="--init ") if cfg.init else None
-    for label, step_dir in (("--resume", existing if cfg.resume else None), ("--init", init_dir)):
+    init_dir, init_format = None, "rho"
+    if cfg.init:
+        hf = _hf_init(cfg.init)
+        if hf is not None:  # a Hugging Face model directory: checked against the run here, read by the ranks
+            _check_hf_init(hf, model_cfg, vocab, tokenizer_fp, config_path)
+            init_dir, init_format = hf.path.resolve(), "huggingface"
+        else:
+            init_dir = ckpt.resolve_checkpoint(cfg.init, label="--init ")
+    for label, step_dir in (("--resume", existing if cfg.resume else None),
+                            ("--init", init_dir if init_format == "rho" else None)):
         if step_dir is None:
             continue
         manifest = ckpt.read_manifest(step_dir, label=f"{label} ")
@@ -193,8 +201,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
             raise MismatchError(f"{label} {step_dir}: vocab_size {manifest.get('vocab_size')} differs from {vocab}")
         saved_model = dict(manifest.get("model") or {})
         mine = dataclasses.asdict(model_cfg)
-        diff = [k for k in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
-                if saved_model.get(k) != mine.get(k)]
+        diff = [k for k in MODEL_STRUCTURE if saved_model.get(k, MODEL_DEFAULTS.get(k)) != mine.get(k)]
         if diff:
             raise MismatchError(f"{label} {step_dir}: model shape differs from {config_path} in {', '.join(diff)}")
         if label == "--resume":
@@ -219,9 +226,43 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         masks=masks,
         eval_datasets=eval_refs,
         init_checkpoint=str(init_dir) if init_dir is not None else None,
+        init_format=init_format,
         bos_id=bos,
     )
     return spec, world_size
+
+
+#: the model options a checkpoint's weights are shaped by: an --init or --resume must agree on each
+MODEL_STRUCTURE = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                   "qkv_bias", "tie_word_embeddings")
+#: their values in manifests written before an option existed
+MODEL_DEFAULTS = {"qkv_bias": False, "tie_word_embeddings": False}
+
+
+def _hf_init(init: str):
+    """The Hugging Face model directory ``--init`` names (config.json, no rho checkpoint), or None."""
+    from parallel.hf import model_config_from_hf
+    from rhocli.core.formats import checkpoint as ckpt
+    from rhocli.core.formats.hf import open_hf_dir
+
+    path = Path(init)
+    if not (path / "config.json").is_file() or (path / ckpt.MANIFEST_NAME).is_file() or (path / ckpt.LATEST_NAME).is_file():
+        return None
+    return open_hf_dir(path, model_config_from_hf, label="--init ")
+
+
+def _check_hf_init(hf, model_cfg, vocab: int, tokenizer_fp: str | None, config_path) -> None:
+    """A HF model to start from must have the run's model shape, vocabulary and tokenizer."""
+    theirs, mine = dataclasses.asdict(hf.model), dataclasses.asdict(model_cfg)
+    diff = [k for k in (*MODEL_STRUCTURE, "rope_theta", "rope_scaling_factor", "norm_epsilon") if theirs.get(k) != mine.get(k)]
+    if diff:
+        raise MismatchError(f"--init {hf.path}: its config.json differs from {config_path} in "
+                            + ", ".join(f"{k} ({theirs.get(k)} vs {mine.get(k)})" for k in diff))
+    if hf.model.vocab_size != vocab:
+        raise MismatchError(f"--init {hf.path}: vocab_size {hf.model.vocab_size} differs from the run's {vocab} "
+                            f"(set model.vocab_size: {hf.model.vocab_size} in {config_path})")
+    if hf.tokenizer_fingerprint and tokenizer_fp and hf.tokenizer_fingerprint != tokenizer_fp:
+        raise MismatchError(f"--init {hf.path}: its tokenizer is not the one --data was tokenized with")
 
 
 def _check_eval_data(cfg, tokenizer_fp, first_prefix):
@@ -435,6 +476,7 @@ def spec_from_dict(d: dict[str, Any]):
         masks=tuple(DatasetRef(**r) for r in d.get("masks") or ()),
         eval_datasets=tuple(DatasetRef(**r) for r in d.get("eval_datasets") or ()),
         init_checkpoint=d.get("init_checkpoint"),
+        init_format=d.get("init_format", "rho"),
         bos_id=d.get("bos_id"),
     )
 
