@@ -257,23 +257,43 @@ def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir, kind):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_export_of_a_trained_model_carries_the_tokenizers_ids(tmp_path, llama2_sp):
-    """A model rho trained on SentencePiece-tokenized text exports with that tokenizer's BOS and EOS
-    ids (ground truth: sentencepiece itself), not null."""
+def test_export_of_a_trained_model_loads_whole(tmp_path, llama2_sp, gsm8k, tiny_data, capsys):
+    """A model rho trained on SentencePiece-tokenized text exports as a complete HF directory, with no
+    --tokenizer (the data's tokenizer is remembered): the BOS and EOS ids of that tokenizer (ground
+    truth: sentencepiece itself); a tokenizer transformers loads with AutoTokenizer that encodes GSM8K
+    token-identically to sentencepiece; a model AutoModelForCausalLM loads and greedy generate runs.
+    A tokenizer with more tokens than the model's vocabulary is refused, nothing written."""
     import json
 
     import sentencepiece as spm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train_utils import write_tiny_config
 
     write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS])
     rho("tokenize", tmp_path / "c.jsonl", "-t", llama2_sp, "-o", tmp_path / "c", "-w", "1")
     rho("train", write_tiny_config(tmp_path), "--data", tmp_path / "c", "--save", tmp_path / "run", "--steps", 2, "-q")
-    rho("convert-hf", tmp_path / "run", tmp_path / "hf", "--dtype", "fp32", "--tokenizer", llama2_sp)
+    rho("convert-hf", tmp_path / "run", tmp_path / "hf", "--dtype", "fp32")
     sp = spm.SentencePieceProcessor(model_file=str(llama2_sp))
     for name in ("config.json", "generation_config.json"):
         exported = json.loads((tmp_path / "hf" / name).read_text())
         assert (exported["bos_token_id"], exported["eos_token_id"]) == (sp.bos_id(), sp.eos_id()) == (1, 2), name
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    texts = [json.loads(line)["question"] + "  " + json.loads(line)["answer"]
+             for line in gsm8k.read_text().splitlines()[:300]]
+    assert all(tok(t, add_special_tokens=False).input_ids == sp.encode(t) for t in texts)
+    assert tok("Natalia sold clips").input_ids[0] == sp.bos_id()  # a Llama tokenizer starts with BOS
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    prompt = tok("Natalia sold 48 clips", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=sp.eos_id())
+    assert out.shape == (1, prompt.input_ids.shape[1] + 5)
+    # a model of the 400-token BPE vocabulary cannot ship the 32k SentencePiece tokenizer
+    (tmp_path / "small").mkdir()
+    rho("train", write_tiny_config(tmp_path / "small"), "--data", tiny_data, "--save", tmp_path / "small" / "run",
+        "--steps", 2, "-q")
+    r = run_rho(capsys, "convert-hf", tmp_path / "small" / "run", tmp_path / "bad", "--tokenizer", llama2_sp)
+    assert r.exit_code == 6 and "32000 tokens, more than the model's vocabulary of 400" in r.stderr, r.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_broken_hf_directories_are_one_line(tmp_path, hf_tokenizer_dir):

@@ -82,6 +82,7 @@ def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str 
     from rhocli.core.formats import checkpoint as ckpt
     from rhocli.core.formats.hf import MAX_SHARD_BYTES, write_safetensors
     from rhocli.core.formats.staging import check_outputs_free
+    from rhocli.convert.tokenizer import hf_tokenizer, save_tokenizer, tokenizer_source
 
     if dtype not in DTYPES:
         raise UsageError(f"--dtype: expected bf16, fp16 or fp32, got {dtype!r}")
@@ -91,7 +92,10 @@ def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str 
     vocab = int(manifest["vocab_size"])
     dest = Path(out_dir)
     check_outputs_free([dest], force)
-    tok_files = _tokenizer_files(tokenizer, manifest)
+    tok_source = tokenizer_source(tokenizer, manifest)
+    eos, bos = manifest.get("eod_id"), manifest.get("bos_id")
+    # built (and checked against the vocabulary) before anything is written
+    tok = hf_tokenizer(tok_source, vocab, bos, eos) if tok_source is not None else None
     torch_dtype = getattr(torch, DTYPES[dtype])
     tmp = dest.parent / f".rho-tmp-{dest.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -102,32 +106,13 @@ def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str 
 
         shards = write_safetensors(tmp, hf_tensors_from_checkpoint(load, cfg, vocab, torch_dtype),
                                    max_shard_bytes or MAX_SHARD_BYTES)
-        eos, bos = manifest.get("eod_id"), manifest.get("bos_id")
         hf_config(cfg, vocab, bos, eos, DTYPES[dtype]).save_pretrained(tmp)
         GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
-        for f in tok_files:
-            shutil.copy(f, tmp / f.name)
+        tok_files = save_tokenizer(tok, tmp) if tok is not None else []
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
         os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"output": str(dest), "shards": shards, "tokenizer_files": [f.name for f in tok_files]}
-
-
-def _tokenizer_files(tokenizer: str | None, manifest: dict) -> list[Path]:
-    """Tokenizer files to ship: from --tokenizer, else from the HF model the checkpoint came from."""
-    from rhocli.core.errors import MissingInputError
-    from rhocli.core.formats.hf import TOKENIZER_FILES
-
-    if tokenizer:
-        p = Path(tokenizer)
-        if not p.exists():
-            raise MissingInputError(f"--tokenizer {p}: not found")
-        if p.is_file():
-            return [p]
-        return [p / n for n in TOKENIZER_FILES if (p / n).is_file()]
-    source = (manifest.get("source") or {}).get("huggingface")
-    if source and Path(source).is_dir():
-        return [Path(source) / n for n in TOKENIZER_FILES if (Path(source) / n).is_file()]
-    return []
+    return {"output": str(dest), "shards": shards, "tokenizer_files": tok_files,
+            "tokenizer": str(tok_source) if tok_source is not None else None}
