@@ -197,6 +197,9 @@ def _rho_gpt_model_class():
             # logits: [s, b, vocab/tp]; labels: [b, s] -> losses [b, s] (fp32)
             s, b, v = logits.shape
             tp = ps.get_tensor_model_parallel_world_size()
+            keep, _ = padded_vocab_columns(self.rho_vocab_size, ps.get_tensor_model_parallel_rank() * v, v)
+            if keep < v:  # the padding columns leave the softmax: -inf logits, zero gradient
+                logits[..., keep:] = float("-inf")
             losses = per_token_loss(
                 logits.reshape(s * b, v),
                 labels.transpose(0, 1).reshape(-1),
@@ -207,6 +210,16 @@ def _rho_gpt_model_class():
             return losses.view(s, b).transpose(0, 1).contiguous()
 
     return RhoGPTModel
+
+
+def padded_vocab_columns(vocab_size: int, vocab_start: int, v_local: int) -> tuple[int, int]:
+    """(columns of the true vocabulary, padding columns) in a TP rank's [vocab_start, vocab_start +
+    v_local) slice of the padded vocabulary. The padding rows of the embedding and output layer (zeros
+    from a Hugging Face import, random from megatron's initialisation) are not tokens: the training
+    loss and the scores leave them out of the softmax, so that an imported model's loss is its own
+    cross-entropy and the export, which drops them, is the model that was trained."""
+    keep = max(0, min(v_local, vocab_size - vocab_start))
+    return keep, v_local - keep
 
 
 def build_model_chunks(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, vp: int, features: dict,
@@ -236,7 +249,7 @@ def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_proce
     backend = backend or layer_backend()
     config = transformer_config(cfg, tp, pp, shape.params_dtype,
                                 **{**backend_features(backend, weights_loaded), **(features or {})})
-    return _rho_gpt_model_class()(
+    model = _rho_gpt_model_class()(
         config=config,
         transformer_layer_spec=block_spec(config, vp_stage, backend),
         vocab_size=shape.padded_vocab_size,
@@ -251,6 +264,8 @@ def build_model(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, pre_proce
         **({"rope_scaling_factor": cfg.rope_scaling_factor} if cfg.rope_scaling_factor is not None else {}),
         **({"vp_stage": vp_stage} if vp_stage is not None else {}),
     )
+    model.rho_vocab_size = shape.vocab_size  # the true vocabulary: the loss leaves the padding out
+    return model
 
 
 def block_spec(config, vp_stage: int | None = None, backend: LayerBackend | None = None):

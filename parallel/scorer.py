@@ -36,7 +36,7 @@ import torch
 
 from parallel.config import ModelConfig
 from parallel.distributed import Layout
-from parallel.model import ModelShape, build_model, model_shape
+from parallel.model import ModelShape, build_model, model_shape, padded_vocab_columns
 from parallel.windows import Window, document_windows
 
 
@@ -117,7 +117,7 @@ class Scorer:
         on_gpu = torch.cuda.is_available()
         dtype = torch.bfloat16 if on_gpu else torch.float32
         self.micro_batch_size = spec.micro_batch_size or default_micro_batch_size(spec.window, on_gpu)
-        shape = model_shape(spec.model, spec.vocab_size, layout.tp, dtype)
+        self.shape = shape = model_shape(spec.model, spec.vocab_size, layout.tp, dtype)
         features = {"sequence_parallel": True} if spec.sequence_parallel else {}
         model = build_model(spec.model, shape, layout.tp, layout.pp, ps.is_pipeline_first_stage(), self.is_last,
                             features=features, weights_loaded=True)  # load_weights fills every one
@@ -130,7 +130,10 @@ class Scorer:
         if self.is_last:
             # GPTModel then returns the final (normed) hidden states [s, b, h]; the output layer is
             # applied by _scored_losses to the scored positions only
-            self.output_weight = model.output_layer.weight
+            # tied embeddings: the output layer has no weight of its own on a first stage (megatron's
+            # shared_embedding_or_output_weight is the embedding there, the synced copy elsewhere)
+            self.output_weight = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
+                                  else model.output_layer.weight)
             model.post_process = False
         self._row_stats = None
         self.model = model
@@ -219,8 +222,19 @@ class Scorer:
         weight = self.output_weight
         n, v_local = h.shape[0], weight.shape[0]
         vocab_start = ps.get_tensor_model_parallel_rank() * v_local
-        # every output row takes part, the vocabulary's padding rows included, exactly as in the
-        # training loss (parallel.loss.token_losses), so that loss - score compares like with like
+        # the vocabulary's padding rows take no part, as in the training loss
+        # (parallel.model.padded_vocab_columns), so that loss - score compares like with like and a
+        # HF model's score is its own cross-entropy
+        weight = weight[:padded_vocab_columns(self.shape.vocab_size, vocab_start, v_local)[0]]
+        v_local = weight.shape[0]
+        if v_local == 0:  # a TP rank holding padding only: it adds nothing to the logsumexp
+            lse = torch.full((n,), float("-inf"), device=h.device)
+            target = torch.zeros(n, device=h.device)
+            if self.layout.tp > 1:
+                from cuda_ext.tp import gather_row_stats
+
+                lse, target = gather_row_stats(lse, target, ps.get_tensor_model_parallel_group())
+            return lse - target
         if h.device.type == "cpu":
             row_block = -(-n // max(1, -(-n // CPU_ROW_BLOCK)))  # even blocks of at most CPU_ROW_BLOCK
             lse_parts, target_parts = self._row_stats_blocks(h, labels, weight, vocab_start, row_block, CPU_VOCAB_BLOCK)

@@ -74,7 +74,7 @@ def _hf_scores(model, doc: list[int], eod: int) -> np.ndarray:
 
 # each architecture once and each source once (the pairs cover both of each; the four-way product
 # repeated the same code paths for 75 s of the suite)
-@pytest.mark.parametrize("kind,source", [("llama", "convert-hf"), ("mistral", "hf-dir")])
+@pytest.mark.parametrize("kind,source", [("llama", "convert-hf"), ("mistral", "hf-dir"), ("qwen2", "hf-dir")])
 def test_scores_equal_transformers_cross_entropy(tmp_path, hf_tokenizer_dir, kind, source):
     """source convert-hf: rho score --model on the imported checkpoint; hf-dir: --model HF_DIR (each
     rank loads its own TP/PP shard of the HF tensors, no conversion)."""

@@ -90,7 +90,8 @@ for i in range(40):
         inp = torch.tensor([ext[start:end]]); lab = torch.tensor(ext[start + 1:end + 1])
         with torch.no_grad():
             logits = m(inp, torch.arange(end - start)[None], attention_mask=None)[0]  # [s, padded vocab]
-        loss = F.cross_entropy(logits.double(), lab, reduction="none")  # over every row, padding included
+        # over the true vocabulary: the padding rows are no tokens (parallel.model.padded_vocab_columns)
+        loss = F.cross_entropy(logits[:, :man["vocab_size"]].double(), lab, reduction="none")
         new = loss[first_new:] if start else loss
         got = torch.from_numpy(scores[i].copy()).double()[start + first_new:end] if start else torch.from_numpy(scores[i].copy()).double()[:end]
         worst = max(worst, float((new - got).abs().max())); checked += 1
