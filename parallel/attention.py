@@ -70,14 +70,17 @@ class SDPAttention(DotProductAttention):
         return causal_sdpa(query, key, value, self.softmax_scale)
 
 
-def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of megatron's layout through SDPA: query [sq, b, heads, hn], key/value
-    [sq, b, groups, hn] (grouped-query: heads a multiple of groups) -> context [sq, b, heads * hn]."""
+    [sk, b, groups, hn] (grouped-query: heads a multiple of groups) -> context [sq, b, heads * hn].
+    ``allowed`` [sq, sk] (bool): which keys each query sees, when the queries are not the keys'
+    first sq positions (context parallelism); None: the causal mask of sq == sk."""
     sq, b, heads, hn = query.shape
     # [s, b, heads, hn] -> [b, heads, s, hn] (views; SDPA takes strided inputs)
     q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-    gqa = q.shape[1] != k.shape[1]
-    context = F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, scale=scale, enable_gqa=gqa)
+    mask = {"is_causal": sq > 1} if allowed is None else {"attn_mask": allowed}
+    context = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1], **mask)
     # [b, heads, sq, hn] -> [sq, b, heads * hn]
     return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
 
@@ -87,11 +90,7 @@ def context_parallel_sdpa(query, key, value, scale, group) -> torch.Tensor:
     (gathered from ``group``): query [sq_local, b, heads, hn], key/value [sq_local, b, groups, hn]
     -> [sq_local, b, heads * hn]."""
     cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    sq, b, heads, hn = query.shape
     whole_k, whole_v = GatherSequence.apply(key, group), GatherSequence.apply(value, group)  # [S, b, groups, hn]
-    q_pos = chunk_positions(cp, rank, sq // 2, query.device)
+    q_pos = chunk_positions(cp, rank, query.shape[0] // 2, query.device)
     allowed = torch.arange(whole_k.shape[0], device=query.device)[None, :] <= q_pos[:, None]  # [sq_local, S]
-    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, whole_k, whole_v))
-    context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-    return context.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+    return causal_sdpa(query, whole_k, whole_v, scale, allowed)

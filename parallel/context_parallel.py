@@ -48,9 +48,7 @@ class GatherSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group, ctx.cp, ctx.rank = group, dist.get_world_size(group), dist.get_rank(group)
-        parts = [torch.empty_like(x) for _ in range(ctx.cp)]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return _in_order(torch.stack(parts), 0)
+        return whole_sequences(x, group, dim=0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

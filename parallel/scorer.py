@@ -228,14 +228,8 @@ class Scorer:
         weight = weight[:padded_vocab_columns(self.shape.vocab_size, vocab_start, v_local)[0]]
         v_local = weight.shape[0]
         if v_local == 0:  # a TP rank holding padding only: it adds nothing to the logsumexp
-            lse = torch.full((n,), float("-inf"), device=h.device)
-            target = torch.zeros(n, device=h.device)
-            if self.layout.tp > 1:
-                from cuda_ext.tp import gather_row_stats
-
-                lse, target = gather_row_stats(lse, target, ps.get_tensor_model_parallel_group())
-            return lse - target
-        if h.device.type == "cpu":
+            lse_parts, target_parts = [torch.full((n,), float("-inf"), device=h.device)], [torch.zeros(n, device=h.device)]
+        elif h.device.type == "cpu":
             row_block = -(-n // max(1, -(-n // CPU_ROW_BLOCK)))  # even blocks of at most CPU_ROW_BLOCK
             lse_parts, target_parts = self._row_stats_blocks(h, labels, weight, vocab_start, row_block, CPU_VOCAB_BLOCK)
         else:

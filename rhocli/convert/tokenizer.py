@@ -38,8 +38,7 @@ def tokenizer_source(tokenizer: str | None, manifest: dict) -> Path | None:
         except Exception:  # a HF directory without a tokenizer: the data's, below
             pass
     for dataset in manifest.get("datasets") or []:
-        tokens = read_manifest(dataset["prefix"]) if Path(str(dataset["prefix"]) + ".json").is_file() else None
-        path = ((tokens or {}).get("tokenizer") or {}).get("path")
+        path = ((read_manifest(dataset["prefix"]) or {}).get("tokenizer") or {}).get("path")
         if path and Path(path).is_file() and file_sha256(Path(path)) == manifest.get("tokenizer_fingerprint"):
             return Path(path)
     return None
@@ -65,7 +64,6 @@ def save_tokenizer(tokenizer, out_dir: Path) -> list[str]:
 
 
 def _from_sentencepiece(model_file: Path, bos_id: int | None, eos_id: int | None):
-    import sentencepiece as spm
     from tokenizers.models import BPE
     from transformers import LlamaTokenizer
     from transformers.convert_slow_tokenizer import SentencePieceExtractor, generate_merges
@@ -75,15 +73,15 @@ def _from_sentencepiece(model_file: Path, bos_id: int | None, eos_id: int | None
         raise MismatchError(f"tokenizer {model_file}: a SentencePiece {('unigram' if extractor.proto.trainer_spec.model_type == 1 else 'non-BPE')} "
                             "model; export converts BPE ones (pass --tokenizer with a tokenizer.json)")
     parts = extractor.extract(BPE)
-    scores = {p.piece: p.score for p in extractor.proto.pieces}
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    pieces = extractor.proto.pieces
+    scores = {p.piece: p.score for p in pieces}
 
     def piece(i: int | None) -> str | None:
-        return sp.id_to_piece(i) if i is not None and 0 <= i < sp.get_piece_size() else None
+        return pieces[i].piece if i is not None and 0 <= i < len(pieces) else None
 
     return LlamaTokenizer(vocab=parts["vocab"], merges=generate_merges(parts["vocab"], scores),
-                          bos_token=piece(bos_id), eos_token=piece(eos_id), unk_token=piece(sp.unk_id()),
-                          add_bos_token=bos_id is not None)
+                          bos_token=piece(bos_id), eos_token=piece(eos_id),
+                          unk_token=piece(extractor.proto.trainer_spec.unk_id), add_bos_token=bos_id is not None)
 
 
 def _from_hf(source: Path, file: Path, bos_id: int | None, eos_id: int | None):

@@ -174,7 +174,7 @@ def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls:
     if gpus and world > gpus:
         from rhocli.core.errors import NotAvailableError
 
-        raise NotAvailableError(f"this run starts {world} processes, one per GPU (--tp x --pp x --dp), and this "
+        raise NotAvailableError(f"this run starts {world} processes, one per GPU (--tp x --pp x --cp x --dp), and this "
                                 f"machine has {gpus}: lower the sizes, or start it across nodes with torchrun")
 
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException

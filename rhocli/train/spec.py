@@ -487,13 +487,13 @@ def run_plan(spec, world: int) -> dict[str, Any]:
     ``precision: auto`` counts as bf16 and the distributed optimizer is on by default for DP > 1)."""
     import torch
 
-    from parallel.layout import micro_batches_per_step
+    from parallel.layout import data_parallel_size, micro_batches_per_step
     from parallel.memory import estimate_memory
     from parallel.model import count_parameters, model_shape
 
     cfg = spec.train
     shape = model_shape(spec.model, spec.vocab_size, cfg.tp, torch.float32)
-    dp = world // (cfg.tp * cfg.pp * cfg.cp)
+    dp = data_parallel_size(world, cfg.tp, cfg.pp, cp=cfg.cp)
     memory = estimate_memory(spec.model, cfg, spec.vocab_size, dp, on_gpu=True)
     return {
         "world_size": world, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp, "dp": dp,
