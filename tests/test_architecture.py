@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("rhocli", "parallel", "cuda_ext")
-STAGES = ("tokenize", "train", "score", "select", "convert", "bench", "demo", "verify")
+STAGES = ("tokenize", "train", "score", "select", "convert", "bench", "demo", "verify", "eval")
 RANK = {"cli": 4, "stage": 3, "core": 2, "engine": 2, "kernels": 1, "root": 0}
 
 
