@@ -23,6 +23,7 @@ from rhocli.commands import stage
 from rhocli.commands.bench import bench_app
 from rhocli.commands.convert import convert_command
 from rhocli.commands.demo import demo_command
+from rhocli.commands.eval import eval_command
 from rhocli.commands.score import score_command
 from rhocli.commands.select import select_command
 from rhocli.commands.tokenize import tokenize_command
@@ -87,6 +88,10 @@ app.command("convert-hf", help="Convert between Hugging Face Llama/Mistral and r
 
 app.command("demo", help="Run the whole pipeline on a small embedded corpus (CPU, minutes) and compare CLM vs SLM.")(
     stage(demo_command)
+)
+
+app.command("eval", help="Few-shot GSM8K / MATH accuracy by generation: chain of thought, PAL, tool-integrated (ToRA); --regrade, --lm-eval.")(
+    stage(eval_command)
 )
 
 app.command("verify", help="Check token, score and mask stores and checkpoints byte by byte (fingerprints, values).")(

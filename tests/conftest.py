@@ -107,3 +107,30 @@ def no_process_outlives_its_test():
         except psutil.Error:
             pass
     psutil.wait_procs(left, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def llama_tp2pp2(tmp_path_factory, hf_tokenizer_dir):
+    """A tiny random Llama built by transformers (``hf_dir``), imported with ``rho convert-hf --from-hf``
+    (``ckpt``) and saved by ``rho train --tp 2 --pp 2 --lr 0`` (``tp2pp2``: a TP2PP2 checkpoint of
+    exactly the HF weights), with the token data (``data``), config and shape flags that trained it.
+    Shared by the HF round trip (test_hf.py) and rho eval's generation parity (test_eval.py)."""
+    import types
+
+    from hf_models import tiny_hf_model
+    from train_utils import rho, write_tiny_config
+
+    d = tmp_path_factory.mktemp("llama_tp2pp2")
+    hf_dir = d / "hf"
+    tiny_hf_model("llama", hf_dir, hf_tokenizer_dir)
+    write_jsonl(d / "c.jsonl", [{"text": t} for t in CORPUS * 3])
+    rho("tokenize", d / "c.jsonl", "-t", hf_dir, "-o", d / "c", "-w", "1")
+    rho("convert-hf", "--from-hf", hf_dir, d / "ckpt")
+    config = write_tiny_config(d, "")
+    shape = ["--set", "model.num_layers=4", "--set", "model.hidden_size=64", "--set", "model.ffn_hidden_size=160",
+             "--set", "model.max_position_embeddings=256", "--set", "model.vocab_size=512"]
+    # lr 0: a TP2PP2 checkpoint of exactly the imported weights
+    rho("train", config, "--data", d / "c", "--init", d / "ckpt", "--save", d / "tp2pp2",
+        "--steps", 2, "--lr", 0, "--set", "train.min_lr=0", "--tp", 2, "--pp", 2, "-q", *shape, timeout=600)
+    return types.SimpleNamespace(hf_dir=hf_dir, data=d / "c", ckpt=d / "ckpt", tp2pp2=d / "tp2pp2",
+                                 config=config, shape=shape)

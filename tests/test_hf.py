@@ -14,45 +14,12 @@ import torch.nn.functional as F
 
 from conftest import CORPUS, write_jsonl
 from rho_cli import run_rho
+from hf_models import tiny_hf_model as _hf_model
 from train_utils import rho
 
 pytestmark = pytest.mark.slow
 
 WINDOW, STRIDE = 64, 32
-
-
-def _hf_model(kind: str, directory, tokenizer_dir):
-    """A tiny random model built by transformers: ``llama`` and ``mistral`` (untied, no biases), ``llama3``
-    (Llama 3.x RoPE scaling, tied embeddings), ``qwen2`` (q/k/v biases, tied embeddings); the last two with
-    a vocabulary of 501, which TP2 does not divide."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
-
-    torch.manual_seed({"llama": 1, "mistral": 2, "llama3": 3, "qwen2": 4}[kind])
-    common = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                  eos_token_id=0, bos_token_id=1)
-    if kind == "llama":
-        model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
-    elif kind == "mistral":
-        model = MistralForCausalLM(MistralConfig(rope_theta=1000000.0, sliding_window=4096, **common))
-    elif kind == "llama3":  # Llama-3.2-1B's RoPE: theta 500000, llama3 scaling with factor 32
-        common.update(vocab_size=501, tie_word_embeddings=True)
-        model = LlamaForCausalLM(LlamaConfig(rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192}, **common))
-    else:
-        common.update(vocab_size=501, tie_word_embeddings=True, rms_norm_eps=1e-6)
-        model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1000000.0, **common))
-    with torch.no_grad():  # non-trivial norms and biases, so a swapped norm or a lost bias would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            elif name.endswith(".bias"):
-                p.uniform_(-0.5, 0.5)
-    model.save_pretrained(directory)
-    shutil.copy(tokenizer_dir / "tokenizer.json", directory / "tokenizer.json")
-    return model.eval()
 
 
 def _hf_scores(model, doc: list[int], eod: int) -> np.ndarray:
@@ -145,26 +112,15 @@ def test_unsupported_models_are_refused(tmp_path, hf_tokenizer_dir, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_export_round_trip_reshard_and_trained_model(tmp_path, hf_tokenizer_dir):
+def test_export_round_trip_reshard_and_trained_model(tmp_path, llama_tp2pp2):
     """HF -> rho -> (saved at TP2PP2) -> HF is tensor-exact; a model trained by rho train exports,
     loads with no missing/unexpected keys, its transformers CE equals rho score's, generate runs."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
     from transformers import AutoModelForCausalLM
 
-    from train_utils import write_tiny_config
-
-    hf_dir = tmp_path / "hf"
-    original = _hf_model("llama", hf_dir, hf_tokenizer_dir)
-    write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in CORPUS * 3])
-    rho("tokenize", tmp_path / "c.jsonl", "-t", hf_dir, "-o", tmp_path / "c", "-w", "1")
-    rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
-    config = write_tiny_config(tmp_path, "")
-    shape = ["--set", "model.num_layers=4", "--set", "model.hidden_size=64", "--set", "model.ffn_hidden_size=160",
-             "--set", "model.max_position_embeddings=256", "--set", "model.vocab_size=512"]
-    # lr 0: a TP2PP2 checkpoint of exactly the imported weights
-    rho("train", config, "--data", tmp_path / "c", "--init", tmp_path / "ckpt", "--save", tmp_path / "tp2pp2",
-        "--steps", 2, "--lr", 0, "--set", "train.min_lr=0", "--tp", 2, "--pp", 2, "-q", *shape, timeout=600)
-    rho("convert-hf", tmp_path / "tp2pp2", tmp_path / "back", "--dtype", "fp32", "--tokenizer", hf_dir)
+    hf_dir, config, shape = llama_tp2pp2.hf_dir, llama_tp2pp2.config, llama_tp2pp2.shape
+    original = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    rho("convert-hf", llama_tp2pp2.tp2pp2, tmp_path / "back", "--dtype", "fp32", "--tokenizer", hf_dir)
     back, info = AutoModelForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     a, b = original.state_dict(), back.state_dict()
@@ -172,13 +128,13 @@ def test_export_round_trip_reshard_and_trained_model(tmp_path, hf_tokenizer_dir)
     assert (tmp_path / "back" / "tokenizer.json").is_file()
 
     # a few real training steps, then export: transformers' CE == rho score's
-    rho("train", config, "--data", tmp_path / "c", "--init", tmp_path / "ckpt", "--save", tmp_path / "trained",
+    rho("train", config, "--data", llama_tp2pp2.data, "--init", llama_tp2pp2.ckpt, "--save", tmp_path / "trained",
         "--steps", 3, "-q", *shape)
     rho("convert-hf", tmp_path / "trained", tmp_path / "trained_hf", "--dtype", "fp32", "--tokenizer", hf_dir)
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "trained_hf").eval()
-    rho("score", "--model", tmp_path / "trained", "--data", tmp_path / "c", "--output", tmp_path / "s",
+    rho("score", "--model", tmp_path / "trained", "--data", llama_tp2pp2.data, "--output", tmp_path / "s",
         "--seq-len", WINDOW, "--stride", STRIDE, "-q")
-    tokens, scores = IndexedDataset(str(tmp_path / "c")), IndexedDataset(str(tmp_path / "s"))
+    tokens, scores = IndexedDataset(str(llama_tp2pp2.data)), IndexedDataset(str(tmp_path / "s"))
     for i in range(5):
         doc = tokens[i].astype(np.int64).tolist()
         assert np.abs(scores[i] - _hf_scores(trained, doc, eod=0)).max() < 1e-4
