@@ -153,12 +153,17 @@ def run_lm_eval_tasks(model: str, tasks: str, output: Path, export: Callable[...
         raise UsageError(f"--lm-eval: unknown task(s) {', '.join(unknown)} (local task YAMLs go in --include-path)")
     dev = pick_device(device)
     output.mkdir(parents=True, exist_ok=True)
-    with hf_model_dir(model, output, export, dtype or ("bf16" if dev == "cuda" else "fp32"), tokenizer) as model_dir:
-        results = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(model_dir), "dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(dtype or "", "float32" if dev == "cpu" else "bfloat16")},
-            tasks=names, num_fewshot=num_fewshot, limit=limit, device=dev, batch_size=batch_size,
-            task_manager=manager, log_samples=False,
-        )
+    precision = dtype or ("bf16" if dev == "cuda" else "fp32")
+    with hf_model_dir(model, output, export, precision, tokenizer) as model_dir:
+        torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+        try:
+            results = lm_eval.simple_evaluate(
+                model="hf", model_args={"pretrained": str(model_dir), "dtype": torch_dtype},
+                tasks=names, num_fewshot=num_fewshot, limit=limit, device=dev, batch_size=batch_size,
+                task_manager=manager, log_samples=False,
+            )
+        except ImportError as err:  # lm-eval's transformers backend needs accelerate / peft
+            raise NotAvailableError(f"--lm-eval: {err} (pip install 'rho[eval]')") from None
     table = {name: {k: v for k, v in row.items() if k != "alias"} for name, row in results["results"].items()}
     write_json(target, json.loads(json.dumps({"results": table, "configs": results.get("configs", {})}, default=str)))
     return {"results": table, "output": str(target)}
