@@ -106,8 +106,20 @@ def test_demo_tiny_runs_the_whole_pipeline(tmp_path, capsys):
     # the selection rule keeps clean text more often than boilerplate (Rho-1's point, even this small)
     by_kind = results["kept_by_kind"]
     assert by_kind["text"]["kept"] > by_kind["boilerplate"]["kept"]
+    # accuracy: rho eval graded CLM's and SLM's greedy answers; ground truth here is the generator's own
+    # answer spans, and an answer is right when its last number is the right result
+    from rhocli.demo.corpus import read_kinds
+
+    answers = [text for doc in read_kinds(out / "data" / "heldout.kinds.jsonl") for text, kind in doc.spans if kind == "answer"]
+    for run in ("clm", "slm"):
+        lines = [json.loads(line) for line in (out / "evals" / run / "outputs.jsonl").read_text().splitlines()]
+        assert len(lines) == results["accuracy"][run]["problems"] == 24
+        assert [r["gt"] for r in lines] == answers[:24]
+        right = [bool(re.findall(r"-?\d+", r["code"][0])) and re.findall(r"-?\d+", r["code"][0])[-1] == a
+                 for r, a in zip(lines, answers)]
+        assert results["accuracy"][run]["acc"] == round(100 * sum(right) / 24, 1)
     report = (out / "report.html").read_text()
-    assert "<svg" in report and "Held-out loss" in report and "Question" in report
+    assert "<svg" in report and "Held-out loss" in report and "Question" in report and "Held-out accuracy" in report
     assert (out / "select" / "tokens.html").is_file()
     # everything it wrote is under --output; a second run refuses to overwrite it
     again = run_rho(capsys, "demo", "--output", out, "--size", "tiny")  # refused before it starts: in-process

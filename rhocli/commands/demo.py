@@ -101,6 +101,8 @@ def _results_table(results):
     for kind in ("result", "text"):
         if kind in held["clm"]:
             t.add_row(f"final, {kind} tokens", f"{held['clm'][kind]:.4f}", f"{held['slm'][kind]:.4f}")
+    acc = results["accuracy"]
+    t.add_row(f"answers right ({acc['clm']['problems']} problems)", f"{acc['clm']['acc']:.1f} %", f"{acc['slm']['acc']:.1f} %")
     t.caption = f"reference model (trained on clean problems): {held['reference']['all']:.4f}"
     return t
 

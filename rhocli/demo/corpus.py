@@ -239,3 +239,16 @@ def write_kinds(path: Path, documents: list[Document]) -> None:
 def read_kinds(path: Path) -> list[Document]:
     with open(path, encoding="utf-8") as f:
         return [Document([tuple(span) for span in json.loads(line)]) for line in f]
+
+
+def problems_of(documents: list[Document]) -> list[dict]:
+    """The clean problems of ``documents`` in GSM8K's format (``question``; ``answer``: the worked
+    solution, then ``#### N``), for ``rho eval``: the generator knows every right result."""
+    out = []
+    for doc in documents:
+        for chunk in doc.text.split("Question: ")[1:]:
+            question, _, solution = chunk.partition("\nAnswer: ")
+            final = solution.rsplit("The answer is ", 1)[-1].rstrip().rstrip(".")
+            out.append({"question": question.strip(), "answer": f"{solution.strip()}\n#### {final}"})
+    return out
+

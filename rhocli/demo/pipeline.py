@@ -11,6 +11,7 @@ Layout of the output directory (everything the demo writes is under it):
     tokens/     token datasets (rho tokenize)
     runs/       reference, clm, slm (rho train: checkpoints, metrics.jsonl)
     scores/     score stores (rho score): reference losses of the corpus, held-out evaluations
+    evals/      rho eval of CLM and SLM: greedy answers to the held-out problems, graded
     select/     the static selection of a corpus sample (rho select) and its HTML token report
     demo.yaml   the model and training settings the train stages use
     results.json, report.html
@@ -41,15 +42,16 @@ class DemoSize:
     reference_steps: int
     steps: int
     eval_interval: int
+    accuracy_problems: int  # held-out problems CLM and SLM answer (rho eval)
 
 
 SIZES = {
     # for tests: every stage runs, numbers mean little
-    "tiny": DemoSize(600, 1200, 80, 40, 30, 40, 20),
+    "tiny": DemoSize(600, 1200, 80, 40, 30, 40, 20, 24),
     # the default: a few minutes on 2 CPU cores
-    "small": DemoSize(3000, 6000, 300, 200, 300, 400, 50),
+    "small": DemoSize(3000, 6000, 300, 200, 300, 400, 50, 200),
     # a GPU, or a patient CPU
-    "large": DemoSize(12000, 30000, 1000, 400, 1200, 2000, 100),
+    "large": DemoSize(12000, 30000, 1000, 400, 1200, 2000, 100, 1000),
 }
 
 # The demo model: a 4-layer Llama (about 0.9 M parameters with the 512-piece tokenizer).
@@ -74,6 +76,10 @@ TRAIN = {
     "clip_grad": 1.0,
 }
 VOCAB_SIZE = 512
+# How rho eval asks the demo models (they learned "Question: ...\nAnswer: ..." documents): zero-shot,
+# one line of answer ("... = 46 marbles now. The answer is 46.").
+EVAL_PROMPT = {"task": "gsm8k", "style": "demo", "query": "Question: {question}\nAnswer:", "stop": ["\n"],
+               "rounds": 1, "exemplars": []}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +128,7 @@ class DemoRun:
     ``rhocli.app.invoke``); ``on_event`` sees each stage start and finish."""
 
     STAGES = ("generate", "tokenize", "train reference", "score corpus", "train CLM", "train SLM",
-              "evaluate held-out", "select sample", "report")
+              "evaluate held-out", "held-out accuracy", "select sample", "report")
 
     def __init__(self, cfg: DemoConfig, run_command: Callable[[list[str]], None],
                  on_event: Callable[[StageEvent], None] | None = None):
@@ -161,7 +167,7 @@ class DemoRun:
             import shutil
 
             shutil.rmtree(self.out)
-        for sub in ("data", "tokens", "runs", "scores", "select"):
+        for sub in ("data", "tokens", "runs", "scores", "select", "evals"):
             Path(self.p(sub)).mkdir(parents=True, exist_ok=True)
         t_start = time.perf_counter()
         s, cfg = self.size, self.cfg
@@ -193,6 +199,11 @@ class DemoRun:
         eval_cmds = [["score", "--model", self.p("runs", run), "--data", self.p("tokens", "heldout"),
                       "--output", self.p("scores", f"heldout.{run}"), *self._layout(), "-q"] for run in ("reference", "clm", "slm")]
         self._stage("evaluate held-out", eval_cmds, lambda: self._run_all(eval_cmds, self._heldout_summary))
+        self._write_eval_inputs()
+        acc_cmds = [["eval", self.p("runs", run), "--task", "gsm8k", "--data", self.p("data", "heldout_problems.jsonl"),
+                     "--prompt", self.p("data", "prompt.yaml"), "--limit", str(s.accuracy_problems),
+                     "--max-new-tokens", "48", "--output", self.p("evals", run), "-q"] for run in ("clm", "slm")]
+        self._stage("held-out accuracy", acc_cmds, lambda: self._run_all(acc_cmds, self._accuracy_summary))
 
         mid = s.steps // 2
         base = self.p("runs", "slm", f"step_{mid:06d}")
@@ -274,6 +285,30 @@ class DemoRun:
         losses = self.heldout_losses()
         return ", ".join(f"{run} {v['all']:.4f}" for run, v in losses.items()) + " (mean held-out loss)"
 
+    def _write_eval_inputs(self) -> None:
+        """The held-out problems in GSM8K's format and the prompt that asks them (rho eval's inputs)."""
+        import yaml
+
+        docs = gen.read_kinds(Path(self.p("data", "heldout.kinds.jsonl")))
+        with open(self.p("data", "heldout_problems.jsonl"), "w", encoding="utf-8") as f:
+            for problem in gen.problems_of(docs):
+                f.write(json.dumps(problem) + "\n")
+        Path(self.p("data", "prompt.yaml")).write_text(
+            "# How rho eval asks the demo's models (rho demo writes this).\n" + yaml.safe_dump(EVAL_PROMPT, sort_keys=False))
+
+    def accuracy(self) -> dict[str, dict[str, float]]:
+        """CLM's and SLM's held-out accuracy (rho eval's metrics.json)."""
+        out = {}
+        for run in ("clm", "slm"):
+            m = json.loads(Path(self.p("evals", run, "metrics.json")).read_text())
+            out[run] = {"acc": m["acc"], "problems": m["num_samples"], "no_answer": m["empty_samples"]}
+        return out
+
+    def _accuracy_summary(self) -> str:
+        acc = self.accuracy()
+        return (f"CLM {acc['clm']['acc']:.1f} %, SLM {acc['slm']['acc']:.1f} % of {acc['clm']['problems']} "
+                "held-out problems answered right (greedy)")
+
     def _select_summary(self) -> str:
         kept = self.kept_by_kind()
         return "kept: " + ", ".join(f"{k} {v['kept']:.0%}" for k, v in kept.items() if v["tokens"])
@@ -318,6 +353,7 @@ class DemoRun:
             "config": {**dataclasses.asdict(self.cfg), "output": str(self.cfg.output), "size_detail": dataclasses.asdict(self.size)},
             "curves": curves,
             "heldout": self.heldout_losses(),
+            "accuracy": self.accuracy(),
             "kept_by_kind": self.kept_by_kind(),
             "slm_steps_to_clm_final": steps_to_reach(curves["slm"]["valid"], clm_final),
             "seconds": {**self.timings},

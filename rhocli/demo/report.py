@@ -83,6 +83,8 @@ def write_demo_report(path: Path, results: dict[str, Any], run) -> None:
     kept_rows = "".join(f"<tr><td><span class='swatch' style='background:{KIND_COLOURS[k]}'></span>{k}</td>"
                         f"<td>{v['tokens']:,}</td><td>{v['kept']:.1%}</td></tr>"
                         for k, v in results["kept_by_kind"].items() if v["tokens"])
+    acc_rows = "".join(f"<tr><td>{name}</td><td>{results['accuracy'][run_]['acc']:.1f} %</td>"
+                       f"<td>{results['accuracy'][run_]['no_answer']}</td></tr>" for run_, name in (("clm", "CLM"), ("slm", "SLM")))
     timing_rows = "".join(f"<tr><td>{k}</td><td>{v:.1f} s</td></tr>" for k, v in results["seconds"].items())
     legend = " ".join(f"<span class='swatch' style='background:{c}'></span>{k}" for k, c in KIND_COLOURS.items())
     doc = f"""<!doctype html>
@@ -112,6 +114,11 @@ held-out clean problems that neither saw.</p>
 <p><i>result</i> tokens are the results of the calculations in the worked solutions: the tokens a model must
 compute rather than copy.</p>
 <table><tr><th>model</th><th>all tokens</th>{''.join(f'<th>{k}</th>' for k in kind_cols)}</tr>{held_rows}</table>
+<h2>Held-out accuracy</h2>
+<p>Each final model answers {results['accuracy']['clm']['problems']} held-out problems, greedily
+(<code>rho eval --task gsm8k</code>; their outputs are in <code>evals/</code>): the fraction whose final
+answer is right. Rho-1's Figure 1 in miniature.</p>
+<table><tr><th>model</th><th>answers right</th><th>no answer</th></tr>{acc_rows}</table>
 <h2>Which tokens SLM keeps</h2>
 <p>Selection by excess loss of the SLM model at step {clm_steps // 2} against the reference model: the top
 {cfg['ratio']:.0%} of the tokens of a corpus sample (<code>rho select --scope global</code>; its own report:
