@@ -68,7 +68,8 @@ class EvalRenderer:
 def render_summary(metrics: dict[str, Any], title: str, output: Path | None) -> None:
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left", show_header=True)
+    out.print(f"[bold]{title}[/]", soft_wrap=True)
+    table = Table(show_header=True)
     table.add_column("problems", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("no answer", justify="right")
@@ -117,7 +118,10 @@ def eval_command(
 ) -> None:
     """Evaluate a model on GSM8K / MATH by generation (chain of thought, PAL, tool-integrated)."""
     from rhocli.core.errors import UsageError
+    from rhocli.core.megatron_io import quiet_megatron
     from rhocli.eval.job import EvalOptions, evaluate, regrade_file, run_lm_eval_tasks
+
+    quiet_megatron()
 
     if regrade is not None:
         if model is not None or lm_eval is not None:
@@ -157,5 +161,7 @@ def eval_command(
     finally:
         renderer.close()
     s = metrics["settings"]
-    render_summary(metrics, f"{lit(s['task'])} · {lit(s['prompt'])} · {s['shots']}-shot · {lit(Path(s['model']).name)}",
+    shown = Path(s["model"])
+    shown = f"{shown.parent.name}/{shown.name}" if s["model_format"] == "rho" else shown.name
+    render_summary(metrics, f"{lit(s['task'])} · {lit(s['prompt'])} · {s['shots']}-shot · {lit(shown)}",
                    Path(output))

@@ -33,7 +33,9 @@ def quiet_megatron() -> None:
                     # the fp32 distributed optimizer's main parameters are views of the model's
                     r".*The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.*",
                     # selective recompute of core attention: rho uses megatron's own attention, not TE's
-                    r".*you have no need to set 'core_attn' to recompute.*"):
+                    r".*you have no need to set 'core_attn' to recompute.*",
+                    # a checkpoint read in one process (rho eval / convert-hf loading tensors without ranks)
+                    r".*torch.distributed is disabled, unavailable or uninitialized.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("megatron").setLevel(logging.WARNING)
 

@@ -54,7 +54,9 @@ class TransformersGenerator:
     def __init__(self, model_dir: str | Path, device: str = "auto", dtype: str | None = None, batch_size: int = 8):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # rho shows its own progress
         self.device = pick_device(device)
         # bf16 on a GPU (the harness loads in half precision), fp32 on the CPU (no fast bf16 GEMM there)
         torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
