@@ -16,11 +16,11 @@ exemplar and the problem), ``stop`` (stop sequences) and ``rounds`` (programs ex
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from rhocli.core.errors import BadInputError, MissingInputError, UsageError
+from rhocli.core.formats.eval_outputs import json_objects
 from rhocli.eval.grading import gsm8k_reference, last_boxed
 
 TASKS = ("gsm8k", "math")
@@ -108,21 +108,12 @@ def load_problems(path: str | Path, task: str, question_key: str | None = None,
         raise MissingInputError(f"--data {path}: not found")
     q_key, a_key = question_key or DEFAULT_KEYS[task][0], answer_key or DEFAULT_KEYS[task][1]
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise BadInputError(f"{path}:{number}: not a JSON object") from None
-            if not isinstance(record, dict):
-                raise BadInputError(f"{path}:{number}: not a JSON object")
-            if q_key not in record:
-                raise BadInputError(f"{path}:{number}: no {q_key!r} field (pass --question-key)")
-            reference = _reference(record, task, a_key, path, number, answer_key is not None)
-            extra = {k: record[k] for k in EXTRA_FIELDS if k in record}
-            problems.append(Problem(record.get("idx", len(problems)), str(record[q_key]).strip(), reference, extra))
+    for number, record in json_objects(path):
+        if q_key not in record:
+            raise BadInputError(f"{path}:{number}: no {q_key!r} field (pass --question-key)")
+        reference = _reference(record, task, a_key, path, number, answer_key is not None)
+        extra = {k: record[k] for k in EXTRA_FIELDS if k in record}
+        problems.append(Problem(record.get("idx", len(problems)), str(record[q_key]).strip(), reference, extra))
     if not problems:
         raise BadInputError(f"--data {path}: no problems (the file is empty)")
     return problems

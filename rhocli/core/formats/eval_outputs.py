@@ -20,7 +20,7 @@ import ast
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rhocli.core.errors import BadInputError, MissingInputError
 
@@ -30,24 +30,32 @@ SETTINGS_NAME = "settings.json"
 LIST_FIELDS = ("code", "pred", "report", "score")
 
 
-def read_outputs(path: str | Path) -> list[dict[str, Any]]:
-    """The records of an outputs file, list fields decoded; raises BadInputError naming the line."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingInputError(f"{path}: not found")
+def json_objects(path: Path, torn_tail: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a jsonl file; BadInputError names the line of
+    anything else. ``torn_tail``: a last line without its newline that does not parse (a write cut
+    short by a kill) is skipped."""
     lines = path.read_text(encoding="utf-8").split("\n")
-    records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):  # the last line, without its newline: a write cut short
-                break
+            if torn_tail and number == len(lines):
+                return
             raise BadInputError(f"{path}:{number}: not a JSON object") from None
         if not isinstance(record, dict):
             raise BadInputError(f"{path}:{number}: not a JSON object")
+        yield number, record
+
+
+def read_outputs(path: str | Path) -> list[dict[str, Any]]:
+    """The records of an outputs file, list fields decoded; raises BadInputError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(f"{path}: not found")
+    records = []
+    for number, record in json_objects(path, torn_tail=True):
         for key in LIST_FIELDS:
             if key in record:
                 record[key] = _as_list(record[key], path, number, key)
