@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
-from rhocli.core.errors import NotAvailableError, UsageError
+from rhocli.core.errors import BadInputError, NotAvailableError, UsageError
 from rhocli.eval.generation import BACKENDS
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -164,6 +164,8 @@ def run_lm_eval_tasks(model: str, tasks: str, output: Path, export: Callable[...
             )
         except ImportError as err:  # lm-eval's transformers backend needs accelerate / peft
             raise NotAvailableError(f"--lm-eval: {err} (pip install 'rho[eval]')") from None
+        except (AssertionError, ValueError) as err:  # lm-eval's checks of a task against the model
+            raise BadInputError(f"--lm-eval: lm-evaluation-harness refused the task: {err}") from None
     table = {name: {k: v for k, v in row.items() if k != "alias"} for name, row in results["results"].items()}
     write_json(target, json.loads(json.dumps({"results": table, "configs": results.get("configs", {})}, default=str)))
     return {"results": table, "output": str(target)}
