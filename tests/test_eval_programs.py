@@ -63,3 +63,28 @@ def test_tora_program_carries_successful_blocks():
         assert sandbox.run(program).stdout.strip() == "3"
         pal = pal_program("Question: ...\n\n```python\ndef solution():\n    return 6 * 7\n```")
         assert sandbox.run(pal).stdout.strip() == "42"
+
+
+class OneAnswer:
+    """A generator that writes the same PAL program for every problem (the loop is under test)."""
+
+    def generate(self, prompts, stop, max_new_tokens):
+        from rhocli.eval.generation import Completion
+
+        return [Completion("\n\n```python\ndef solution():\n    return 6 * 7\n```", []) for _ in prompts]
+
+
+def test_pal_loop_boxes_the_programs_value(tmp_path):
+    """PAL: the program runs once in the sandbox, its value goes back as ```output \\boxed{…}``` and is
+    the graded answer (the harness's convention)."""
+    from rhocli.eval.run import EvalJob, run_eval
+    from rhocli.eval.tasks import Problem, load_prompt
+
+    problems = [Problem(0, "What is 6 times 7?", "42", {}), Problem(1, "What is 6 times 8?", "48", {})]
+    job = EvalJob(problems, load_prompt("gsm8k", "pal"), tmp_path / "out", 64, 2, {"test": "pal"})
+    with Sandbox(Limits(wall_s=5.0), preload=("math",)) as sandbox:
+        metrics = run_eval(job, OneAnswer(), sandbox)
+    records = read_outputs(tmp_path / "out" / "outputs.jsonl")
+    assert records[0]["code"][0].endswith("```output\n\\boxed{42}\n```")
+    assert [r["pred"][0] for r in records] == ["42", "42"] and [r["score"][0] for r in records] == [True, False]
+    assert metrics["acc"] == 50.0

@@ -24,21 +24,11 @@ OUTPUT_CHARS = 400
 # an output holding one of these marks its block as failed (its definitions are not carried on)
 _FAILURE_WORDS = ("error", "exception", "no algorithms", "cannot", "nan", "...")
 _BLOCK = re.compile(r"```python\n(.*?)```\n?```output\n(.*?)```", re.S)
-_OPEN_BLOCK = re.compile(r"```python\n(.*?)```\s*$", re.S)
 
 
 def executed_blocks(generation: str) -> list[tuple[str, str]]:
     """The (program, recorded output) pairs of a ToRA generation, in order."""
     return [(program, output.strip()) for program, output in _BLOCK.findall(generation)]
-
-
-def pending_block(generation: str) -> str | None:
-    """The `````python`` block a generation that stopped at its closing fence wants executed, or None."""
-    if "boxed" in generation:  # an answer was given: nothing more to run
-        return None
-    tail = generation.rsplit("```output", 1)[-1] if "```output" in generation else generation
-    match = _OPEN_BLOCK.search(tail)
-    return match.group(1) if match else None
 
 
 def tora_program(previous: list[tuple[str, str]], block: str) -> str:
