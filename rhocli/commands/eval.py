@@ -110,7 +110,7 @@ def eval_command(
     timeout: Annotated[float, typer.Option("--timeout", help="pal/tora: wall-clock seconds per program.")] = 5.0,
     memory_mb: Annotated[int, typer.Option("--memory-mb", help="pal/tora: memory per program (MB).")] = 1024,
     regrade: Annotated[Optional[str], typer.Option("--regrade", help="Re-grade this outputs jsonl (the harness's schema) instead of generating.")] = None,
-    lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="Run lm-evaluation-harness tasks (comma-separated) on MODEL instead (pip install 'rho[eval]').")] = None,
+    lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="Run lm-evaluation-harness tasks (comma-separated) on MODEL instead (pip install 'rho\\[eval]').")] = None,
     include_path: Annotated[Optional[str], typer.Option("--include-path", help="--lm-eval: a directory of local task YAMLs.")] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="--lm-eval: exemplars per task.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an output directory that holds another eval.")] = False,
