@@ -57,7 +57,9 @@ class EvalRenderer:
             if self._progress is not None:
                 self._progress.update(self._task, completed=event["done"], rate=f"{rate:.2f}", acc=acc)
             else:
-                out.print(f"{event['done']}/{event['total']} problems  {rate:.2f} problems/s  acc {acc}")
+                left = (event["total"] - event["done"]) / rate if rate > 0 else 0.0
+                out.print(f"{event['done']}/{event['total']} problems  {rate:.2f} problems/s  acc {acc}  "
+                          f"ETA {int(left // 60)}:{int(left % 60):02d}")
 
     def close(self) -> None:
         if self._progress is not None:
