@@ -1,6 +1,7 @@
-"""Run under torchrun: rho's full-vocabulary logits for a token batch from a rho checkpoint, at the
-layout given, saved by the rank that holds them (last pipeline stage, TP rank 0) for the test to
-compare with transformers. Usage: logits_worker.py CKPT TOKENS.pt OUT.pt TP PP"""
+"""Run under torchrun: rho's full-vocabulary logits for token batches from rho checkpoints, at the
+layout given, each saved by the rank that holds them (last pipeline stage, TP rank 0) for the test to
+compare with transformers. One launch serves several checkpoints (each rank's megatron-core import
+and process groups are paid once). Usage: logits_worker.py TP PP CKPT TOKENS.pt OUT.pt [CKPT TOKENS.pt OUT.pt ...]"""
 
 import sys
 
@@ -8,21 +9,15 @@ import torch
 import torch.distributed as dist
 
 
-def main() -> None:
-    ckpt_path, tokens_path, out_path, tp, pp = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-    from rhocli.core.megatron_io import import_megatron
-
-    import_megatron()  # as rho's ranks do: quietly, torch.compile deferred
+def logits_of(ckpt_path: str, tokens_path: str, out_path: str, tp: int, pp: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from parallel.checkpoint import load_checkpoint
     from parallel.config import ModelConfig
-    from parallel.distributed import destroy_distributed, init_distributed
     from parallel.model import build_model, model_shape
     from rhocli.core.formats import checkpoint as ckpt
 
-    init_distributed(tp, pp, seed=0)
     step = ckpt.resolve_checkpoint(ckpt_path)
     manifest = ckpt.read_manifest(step)
     cfg = ModelConfig(**manifest["model"])
@@ -54,6 +49,19 @@ def main() -> None:
         if ps.get_tensor_model_parallel_rank() == 0:
             full = torch.cat(parts, dim=-1)[..., : manifest["vocab_size"]]
             torch.save(full, out_path)
+    dist.barrier()
+
+
+def main() -> None:
+    tp, pp, jobs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    from rhocli.core.megatron_io import import_megatron
+
+    import_megatron()  # as rho's ranks do: quietly, torch.compile deferred
+    from parallel.distributed import destroy_distributed, init_distributed
+
+    init_distributed(tp, pp, seed=0)
+    for i in range(0, len(jobs), 3):
+        logits_of(jobs[i], jobs[i + 1], jobs[i + 2], tp, pp)
     destroy_distributed()
 
 

@@ -169,10 +169,13 @@ def test_export_shards_with_an_index(tmp_path, hf_tokenizer_dir):
     assert r.returncode == 5
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "llama3", "qwen2"])
-def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir, kind):
-    """HF -> rho: rho's logits (vocab-parallel shards gathered) equal transformers' logits within
-    1e-4 at TP1PP1 and TP2PP2; and the rho -> HF export gives transformers the same logits."""
+KINDS = ("llama", "mistral", "llama3", "qwen2")
+
+
+def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir):
+    """HF -> rho, for each family: rho's logits (vocab-parallel shards gathered) equal transformers'
+    logits within 1e-4 at TP1PP1 and TP2PP2; and the rho -> HF export gives transformers the same
+    logits, tensor-exact weights. (One torchrun launch per layout serves the four models.)"""
     import os
     import subprocess
     import sys
@@ -182,35 +185,41 @@ def test_logits_equal_transformers(tmp_path, hf_tokenizer_dir, kind):
 
     from rhocli.core.launch import free_port
 
-    hf_dir = tmp_path / "hf"
-    model = _hf_model(kind, hf_dir, hf_tokenizer_dir)
-    rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
-    tokens = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    with torch.no_grad():
-        expected = model(tokens).logits.float()
+    models, expected, jobs = {}, {}, {}
+    for kind in KINDS:
+        d = tmp_path / kind
+        models[kind] = _hf_model(kind, d / "hf", hf_tokenizer_dir)
+        rho("convert-hf", "--from-hf", d / "hf", d / "ckpt")
+        tokens = torch.randint(0, models[kind].config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+        torch.save(tokens, d / "tokens.pt")
+        with torch.no_grad():
+            expected[kind] = models[kind](tokens).logits.float()
     root = Path(__file__).resolve().parent.parent
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     for tp, pp in ((1, 1), (2, 2)):
-        out = tmp_path / f"logits_{tp}{pp}.pt"
+        jobs = [str(p) for kind in KINDS for p in (tmp_path / kind / "ckpt", tmp_path / kind / "tokens.pt",
+                                                    tmp_path / kind / f"logits_{tp}{pp}.pt")]
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * pp), "--master-port",
-             str(free_port()), str(root / "tests" / "logits_worker.py"), str(tmp_path / "ckpt"),
-             str(tmp_path / "tokens.pt"), str(out), str(tp), str(pp)],
+             str(free_port()), str(root / "tests" / "logits_worker.py"), str(tp), str(pp), *jobs],
             capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        got = torch.load(out)
-        assert got.shape == expected.shape
-        assert (got - expected).abs().max() < 1e-4, (tp, pp, float((got - expected).abs().max()))
-    rho("convert-hf", tmp_path / "ckpt", tmp_path / "back", "--dtype", "fp32")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
-    assert type(back) is type(model) and back.config.tie_word_embeddings == model.config.tie_word_embeddings
-    with torch.no_grad():
-        assert (back(tokens).logits.float() - torch.load(tmp_path / "logits_11.pt")).abs().max() < 1e-4
-    # tensor-exact both ways (the export of the converted checkpoint is the HF model itself)
-    a, b = model.state_dict(), back.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for kind in KINDS:
+            got = torch.load(tmp_path / kind / f"logits_{tp}{pp}.pt")
+            assert got.shape == expected[kind].shape, kind
+            assert (got - expected[kind]).abs().max() < 1e-4, (kind, tp, pp, float((got - expected[kind]).abs().max()))
+    for kind in KINDS:
+        d, model = tmp_path / kind, models[kind]
+        rho("convert-hf", d / "ckpt", d / "back", "--dtype", "fp32")
+        back = AutoModelForCausalLM.from_pretrained(d / "back").eval()
+        assert type(back) is type(model) and back.config.tie_word_embeddings == model.config.tie_word_embeddings, kind
+        tokens = torch.load(d / "tokens.pt")
+        with torch.no_grad():
+            assert (back(tokens).logits.float() - torch.load(d / "logits_11.pt")).abs().max() < 1e-4, kind
+        # tensor-exact both ways (the export of the converted checkpoint is the HF model itself)
+        a, b = model.state_dict(), back.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kind
 
 
 def test_export_of_a_trained_model_loads_whole(tmp_path, llama2_sp, gsm8k, tiny_data, capsys):
