@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rhocli.core.errors import OutputExistsError, UsageError
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from rhocli.core.formats.hf import DTYPE_NAMES as DTYPES
 
 
 def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:

@@ -19,6 +19,7 @@ import dataclasses
 from pathlib import Path
 
 from rhocli.core.errors import LoadError, NotAvailableError, UsageError
+from rhocli.core.formats.hf import DTYPE_NAMES
 
 BACKENDS = ("transformers", "vllm")
 
@@ -33,6 +34,12 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
     """``text`` up to its first stop string (exclusive)."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
     return text[:cut]
+
+
+def precision_for(dtype: str | None, device: str) -> str:
+    """``--dtype``, else bf16 on a GPU (the harness loads in half precision) and fp32 on the CPU (no
+    fast bf16 GEMM there)."""
+    return dtype or ("bf16" if device == "cuda" else "fp32")
 
 
 def pick_device(device: str) -> str:
@@ -58,9 +65,7 @@ class TransformersGenerator:
 
         hf_logging.disable_progress_bar()  # rho shows its own progress
         self.device = pick_device(device)
-        # bf16 on a GPU (the harness loads in half precision), fp32 on the CPU (no fast bf16 GEMM there)
-        torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
-            dtype or ("bf16" if self.device == "cuda" else "fp32")]
+        torch_dtype = getattr(torch, DTYPE_NAMES[precision_for(dtype, self.device)])
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         except (OSError, ValueError) as err:
@@ -119,7 +124,7 @@ class VLLMGenerator:
         except ImportError:
             raise NotAvailableError("--backend vllm: vLLM is not installed (pip install vllm; it needs a GPU)") from None
         self.llm = LLM(model=str(model_dir), tensor_parallel_size=tensor_parallel,
-                       dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(dtype or "bf16"),
+                       dtype=DTYPE_NAMES[precision_for(dtype, "cuda")],
                        trust_remote_code=False)
 
     def generate(self, prompts: list[str], stop: tuple[str, ...], max_new_tokens: int) -> list[Completion]:

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rhocli.core.errors import BadInputError, NotAvailableError, UsageError
+from rhocli.core.formats.hf import DTYPE_NAMES
 from rhocli.eval.generation import BACKENDS
-
-DTYPES = ("bf16", "fp16", "fp32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +38,7 @@ class EvalOptions:
 def _check(o: EvalOptions) -> None:
     if o.backend not in BACKENDS:
         raise UsageError(f"--backend: expected {' or '.join(BACKENDS)}, got {o.backend!r}")
-    if o.dtype is not None and o.dtype not in DTYPES:
+    if o.dtype is not None and o.dtype not in DTYPE_NAMES:
         raise UsageError(f"--dtype: expected bf16, fp16 or fp32, got {o.dtype!r}")
     for flag, value, least in (("--max-new-tokens", o.max_new_tokens, 1), ("--batch-size", o.batch_size, 1),
                                ("--tp", o.tp, 1), ("--memory-mb", o.memory_mb, 64)):
@@ -83,13 +82,9 @@ def evaluate(o: EvalOptions, export: Callable[..., dict], on_event: Callable[[di
 
 
 def _export_dtype(o: EvalOptions) -> str:
-    if o.dtype:
-        return o.dtype
-    if o.backend == "vllm":
-        return "bf16"
-    from rhocli.eval.generation import pick_device
+    from rhocli.eval.generation import pick_device, precision_for
 
-    return "bf16" if pick_device(o.device) == "cuda" else "fp32"
+    return precision_for(o.dtype, "cuda" if o.backend == "vllm" else pick_device(o.device))
 
 
 def _generator(o: EvalOptions, model_dir: Path):
@@ -131,7 +126,7 @@ def run_lm_eval_tasks(model: str, tasks: str, output: Path, export: Callable[...
 
     from rhocli.core.errors import MissingInputError, OutputExistsError
     from rhocli.core.formats.eval_outputs import write_json
-    from rhocli.eval.generation import pick_device
+    from rhocli.eval.generation import pick_device, precision_for
     from rhocli.eval.model import hf_model_dir
 
     try:
@@ -153,9 +148,9 @@ def run_lm_eval_tasks(model: str, tasks: str, output: Path, export: Callable[...
         raise UsageError(f"--lm-eval: unknown task(s) {', '.join(unknown)} (local task YAMLs go in --include-path)")
     dev = pick_device(device)
     output.mkdir(parents=True, exist_ok=True)
-    precision = dtype or ("bf16" if dev == "cuda" else "fp32")
+    precision = precision_for(dtype, dev)
     with hf_model_dir(model, output, export, precision, tokenizer) as model_dir:
-        torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[precision]
+        torch_dtype = DTYPE_NAMES[precision]
         try:
             results = lm_eval.simple_evaluate(
                 model="hf", model_args={"pretrained": str(model_dir), "dtype": torch_dtype},

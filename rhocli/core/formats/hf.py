@@ -23,6 +23,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
+#: rho's precision flags -> torch / config.json dtype names (rho convert-hf --dtype, rho eval --dtype)
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 class HFReader:
     """Tensor-by-tensor access to a HF checkpoint: model.safetensors (sharded or not) or .bin."""
 
