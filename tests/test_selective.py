@@ -110,7 +110,7 @@ def test_score_dp2_identical_and_tp2_within_tolerance(corpus, tmp_path):
     scratch.mkdir()
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "dp2", "--seq-len", 32,
         "--shard-documents", 80, "--dp", 2, "-q", timeout=600, env_extra={"TMPDIR": str(scratch)})
-    # the launcher's error reports and the elastic agent's logs are removed with the run
+    # the launcher's error reports are removed with the run
     assert list(scratch.iterdir()) == []
     assert (tmp_path / "dp2.bin").read_bytes() == (d / "c.ref.bin").read_bytes()
     assert (tmp_path / "dp2.idx").read_bytes() == (d / "c.ref.idx").read_bytes()

@@ -366,7 +366,7 @@ def test_resume_and_force_never_lose_the_run(tmp_path, tiny_data, init_ckpt, cap
 def test_launched_ranks_end_with_the_right_code_and_one_line(tmp_path, tiny_data, init_ckpt, event, code, words):
     """Under rho's launcher (--tp 2) a run ends as a one-process run would: SIGTERM saves and exits 12,
     a rank killed with -9 is exit 10, a NaN is exit 11, each one line with -q (no warning, no traceback
-    from the elastic agent). ``kill -USR1`` makes every process print its Python stacks and go on."""
+    from the launcher). ``kill -USR1`` makes every process print its Python stacks and go on."""
     import signal
     import subprocess
     import sys

@@ -1,5 +1,6 @@
 """Starting the ranks of a distributed stage (``rho train``, ``rho score``): in this process (one rank,
-or each process under torchrun), or tp x pp x dp worker processes through torch's elastic launcher.
+or each process under torchrun), or tp x pp x dp worker processes started by
+``torch.multiprocessing.start_processes`` (see ``run_ranks`` for why not torch's elastic agent).
 
 The stage hands down what to run, the way megatron-core's ``pretrain`` takes ``forward_step``:
 
@@ -8,22 +9,20 @@ The stage hands down what to run, the way megatron-core's ``pretrain`` takes ``f
 ``entry(spec_dict, renderer)`` runs one rank (a module-level function: spawned workers import it by
 name); ``renderer`` is a class whose instance, on rank 0 only, receives the stage's events (None:
 quiet). A launched worker that fails writes its error's exit code (``rhocli.core.errors``' one table)
-and its one line to ``rankN.json`` in an error directory, because torch's elastic agent only reports
-"child failed"; the launching process raises that category with that line. The error directory and
-the agent's log directory share one scratch directory, removed however the run ends.
+and its one line to ``rankN.json`` in an error directory, because a process's exit code is all its
+parent sees; the launching process raises that category with that line. The error directory is
+removed however the run ends.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
 import socket
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,7 +72,7 @@ def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | 
 
     die_with_parent()  # no rank outlives a kill -9 of the launching rho
     stacks_on_sigusr1()
-    # a forked rank inherits the elastic agent's handlers (they raise its SignalException): a rank
+    # a forked rank inherits the launcher's handlers (they pass signals on to the ranks): a rank
     # takes Ctrl-C as KeyboardInterrupt and hang-ups as their default, as a spawned one does
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for name in ("SIGHUP", "SIGQUIT"):
@@ -142,17 +141,22 @@ def _forked_child_runs_torch(timeout_s: float = 3.0) -> bool:
     return False
 
 
-#: how often the elastic agent looks at its workers (LaunchConfig.monitor_interval)
+#: how often the launcher looks at its ranks
 MONITOR_INTERVAL_S = 0.5
+#: how long ranks that were told to stop (a signal, a failed peer) may take to save and exit
+#: before they are killed: a SIGTERM'd trainer writes its checkpoint first
+STOP_TIMEOUT_S = 600.0
+#: the signals the launcher passes on to its ranks (a scheduler's SIGTERM, a terminal's hang-up...)
+FORWARDED_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
 
 
 def _outlive_a_dead_peer() -> None:
-    """Before a rank exits with an internal error, give the agent time to see the rank that may have
-    caused it. A rank killed with -9 (or by the OOM killer) makes its peers fail on their next
-    collective at once ("Connection reset by peer"); the agent reports only the first failed rank it
-    finds, in rank order, so a peer that exits in the same polling interval would be blamed instead
-    of the killed rank. Waiting three intervals lets the agent find the killed one first; a signal
-    meanwhile (the agent stopping this rank) ends the wait, without another message."""
+    """Before a rank exits with an internal error, give the launcher time to see the rank that may
+    have caused it. A rank killed with -9 (or by the OOM killer) makes its peers fail on their next
+    collective at once ("Connection reset by peer"); a peer that exited in the same polling interval
+    could be blamed instead of the killed rank. Waiting three intervals lets the launcher find the
+    killed one first; a signal meanwhile (the launcher stopping this rank) ends the wait, without
+    another message."""
     import time
 
     try:
@@ -162,9 +166,16 @@ def _outlive_a_dead_peer() -> None:
 
 
 def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None) -> None:
-    """Run ``entry`` here when possible, else on ``world`` processes started by the elastic API."""
-    from rhocli.core.errors import Interrupted, Terminated
+    """Run ``entry`` here when possible, else on ``world`` processes started by
+    ``torch.multiprocessing.start_processes`` on this machine.
 
+    Why not torch's elastic agent (``torchrun``'s engine, used here until 2026-12): its ranks are
+    started after it has begun its rendezvous threads (TCPStore servers, heartbeats), and a rank
+    forked from a process with running threads may inherit a lock held at that instant. CI saw it:
+    a forked rank waited forever inside ``init_process_group``'s TCPStore constructor (twice in
+    ~4 suite runs, ~150 launches each). Here the ranks are started first, from a process that has
+    started no thread of its own, and rank 0 hosts the rendezvous store (``env://``). Multi-node
+    runs use torchrun itself (``under_torchrun``)."""
     if under_torchrun() or world == 1:
         single_rank_env()
         run_stage(entry, spec_dict, renderer_cls)
@@ -177,42 +188,97 @@ def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls:
         raise NotAvailableError(f"this run starts {world} processes, one per GPU (--tp x --pp x --cp x --dp), and this "
                                 f"machine has {gpus}: lower the sizes, or start it across nodes with torchrun")
 
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    import torch.multiprocessing as torch_mp
 
-    # one scratch directory for the workers' error reports and the elastic agent's own files,
-    # removed however the run ends
-    scratch = Path(tempfile.mkdtemp(prefix="rho-launch-"))
-    error_dir = str(scratch / "errors")
-    os.mkdir(error_dir)
-    launch = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=world, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}", max_restarts=0,
-        start_method=start_method(), monitor_interval=MONITOR_INTERVAL_S, shutdown_timeout=600,
-        logs_specs=DefaultLogsSpecs(log_dir=str(scratch / "elastic")),
-    )
-    # the agent's own log lines (a worker's exit code, its traceback) are noise beside the one line
-    # rho prints for whatever ended the run
-    for name in [n for n in logging.Logger.manager.loggerDict
-                 if n.startswith(("torch.distributed.elastic", "torch.multiprocessing"))]:
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # each has its own level (torch's get_logger)
+    # the workers' error reports, removed however the run ends
+    error_dir = tempfile.mkdtemp(prefix="rho-launch-")
+    received: list[int] = []
+    ranks: list = []
+
+    def pass_on(signum, _frame):  # to every rank still running, as torchrun's agent does
+        received.append(signum)
+        _signal_alive(ranks, signal.SIGKILL if len(received) > 1 else signum)  # a second one: at once
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in FORWARDED_SIGNALS}
     try:
-        elastic_launch(launch, launched_rank)(entry, spec_dict, renderer_cls, error_dir)
-    except ChildFailedError as err:
-        failures = {int(r): f.exitcode for r, f in (getattr(err, "failures", {}) or {}).items()}
-        raise _failure(error_dir, failures) from None
-    except SignalException as err:
-        # the agent forwarded the signal to the workers and waited for them: a rank that saved and
-        # stopped (SIGTERM in training: exit 12) has said so
-        reported = first_reported_error(error_dir)
-        if reported is not None and reported[0] != 1:
-            raise error_for(*reported) from None
-        if err.sigval == signal.SIGINT:
-            raise Interrupted("interrupted; only complete outputs are published") from None
-        raise Terminated(f"terminated ({signal.Signals(err.sigval).name}); only complete outputs are published") from None
+        context = torch_mp.start_processes(_rank_process, args=(world, free_port(), entry, spec_dict, renderer_cls, error_dir),
+                                           nprocs=world, join=False, start_method=start_method())
+        ranks.extend(context.processes)
+        failures = _watch(ranks, received)
+        if received:
+            error = _signal_error(received[0], first_reported_error(error_dir))
+        else:
+            error = _failure(error_dir, failures) if failures else None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        _signal_alive(ranks, signal.SIGKILL)  # nothing outlives the launcher, however it ends
+        for rank in ranks:
+            rank.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutil.rmtree(error_dir, ignore_errors=True)
+    if error is not None:
+        raise error
+
+
+def _rank_process(local_rank: int, world: int, port: int, entry: Entry, spec_dict: dict[str, Any],
+                  renderer_cls: type | None, error_dir: str) -> None:
+    """One launched rank: the environment torchrun would give it, then ``launched_rank``."""
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # rank 0 hosts the store, not an agent
+    launched_rank(entry, spec_dict, renderer_cls, error_dir)
+
+
+def _signal_alive(ranks: list, signum: int) -> None:
+    for rank in ranks:
+        if rank.exitcode is None and rank.pid is not None:
+            try:
+                os.kill(rank.pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def _watch(ranks: list, received: list[int]) -> dict[int, int]:
+    """Wait for the ranks: all done (returns {}), one failed (the others are stopped; returns
+    {rank: exit code} of those that had failed when it was seen), or a signal passed on (waits for
+    the ranks to save and exit; returns {})."""
+    import time
+    from multiprocessing.connection import wait
+
+    stop_deadline = None
+    while any(r.exitcode is None for r in ranks):
+        wait([r.sentinel for r in ranks if r.exitcode is None], timeout=MONITOR_INTERVAL_S)
+        if stop_deadline is None and received:
+            stop_deadline = time.monotonic() + STOP_TIMEOUT_S
+        failed = {i: r.exitcode for i, r in enumerate(ranks) if r.exitcode not in (None, 0)}
+        if failed and not received:
+            _signal_alive(ranks, signal.SIGTERM)
+            _join_all(ranks, STOP_TIMEOUT_S)
+            return failed
+        if stop_deadline is not None and time.monotonic() > stop_deadline:
+            _signal_alive(ranks, signal.SIGKILL)
+    return {}
+
+
+def _join_all(ranks: list, timeout_s: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    for rank in ranks:
+        rank.join(max(0.0, deadline - time.monotonic()))
+    _signal_alive(ranks, signal.SIGKILL)
+
+
+def _signal_error(signum: int, reported: tuple[int, str] | None):
+    """The error of a launcher that was signalled and passed it on: what a rank that saved and
+    stopped said (SIGTERM in training: exit 12), else the signal itself."""
+    from rhocli.core.errors import Interrupted, Terminated
+
+    if reported is not None and reported[0] != 1:
+        return error_for(*reported)
+    if signum == signal.SIGINT:
+        return Interrupted("interrupted; only complete outputs are published")
+    return Terminated(f"terminated ({signal.Signals(signum).name}); only complete outputs are published")
 
 
 def _gpu_count() -> int:
