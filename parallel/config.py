@@ -173,6 +173,13 @@ class TrainConfig:
     select_scope: Literal["sequence", "microbatch", "batch"] = "sequence"
     """Where the top k% is taken: each sequence (default), the micro-batch across DP, or a threshold
     from the previous global batch (docs/selective.md)."""
+    select_by: str = "excess"
+    """What tokens are ranked by: excess (Rho-1), reference, training, entropy, random, or two joined by
+    & (kept by both) or | (kept by either), e.g. reference&entropy (docs/selective.md)."""
+    select_ratio_start: float | None = None
+    """A schedule: the fraction kept moves linearly from this to select_ratio over the selective steps."""
+    select_after: int = 0
+    """A warm-up: train on every token for this many steps before selecting."""
     masks: tuple[str, ...] = ()
     """Static token masks (rho select) for the --data prefixes, in the same order: only tokens with
     mask 1 are trained on (and counted)."""
@@ -186,5 +193,5 @@ class TrainConfig:
         "adam_beta2": "[0, 1)", "adam_eps": "> 0", "clip_grad": ">= 0", "seed": ">= 0", "eval_interval": ">= 0",
         "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1", "cp": ">= 1", "virtual_pp": ">= 1",
         "loss_scale": "> 0", "initial_loss_scale": "> 0", "loss_scale_window": ">= 1", "loss_scale_hysteresis": ">= 1",
-        "stop_after": ">= 1", "select_ratio": "(0, 1]", "peak_tflops": "> 0",
+        "stop_after": ">= 1", "select_ratio": "(0, 1]", "select_ratio_start": "(0, 1]", "select_after": ">= 0", "peak_tflops": "> 0",
     }

@@ -45,6 +45,8 @@ class DataSpec:
     scores: tuple[str, ...] = ()
     #: static mask stores (rho select) aligned with ``prefixes``; empty: every token
     masks: tuple[str, ...] = ()
+    #: reference-entropy stores aligned with ``prefixes`` (``--select-by entropy``); empty: none read
+    entropies: tuple[str, ...] = ()
     #: validation datasets of their own (``eval_data``); empty: the ``split`` of ``prefixes``
     eval_prefixes: tuple[str, ...] = ()
     eval_weights: tuple[float, ...] | None = None
@@ -67,6 +69,8 @@ def _scored_dataset_classes():
         score_prefixes: dict = dataclasses.field(default_factory=dict)
         #: token dataset prefix -> mask store prefix
         mask_prefixes: dict = dataclasses.field(default_factory=dict)
+        #: token dataset prefix -> reference-entropy store prefix
+        entropy_prefixes: dict = dataclasses.field(default_factory=dict)
 
     class _Float32AsInt32:
         """The score store seen through ``get`` as int32 bit patterns: GPTDataset concatenates a
@@ -86,6 +90,9 @@ def _scored_dataset_classes():
             self.scores = _Float32AsInt32(IndexedDataset(scores, mmap=True)) if scores else None
             masks = config.mask_prefixes.get(dataset_path)
             self.masks = IndexedDataset(masks, mmap=True) if masks else None
+            entropies = config.entropy_prefixes.get(dataset_path)
+            self.entropies_prefix = entropies
+            self.entropies = _Float32AsInt32(IndexedDataset(entropies, mmap=True)) if entropies else None
 
         def _aligned(self, store, idx):
             """The store's values for sample ``idx``, sliced exactly as its tokens are."""
@@ -112,6 +119,12 @@ def _scored_dataset_classes():
                     raise StoreContentError(f"{self.scores_prefix}.bin: a non-finite reference loss in training "
                                             f"sample {idx}; the store is damaged (verify it, or score again)")
                 sample["ref_loss"] = torch.from_numpy(ref_loss)
+            if self.entropies is not None:
+                entropy = self._aligned(self.entropies, idx).astype(numpy.int32).view(numpy.float32)[1:].copy()
+                if not numpy.isfinite(entropy[sample["loss_mask"].numpy() > 0]).all():
+                    raise StoreContentError(f"{self.entropies_prefix}.bin: a non-finite entropy in training sample "
+                                            f"{idx}; the store is damaged (verify it, or score again)")
+                sample["ref_entropy"] = torch.from_numpy(entropy)
             return sample
 
     return ScoredGPTDataset, ScoredGPTDatasetConfig
@@ -142,6 +155,7 @@ def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
         mmap_bin_files=True,
         score_prefixes=dict(zip(spec.prefixes, spec.scores)),
         mask_prefixes=dict(zip(spec.prefixes, spec.masks)),
+        entropy_prefixes=dict(zip(spec.prefixes, spec.entropies)),
     )
     train, valid, _test = BlendedMegatronDatasetBuilder(
         dataset_cls, [train_samples, valid_samples, 0], lambda: True, config
@@ -157,12 +171,14 @@ class MicroBatches:
     union over DP ranks of a step's samples does not depend on the DP size.
     """
 
-    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 random_seed: int | None = None):
         self.dataset = dataset
         self.next_sample = consumed_samples
         self.mbs = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.random_seed = random_seed
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -171,5 +187,16 @@ class MicroBatches:
         start = self.next_sample + self.dp_rank * self.mbs
         self.next_sample += self.mbs * self.dp_size
         samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.mbs)]
-        keys = ("tokens", "labels", "loss_mask", "position_ids") + (("ref_loss",) if "ref_loss" in samples[0] else ())
-        return {key: torch.stack([s[key] for s in samples]) for key in keys}
+        keys = ("tokens", "labels", "loss_mask", "position_ids") + tuple(k for k in ("ref_loss", "ref_entropy") if k in samples[0])
+        batch = {key: torch.stack([s[key] for s in samples]) for key in keys}
+        if self.random_seed is not None:  # [b, s]: sample n's draws depend on (seed, n) only
+            batch["random"] = torch.stack([random_draws(self.random_seed, start + i, batch["tokens"].shape[1])
+                                           for i in range(self.mbs)])
+        return batch
+
+
+def random_draws(seed: int, sample: int, length: int) -> torch.Tensor:
+    """Uniform [0, 1) fp32 draws for the tokens of global sample ``sample``: the random selection
+    control, the same whatever the layout, the micro-batching or the DP size."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + sample) % (2**63 - 1))
+    return torch.rand(length, generator=generator)

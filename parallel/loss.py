@@ -18,6 +18,11 @@ where a micro-batch's backward starts before later micro-batches exist):
 * ``microbatch``: top k% over the micro-batch, across the DP group (one all-gather of the excess).
 * ``batch``: tokens whose excess reaches a threshold: the (1 - k) quantile of the excess over the
   previous global batch (all micro-batches, all DP ranks). The first step uses ``microbatch``.
+
+What a token is ranked by is the selection's ``score`` (``score_values``): the excess (Rho-1), the
+reference loss or entropy alone, the training loss alone, a seeded random draw (the control), or two
+of them combined (the tokens in both top-k sets, or in either). The fraction kept can follow a
+schedule: every token for ``select_after`` steps, then a linear move from ``ratio_start`` to ``ratio``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Literal
 import torch
 
 from parallel.context_parallel import own_chunks, whole_sequences
+from parallel.score_functions import parse_score, ratio_at
 
 Scope = Literal["sequence", "microbatch", "batch"]
 
@@ -52,91 +58,155 @@ def token_losses(model, batch: dict[str, torch.Tensor]):
     return model(tokens, position_ids, attention_mask=None, labels=labels)
 
 
+def score_values(name: str, losses: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One score function's values [b, s] (fp32; higher is kept first):
+
+    * ``excess``    = training loss - reference loss (Rho-1);
+    * ``reference`` = - reference loss (what the reference model finds predictable: its clean text);
+    * ``training``  = training loss (hard tokens first; no reference model);
+    * ``entropy``   = - the reference model's entropy (where it is sure: ``rho score --entropy``);
+    * ``random``    = uniform [0, 1), drawn per sample from the run's seed (the control).
+
+    Values that depend on the training model's loss are rounded to ``EXCESS_QUANTUM``, so that
+    layouts whose reductions differ in the last bits rank the same; store and random values are the
+    same on every layout and are used as they are."""
+    if name == "excess":
+        values = losses.detach().float() - inputs["ref_loss"].float()
+    elif name == "training":
+        values = losses.detach().float()
+    elif name == "reference":
+        return -inputs["ref_loss"].float()
+    elif name == "entropy":
+        return -inputs["ref_entropy"].float()
+    elif name == "random":
+        return inputs["random"].float()
+    else:
+        raise ValueError(f"unknown score function {name!r}")
+    return torch.round(values / EXCESS_QUANTUM) * EXCESS_QUANTUM
+
+
 @dataclasses.dataclass
 class Selection:
-    """What to train on: None ratio = every unmasked token (plain causal LM)."""
+    """What to train on: None ratio = every unmasked token (plain causal LM). ``ratio`` is the final
+    fraction kept; ``ratio_start`` (a schedule), ``select_after`` (a warm-up on every token) and
+    ``steps`` (the run's length) set the fraction of each step (``set_step``)."""
 
     ratio: float | None = None
     scope: Scope = "sequence"
-    #: batch scope: the excess threshold carried from the previous global batch
-    threshold: float | None = None
-    _step_excess: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    score: str = "excess"
+    ratio_start: float | None = None
+    select_after: int = 0
+    steps: int = 1
+    #: batch scope: each score function's threshold carried from the previous global batch
+    thresholds: dict[str, float] = dataclasses.field(default_factory=dict)
+    _step_values: dict[str, list] = dataclasses.field(default_factory=dict)
+    _current: float | None = None
 
     @property
     def selective(self) -> bool:
         return self.ratio is not None
 
-    def kept(self, losses: torch.Tensor, ref_loss: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """kept [b, s] bool for one micro-batch (identical on every TP rank)."""
-        from cuda_ext import topk_mask
+    @property
+    def current_ratio(self) -> float | None:
+        """The fraction kept at the step being trained (``set_step``)."""
+        if not self.selective:
+            return None
+        return self._current if self._current is not None else self.ratio_of(0)
 
+    def ratio_of(self, step: int) -> float:
+        return ratio_at(step, float(self.ratio), self.ratio_start, self.select_after, self.steps)
+
+    def set_step(self, step: int) -> None:
+        if self.selective:
+            self._current = self.ratio_of(step)
+
+    def kept(self, losses: torch.Tensor, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """kept [b, s] bool for one micro-batch (identical on every TP rank). ``inputs``: the
+        micro-batch's ``ref_loss`` / ``ref_entropy`` / ``random`` [b, s] that the score reads."""
         candidate = mask > 0
         if not self.selective:
             return candidate
-        excess = (losses.detach() - ref_loss.to(losses.dtype)).float()
-        excess = torch.round(excess / EXCESS_QUANTUM) * EXCESS_QUANTUM
-        if self.scope == "batch":
-            self._step_excess.append(torch.where(candidate, excess, torch.full_like(excess, float("nan"))).reshape(-1))
-            if self.threshold is not None:
-                return candidate & (excess >= self.threshold)
+        names, op = parse_score(self.score)
+        ratio = self.current_ratio
+        values = {name: score_values(name, losses, inputs) for name in names}
+        if self.scope == "batch":  # the next step's thresholds come from this step's values
+            for name, v in values.items():
+                self._step_values.setdefault(name, []).append(torch.where(candidate, v, torch.full_like(v, float("nan"))).reshape(-1))
+        if ratio >= 1.0:  # warm-up or a ratio of 1: every token, whatever its score
+            return candidate
+        masks = [self._top(name, values[name], candidate, ratio) for name in names]
+        if op is None:
+            return masks[0]
+        return masks[0] & masks[1] if op == "&" else masks[0] | masks[1]
+
+    def _top(self, name: str, values: torch.Tensor, candidate: torch.Tensor, ratio: float) -> torch.Tensor:
+        """The candidates among the top ``ratio`` of ``values`` in this selection's scope."""
+        from cuda_ext import topk_mask
+
+        if self.scope == "batch" and name in self.thresholds:
+            return candidate & (values >= self.thresholds[name])
         # under context parallelism a rank holds two chunks of each sequence: the top-k is taken over
         # the whole sequences (gathered in order, so ties fall as without CP), each rank keeps its part
         cp = _cp()
         if cp is not None:
-            excess = whole_sequences(excess, cp[0])
+            values = whole_sequences(values, cp[0])
             candidate = whole_sequences(candidate.to(torch.uint8), cp[0]) > 0  # gloo gathers no bool
         if self.scope == "sequence":
-            kept = topk_mask(excess.reshape(-1), candidate.reshape(-1), float(self.ratio), excess.shape[1])
+            kept = topk_mask(values.reshape(-1), candidate.reshape(-1), float(ratio), values.shape[1])
             kept = kept.view_as(candidate)
-        else:
-            kept = self._across_dp(excess, candidate)
+        else:  # microbatch, and the batch scope's first step
+            kept = _across_dp(values, candidate, ratio)
         return kept if cp is None else own_chunks(kept, cp[1], cp[2])
 
-    def _across_dp(self, excess: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        from cuda_ext import topk_mask
-
-        group = ps.get_data_parallel_group()
-        world = dist.get_world_size(group)
-        flat = torch.stack([excess.reshape(-1), candidate.reshape(-1).float()])  # [2, b*s]
-        if world > 1:
-            parts = [torch.empty_like(flat) for _ in range(world)]
-            dist.all_gather(parts, flat, group=group)
-            flat_all = torch.cat(parts, dim=1)
-        else:
-            flat_all = flat
-        kept_all = topk_mask(flat_all[0].contiguous(), flat_all[1] > 0, float(self.ratio), 0)
-        n = excess.numel()
-        rank = dist.get_rank(group) if world > 1 else 0
-        return kept_all[rank * n:(rank + 1) * n].view_as(candidate)
-
-    def end_step(self) -> None:
-        """Batch scope: the next step's threshold from this step's excess over all DP ranks."""
-        if not (self.selective and self.scope == "batch") or not self._step_excess:
-            self._step_excess.clear()
+    def end_step(self, next_step: int) -> None:
+        """Batch scope: the next step's thresholds from this step's values over all DP ranks, for the
+        fraction the next step keeps."""
+        step_values, self._step_values = self._step_values, {}
+        if not (self.selective and self.scope == "batch"):
             return
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        local = torch.cat(self._step_excess)
-        self._step_excess.clear()
+        from cuda_ext import selection_k
+
+        ratio = self.ratio_of(next_step)
         group = ps.get_data_parallel_group(with_context_parallel=True)  # every token of the batch
         world = dist.get_world_size(group)
-        if world > 1:
-            parts = [torch.empty_like(local) for _ in range(world)]
-            dist.all_gather(parts, local, group=group)
-            local = torch.cat(parts)
-        values = local[~torch.isnan(local)]
-        if values.numel():
-            # the k-th largest excess, k as the selection rounds it: the next step keeps >= it
-            from cuda_ext import selection_k
+        for name, parts_of_step in step_values.items():
+            local = torch.cat(parts_of_step)
+            if world > 1:
+                parts = [torch.empty_like(local) for _ in range(world)]
+                dist.all_gather(parts, local, group=group)
+                local = torch.cat(parts)
+            values = local[~torch.isnan(local)]
+            if values.numel():
+                # the k-th largest value, k as the selection rounds it: the next step keeps >= it
+                k = selection_k(values.numel(), float(ratio))
+                self.thresholds[name] = (
+                    float("inf") if k == 0 else float(torch.kthvalue(values, values.numel() - k + 1).values.item())
+                )
 
-            k = selection_k(values.numel(), float(self.ratio))
-            self.threshold = (
-                float("inf") if k == 0 else float(torch.kthvalue(values, values.numel() - k + 1).values.item())
-            )
+
+def _across_dp(values: torch.Tensor, candidate: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The top ``ratio`` of the micro-batch's candidates across the DP group (one all-gather)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from cuda_ext import topk_mask
+
+    group = ps.get_data_parallel_group()
+    world = dist.get_world_size(group)
+    flat = torch.stack([values.reshape(-1), candidate.reshape(-1).float()])  # [2, b*s]
+    if world > 1:
+        parts = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(parts, flat, group=group)
+        flat_all = torch.cat(parts, dim=1)
+    else:
+        flat_all = flat
+    kept_all = topk_mask(flat_all[0].contiguous(), flat_all[1] > 0, float(ratio), 0)
+    n = values.numel()
+    rank = dist.get_rank(group) if world > 1 else 0
+    return kept_all[rank * n:(rank + 1) * n].view_as(candidate)
 
 
 def _cp():
@@ -148,14 +218,22 @@ def _cp():
     return None if size <= 1 else (ps.get_context_parallel_group(), size, ps.get_context_parallel_rank())
 
 
-def make_loss_func(selection: Selection, loss_mask: torch.Tensor, ref_loss: torch.Tensor | None):
-    """megatron's loss_func for one micro-batch: (kept loss sum, kept count, report)."""
+#: the micro-batch keys a selection may read (``Selection.kept``'s inputs)
+SELECTION_INPUTS = ("ref_loss", "ref_entropy", "random")
+
+
+def make_loss_func(selection: Selection, batch: dict[str, torch.Tensor]):
+    """megatron's loss_func for one micro-batch: (kept loss sum, kept count, report). ``batch``:
+    its ``loss_mask`` and whichever of ``SELECTION_INPUTS`` the data carries."""
+    loss_mask = batch["loss_mask"]
+    held = {key: batch[key] for key in SELECTION_INPUTS if key in batch}
 
     def loss_func(losses: torch.Tensor):
         device = losses.device
         mask = loss_mask.to(device)
-        ref = ref_loss.to(device) if ref_loss is not None else None
-        kept = selection.kept(losses, ref, mask)
+        inputs = {key: value.to(device) for key, value in held.items()}
+        ref = inputs.get("ref_loss")
+        kept = selection.kept(losses, inputs, mask)
         keptf = kept.to(losses.dtype)
         kept_sum = torch.sum(losses * keptf)
         n_kept = kept.sum().to(torch.int)

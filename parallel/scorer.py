@@ -57,6 +57,8 @@ class ScoreSpec:
     pp: int
     #: sequence parallelism (TP > 1): norms and the residual stream hold 1/tp of each window
     sequence_parallel: bool = False
+    #: also the entropy of the model's next-token distribution at each position (``entropy_sink``)
+    entropy: bool = False
 
 
 class ScoreSink(Protocol):
@@ -104,12 +106,16 @@ class _MicroBatch:
 
 class Scorer:
     def __init__(self, spec: ScoreSpec, layout: Layout, sink: ScoreSink, load_weights: WeightLoader,
-                 on_event: Callable[[str, dict], None] | None = None):
+                 on_event: Callable[[str, dict], None] | None = None, entropy_sink: ScoreSink | None = None):
         from megatron.core import parallel_state as ps
 
         self.spec = spec
         self.layout = layout
         self.sink = sink
+        #: where the entropies go (``spec.entropy``): a second store, shard for shard with ``sink``
+        self.entropy_sink = entropy_sink
+        if spec.entropy and entropy_sink is None:
+            raise ValueError("ScoreSpec.entropy needs an entropy_sink")
         self.on_event = on_event or (lambda kind, payload: None)
         self.is_last = ps.is_pipeline_last_stage()
         self.writer = self.is_last and ps.get_tensor_model_parallel_rank() == 0
@@ -165,7 +171,7 @@ class Scorer:
     @torch.inference_mode()
     def _score_windows(self, windows: list[Window]) -> list[torch.Tensor]:
         """Losses of each window's scored positions (``window_positions``), in window order (last
-        stage only; [] elsewhere)."""
+        stage only; [] elsewhere): [n] each, or [n, 2] (loss, entropy) with ``spec.entropy``."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         def forward_step(data_iterator, model):
@@ -240,7 +246,38 @@ class Scorer:
             from cuda_ext.tp import gather_row_stats
 
             lse, target = gather_row_stats(lse, target, ps.get_tensor_model_parallel_group())
-        return lse - target
+        if not self.spec.entropy:
+            return lse - target
+        return torch.stack([lse - target, self._entropies(h, weight)], dim=1)
+
+    def _entropies(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The entropy of the next-token distribution per scored row [n]: H = lse - E_p[logit], from
+        (logsumexp, expected logit) of cache-sized blocks of the vocabulary (and of TP shards), merged
+        exactly like the loss's logsumexp (``merge_expectations``). fp32 throughout."""
+        from megatron.core import parallel_state as ps
+
+        n = h.shape[0]
+        if weight.shape[0] == 0:  # a TP rank holding padding only
+            lse, expected = torch.full((n,), float("-inf"), device=h.device), torch.zeros(n, device=h.device)
+        else:
+            block = CPU_VOCAB_BLOCK if h.device.type == "cpu" else weight.shape[0]
+            rows = CPU_ROW_BLOCK if h.device.type == "cpu" else max(1, GPU_LOGITS_ELEMENTS // weight.shape[0])
+            lse_rows, expected_rows = [], []
+            for r in range(0, n, rows):
+                parts = [logit_expectation(torch.nn.functional.linear(h[r:r + rows], weight[v:v + block]))
+                         for v in range(0, weight.shape[0], block)]
+                lse_r, e_r = merge_expectations(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+                lse_rows.append(lse_r)
+                expected_rows.append(e_r)
+            lse, expected = torch.cat(lse_rows), torch.cat(expected_rows)
+        if self.layout.tp > 1:
+            import torch.distributed as dist
+
+            group = ps.get_tensor_model_parallel_group()
+            stats = [torch.empty(2, n, device=h.device) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(stats, torch.stack([lse, expected]).contiguous(), group=group)
+            lse, expected = merge_expectations(torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
+        return lse - expected
 
     def _row_stats_blocks(self, h, labels, weight, vocab_start: int, row_block: int, vocab_block: int):
         """(logsumexp, target logit) of ``h @ weight.T`` per row, made ``row_block`` x ``vocab_block``
@@ -271,23 +308,29 @@ class Scorer:
         doc_index = np.asarray(tokens.document_indices)
         n_docs = len(doc_index) - 1
         n_shards = (n_docs + spec.shard_documents - 1) // spec.shard_documents
+        sinks = [self.sink] + ([self.entropy_sink] if self.spec.entropy else [])
         if self.layout.rank == 0:
-            self.sink.prepare()
+            for sink in sinks:
+                sink.prepare()
         dist.barrier()
         mine = [s for s in range(n_shards) if s % self.layout.dp == self.dp_rank]
-        done_before = sum(1 for s in range(n_shards) if self.sink.is_done(s))
+        done = lambda s: all(sink.is_done(s) for sink in sinks)  # noqa: E731
+        done_before = sum(1 for s in range(n_shards) if done(s))
         self.on_event("start", {"documents": n_docs, "shards": n_shards, "resumed_shards": done_before,
                                 "tokens": int(np.asarray(tokens.sequence_lengths, dtype=np.int64).sum())})
         t0 = time.perf_counter()
         scored_tokens = 0
         for shard in mine:
-            if self.sink.is_done(shard):
+            if done(shard):
                 continue
             first, last = shard * spec.shard_documents, min(n_docs, (shard + 1) * spec.shard_documents)
             docs = {d: _document(tokens, doc_index, d) for d in range(first, last)}
             windows = [w for d, toks in docs.items() for w in document_windows(d, toks.tolist(), spec.eod_id, spec.window, spec.stride)]
             losses = self._score_windows(windows)
             if self.writer:
+                if self.spec.entropy:  # the entropies first: a shard counts as done once its losses are
+                    self.entropy_sink.write_shard(shard, _document_values(docs, windows, [v[:, 1] for v in losses]))
+                    losses = [v[:, 0] for v in losses]
                 self.sink.write_shard(shard, _document_values(docs, windows, losses))
             scored_tokens += sum(len(t) for t in docs.values())
             self.on_event("progress", {"shard": shard, "tokens": scored_tokens * self.layout.dp,
@@ -295,10 +338,26 @@ class Scorer:
         dist.barrier()
         result = {}
         if self.layout.rank == 0:
-            result = self.sink.publish(n_shards, np.asarray(tokens.sequence_lengths))
+            if self.spec.entropy:
+                result["entropy"] = self.entropy_sink.publish(n_shards, np.asarray(tokens.sequence_lengths))
+            result = {**self.sink.publish(n_shards, np.asarray(tokens.sequence_lengths)), **result}
         dist.barrier()
         self.on_event("done", result)
         return result
+
+
+def logit_expectation(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, v] -> (logsumexp [n], expected logit under the softmax [n]), fp32."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    return lse, (torch.exp(z - lse[:, None]) * z).sum(dim=-1)
+
+
+def merge_expectations(lse_parts: torch.Tensor, expected_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[parts, n] (logsumexp, expected logit) of disjoint vocabulary parts -> the whole row's: each
+    part's expectation weighted by its share of the probability mass, exp(lse_part - lse)."""
+    lse = torch.logsumexp(lse_parts, dim=0)
+    return lse, (torch.exp(lse_parts - lse) * expected_parts).sum(dim=0)
 
 
 def _document_values(docs: dict[int, np.ndarray], windows: list[Window], losses) -> dict[int, np.ndarray]:

@@ -36,6 +36,7 @@ from parallel.distributed import Layout
 from parallel.errors import NonFiniteValueError, PreemptedError
 from parallel.layout import micro_batches_per_step
 from parallel.loss import Selection
+from parallel.score_functions import parse_score, score_inputs
 from parallel.model import build_model_chunks, count_parameters, layer_backend, model_features, model_shape
 
 Event = Callable[[str, dict[str, Any]], None]
@@ -72,6 +73,8 @@ class RunSpec:
     config_snapshot: dict[str, Any]
     #: score stores aligned with ``datasets`` (selective training), or empty
     scores: tuple[DatasetRef, ...] = ()
+    #: the reference entropy beside each score store (``--select-by entropy``), or empty
+    entropies: tuple[DatasetRef, ...] = ()
     #: static mask stores aligned with ``datasets`` (rho select), or empty
     masks: tuple[DatasetRef, ...] = ()
     #: validation datasets of their own (``TrainConfig.eval_data``), or empty: the split of ``datasets``
@@ -125,7 +128,7 @@ def make_forward_step(selection):
         # context parallelism: this rank's two chunks of every sequence (megatron's load-balanced split)
         batch = split_for_context_parallel(batch)
         output = token_losses(model, batch)
-        return output, make_loss_func(selection, batch["loss_mask"], batch.get("ref_loss"))
+        return output, make_loss_func(selection, batch)
 
     return forward_step
 
@@ -180,7 +183,9 @@ class Trainer:
         self.shape = model_shape(spec.model, spec.vocab_size, layout.tp, self.params_dtype)
         self.num_microbatches = micro_batches_per_step(self.cfg.global_batch_size, self.cfg.micro_batch_size, layout.dp)
         self.vp = self.cfg.virtual_pp or 1
-        self.selection = Selection(ratio=self.cfg.select_ratio, scope=self.cfg.select_scope)
+        self.selection = Selection(ratio=self.cfg.select_ratio, scope=self.cfg.select_scope, score=self.cfg.select_by,
+                                   ratio_start=self.cfg.select_ratio_start, select_after=self.cfg.select_after,
+                                   steps=self.cfg.steps)
         self._build_model_and_optimizer()
         # checkpoints written in the background (None: each save completes before training goes on)
         self.async_saves = AsyncSaves(child_setup) if self.cfg.async_save and self.cfg.checkpoint else None
@@ -298,6 +303,7 @@ class Trainer:
             cache_dir=cfg.data_cache or str(self.run_dir / "data_cache"),
             scores=tuple(s.prefix for s in self.spec.scores),
             masks=tuple(m.prefix for m in self.spec.masks),
+            entropies=tuple(e.prefix for e in self.spec.entropies),
             eval_prefixes=tuple(d.prefix for d in self.spec.eval_datasets),
             eval_weights=_weights(self.spec.eval_datasets),
         )
@@ -308,7 +314,10 @@ class Trainer:
     def _iterators(self, dataset, consumed_samples: int):
         """Micro-batches from ``consumed_samples`` on: one iterator, or under the interleaved schedule
         one per model chunk (each chunk draws its own micro-batches, the same sequence)."""
-        make = lambda: MicroBatches(dataset, consumed_samples, self.cfg.micro_batch_size, self.dp_rank, self.layout.dp)
+        # the random control's draws: per sample, from the run's seed (the same on every layout)
+        random_seed = self.cfg.seed if self.selection.selective and "random" in score_inputs(self.cfg.select_by) else None
+        make = lambda: MicroBatches(dataset, consumed_samples, self.cfg.micro_batch_size, self.dp_rank, self.layout.dp,
+                                    random_seed=random_seed)
         return make() if self.vp == 1 else [make() for _ in range(self.vp)]
 
     # ------------------------------------------------------------ checkpoints
@@ -329,25 +338,26 @@ class Trainer:
             "config": self.spec.config_snapshot,
             "config_hash": self.spec.config_hash(),
             "optimizer": "distributed" if self.use_dist_opt else "fp32",
-            "selection": {"ratio": self.selection.ratio, "scope": self.selection.scope,
-                          "threshold": self._shared_threshold()},
+            "selection": {"ratio": self.selection.ratio, "scope": self.selection.scope, "score": self.selection.score,
+                          "thresholds": self._shared_thresholds()},
             "scores": [dataclasses.asdict(s) for s in self.spec.scores],
             "masks": [dataclasses.asdict(m) for m in self.spec.masks],
         }
 
-    def _shared_threshold(self) -> float | None:
-        """The batch-scope threshold, known on the last stage, broadcast so rank 0 can save it."""
+    def _shared_thresholds(self) -> dict[str, float] | None:
+        """The batch-scope thresholds (one per score function), known on the last stage, broadcast
+        so rank 0 can save them."""
         if not (self.selection.selective and self.selection.scope == "batch"):
             return None
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        value = torch.tensor([float("nan") if self.selection.threshold is None else self.selection.threshold],
+        names = parse_score(self.selection.score)[0]
+        value = torch.tensor([self.selection.thresholds.get(n, float("nan")) for n in names],
                              dtype=torch.float64, device=torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
         if self.layout.pp > 1:
             dist.broadcast(value, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-        v = float(value.item())
-        return None if v != v else v
+        return {n: float(v) for n, v in zip(names, value.tolist()) if v == v}
 
     def save(self, wait: bool = False) -> Path:
         """Checkpoint this step. Asynchronous saves: one at a time (the previous one is finished
@@ -385,7 +395,10 @@ class Trainer:
             self.step = int(manifest["step"])
             self.consumed_samples = int(manifest["consumed_samples"])
             self.scheduler.load_state_dict(manifest["scheduler"])
-            self.selection.threshold = (manifest.get("selection") or {}).get("threshold")
+            saved = manifest.get("selection") or {}
+            self.selection.thresholds = dict(saved.get("thresholds") or {})
+            if saved.get("threshold") is not None:  # a checkpoint from before score functions: the excess's
+                self.selection.thresholds = {"excess": float(saved["threshold"])}
             if self.metrics is not None:  # drop what a killed run logged after this checkpoint
                 self.metrics.truncate_after(self.step)
             self.on_event("resumed", {"step": self.step, "path": str(step_dir)})
@@ -478,6 +491,8 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.selection.set_step(self.step)
+        select_ratio = self.selection.current_ratio  # this step's (a warm-up or a schedule moves it)
         outputs = self._forward_backward(self.train_iter, self.num_microbatches, forward_only=False)
         report = self._reduce_report(outputs)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -492,7 +507,7 @@ class Trainer:
             grad_norm = self._optimizer_step(report["loss"])
         overflow = not skipped and grad_norm is None
         self.scheduler.step(increment=1)
-        self.selection.end_step()
+        self.selection.end_step(next_step=self.step + 1)
         self.step += 1
         self.consumed_samples += self.cfg.global_batch_size
         if torch.cuda.is_available():
@@ -501,6 +516,7 @@ class Trainer:
         return {
             "step": self.step,
             **report,
+            **({"select_ratio": select_ratio} if select_ratio is not None else {}),
             "lr": lr,
             "grad_norm": grad_norm,
             **({"skipped": "no token kept"} if skipped else {}),
@@ -611,7 +627,9 @@ class Trainer:
             "seq_length": cfg.seq_length,
             "num_microbatches": self.num_microbatches,
             "micro_batch_size": cfg.micro_batch_size,
-            "selection": ({"ratio": cfg.select_ratio, "scope": cfg.select_scope,
+            "selection": ({"ratio": cfg.select_ratio, "scope": cfg.select_scope, "score": cfg.select_by,
+                           **({"ratio_start": cfg.select_ratio_start} if cfg.select_ratio_start is not None else {}),
+                           **({"after": cfg.select_after} if cfg.select_after else {}),
                            "scores": [s.prefix for s in self.spec.scores]} if self.selection.selective else None),
             "optimizer": {"name": cfg.optimizer, "kind": "distributed" if self.use_dist_opt else "fp32", "lr": cfg.lr,
                           "warmup_steps": cfg.warmup_steps, "decay_style": cfg.lr_decay_style, "min_lr": cfg.min_lr,

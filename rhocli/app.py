@@ -20,6 +20,7 @@ import typer
 
 from rhocli import __version__
 from rhocli.commands import stage
+from rhocli.commands.analyze import analyze_app
 from rhocli.commands.bench import bench_app
 from rhocli.commands.convert import convert_command
 from rhocli.commands.demo import demo_command
@@ -99,6 +100,7 @@ app.command("verify", help="Check token, score and mask stores and checkpoints b
 )
 
 app.add_typer(bench_app, name="bench", help="Benchmarks that print numbers: tokenize, train, kernel, score.")
+app.add_typer(analyze_app, name="analyze", help="The paper's analyses of a run: token-loss dynamics, what selection keeps.")
 
 
 def invoke(argv: list[str]) -> None:

@@ -3,7 +3,7 @@ included) must point down, never sideways between stages, and never close a cycl
 messages never name a CLI flag; the error table covers every engine error type.
 
     CLI        rhocli.app, rhocli.__main__, rhocli.commands.*     (the only code that prints)
-    stages     rhocli.<stage>.*  for tokenize, train, score, select, convert, bench, demo, verify
+    stages     rhocli.<stage>.*  for tokenize, train, score, select, convert, bench, demo, verify, eval, analyze
     core       rhocli.core.*                                      (leaf utilities, formats)
     engine     parallel.*
     kernels    cuda_ext.*
@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("rhocli", "parallel", "cuda_ext")
-STAGES = ("tokenize", "train", "score", "select", "convert", "bench", "demo", "verify", "eval")
+STAGES = ("tokenize", "train", "score", "select", "convert", "bench", "demo", "verify", "eval", "analyze")
 RANK = {"cli": 4, "stage": 3, "core": 2, "engine": 2, "kernels": 1, "root": 0}
 
 

@@ -13,19 +13,7 @@ import pytest
 
 from conftest import CORPUS, write_jsonl
 from rho_cli import run_rho
-
-
-def _fake_scores(prefix: Path, token_prefix: Path, values_per_doc: list[np.ndarray], fingerprint: str) -> None:
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.float32)
-    for v in values_per_doc:
-        builder.add_document(v.astype(np.float32), [len(v)])
-    builder.finalize(str(prefix) + ".idx")
-    Path(str(prefix) + ".json").write_text(json.dumps({
-        "format": "rho.scores", "format_version": 1, "fingerprint": "sha256:test",
-        "token_dataset": {"prefix": str(token_prefix), "fingerprint": fingerprint},
-    }))
+from store_utils import write_score_store
 
 
 @pytest.fixture()
@@ -51,8 +39,8 @@ def scored(tmp_path, hf_tokenizer_dir, capsys):
     excess0[4:4 + k0 - 2] = 10.0
     base[0] = ref[0] + excess0
     assert np.array_equal(base[0] - ref[0], excess0)
-    _fake_scores(tmp_path / "ref", tmp_path / "c", ref, ds.fingerprint())
-    _fake_scores(tmp_path / "base", tmp_path / "c", base, ds.fingerprint())
+    write_score_store(tmp_path / "ref", tmp_path / "c", ref, ds.fingerprint())
+    write_score_store(tmp_path / "base", tmp_path / "c", base, ds.fingerprint())
     return tmp_path, ds, ref, base
 
 
@@ -118,7 +106,7 @@ def test_bad_inputs(scored, capsys, tmp_path):
     d, ds, ref, base = scored
     r = run_rho(capsys, "select", "--scores", d / "ref", "--ratio", "0.5", "--output", d / "x")
     assert r.exit_code == 2 and "--base-scores" in r.stderr
-    _fake_scores(d / "other", d / "c", base, "sha256:someone-else")
+    write_score_store(d / "other", d / "c", base, "sha256:someone-else")
     r = run_rho(capsys, "select", "--scores", d / "ref", "--base-scores", d / "other", "--ratio", "0.5", "--output", d / "x")
     assert r.exit_code == 6 and "scores other tokens" in r.stderr
     r = run_rho(capsys, "select", "--scores", d / "nope", "--score", "reference", "--output", d / "x")
@@ -170,7 +158,7 @@ def test_a_score_store_of_other_documents_is_refused(scored, capsys, tmp_path):
     from train_utils import write_tiny_config
 
     d, ds, ref, _ = scored
-    _fake_scores(d / "part", d / "c", ref[:20], ds.fingerprint())
+    write_score_store(d / "part", d / "c", ref[:20], ds.fingerprint())
     config = write_tiny_config(tmp_path)
     r = run_rho(capsys, "train", config, "--data", d / "c", "--scores", d / "part", "--select-ratio", "0.6",
                 "--save", tmp_path / "run", "--dry-run")

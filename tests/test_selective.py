@@ -32,8 +32,9 @@ def corpus(tmp_path_factory, hf_tokenizer_dir):
     rho("tokenize", d / "c.jsonl", "-t", hf_tokenizer_dir, "-o", d / "c", "-w", "1")
     config = write_tiny_config(d)
     rho("train", config, "--data", d / "c", "--save", d / "ref", "--steps", 4, "--stop-after", 2, "-q")
+    # with the reference entropy beside the losses (c.ref.entropy: --select-by entropy)
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", d / "c.ref", "--seq-len", 32,
-        "--shard-documents", 80, "-q")
+        "--shard-documents", 80, "--entropy", "-q")
     return d, config
 
 
@@ -55,6 +56,12 @@ def test_score_store_is_aligned_and_complete(corpus):
     assert np.array_equal(score_lengths, token_lengths)  # same document boundaries
     assert values.dtype == np.float32 and np.isfinite(values).all() and (values > 0).all()
     assert token_lengths.max() > 32  # some documents needed the sliding window
+    # the entropy store: the same documents, values in [0, ln(vocab)]
+    entropy_manifest = json.loads((d / "c.ref.entropy.json").read_text())
+    assert entropy_manifest["token_dataset"] == manifest["token_dataset"] and "entropy" in entropy_manifest["value"]
+    entropy_lengths, entropies = _read_store(d / "c.ref.entropy")
+    assert np.array_equal(entropy_lengths, token_lengths)
+    assert np.isfinite(entropies).all() and (entropies >= 0).all() and entropies.max() <= np.log(512) + 1e-4
 
 
 def test_scores_equal_a_direct_forward_of_the_same_windows(corpus, tmp_path):
@@ -79,6 +86,7 @@ step = ckpt.resolve_checkpoint({str(d / "ref")!r}); man = ckpt.read_manifest(ste
 cfg = ModelConfig(**man["model"]); shape = model_shape(cfg, man["vocab_size"], 1, torch.float32)
 m = build_model(cfg, shape, 1, 1, True, True); load_checkpoint(step, [m]); m.eval()
 toks = IndexedDataset({str(d / "c")!r}); scores = IndexedDataset({str(d / "c.ref")!r})
+entropies = IndexedDataset({str(d / "c.ref.entropy")!r}); worst_h = 0.0
 eod = json.load(open({str(d / "c.json")!r}))["tokenizer"]["eod_id"]
 worst, checked = 0.0, 0
 for i in range(40):
@@ -95,13 +103,19 @@ for i in range(40):
         new = loss[first_new:] if start else loss
         got = torch.from_numpy(scores[i].copy()).double()[start + first_new:end] if start else torch.from_numpy(scores[i].copy()).double()[:end]
         worst = max(worst, float((new - got).abs().max())); checked += 1
-print("RESULT", worst, checked)
+        # the entropy: torch.distributions' own, over the true vocabulary
+        h = torch.distributions.Categorical(logits=logits[:, :man["vocab_size"]].double()).entropy()
+        h_new = h[first_new:] if start else h
+        h_got = torch.from_numpy(entropies[i].copy()).double()[start + first_new:end] if start else torch.from_numpy(entropies[i].copy()).double()[:end]
+        worst_h = max(worst_h, float((h_new - h_got).abs().max()))
+print("RESULT", worst, checked, worst_h)
 ''')
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]
     assert line, proc.stderr[-3000:]
-    worst, checked = float(line[0].split()[1]), int(line[0].split()[2])
+    worst, checked, worst_entropy = float(line[0].split()[1]), int(line[0].split()[2]), float(line[0].split()[3])
     assert checked > 40 and worst < 1e-4  # some documents needed a second window
+    assert worst_entropy < 1e-4
 
 
 def test_score_dp2_identical_and_tp2_within_tolerance(corpus, tmp_path):
@@ -115,10 +129,12 @@ def test_score_dp2_identical_and_tp2_within_tolerance(corpus, tmp_path):
     assert (tmp_path / "dp2.bin").read_bytes() == (d / "c.ref.bin").read_bytes()
     assert (tmp_path / "dp2.idx").read_bytes() == (d / "c.ref.idx").read_bytes()
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "tp2", "--seq-len", 32,
-        "--shard-documents", 80, "--tp", 2, "--pp", 2, "-q", timeout=600)
+        "--shard-documents", 80, "--tp", 2, "--pp", 2, "--entropy", "-q", timeout=600)
     _, a = _read_store(tmp_path / "tp2")
     _, b = _read_store(d / "c.ref")
     assert np.abs(a - b).max() < 1e-5
+    # the entropy, merged across the TP shards of the vocabulary
+    assert np.abs(_read_store(tmp_path / "tp2.entropy")[1] - _read_store(d / "c.ref.entropy")[1]).max() < 1e-5
     # sequence parallelism: each TP rank's norms hold half of every window; the hidden states are
     # gathered before the output layer
     rho("score", "--model", d / "ref", "--data", d / "c", "--output", tmp_path / "sp", "--seq-len", 32,
@@ -199,15 +215,18 @@ def test_select_ratio_one_is_plain_training_bit_for_bit(corpus, tmp_path):
 
 # the parallel run also switches on scale features (selection must not notice them): sequence
 # parallelism with selective recompute, or the interleaved schedule with the overlapped gradient
-# reduction
-@pytest.mark.parametrize("scope,features", [
-    ("sequence", ("--sequence-parallel", "--recompute", "selective")),
-    ("microbatch", ("--virtual-pp", 2, "--set", "train.overlap_grad_reduce=true")),
-], ids=["sequence-sp-recompute", "microbatch-vpp-overlap"])
-def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope, features):
+# reduction. The second run also ranks by two other score functions at once (training loss or a
+# random draw: their union), after a one-step warm-up, with a kept fraction falling 0.9 -> 0.5.
+@pytest.mark.parametrize("scope,features,selection", [
+    ("sequence", ("--sequence-parallel", "--recompute", "selective"), ("--select-ratio", "0.6")),
+    ("microbatch", ("--virtual-pp", 2, "--set", "train.overlap_grad_reduce=true"),
+     ("--select-by", "training|random", "--select-after", 1, "--select-ratio", "0.9:0.5")),
+    ("batch", (), ("--select-by", "reference&entropy", "--select-ratio", "0.6")),
+], ids=["sequence-sp-recompute", "microbatch-vpp-overlap-training|random", "batch-reference&entropy"])
+def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope, features, selection):
     d, config = corpus
     common = ("--data", d / "c", "--init", d / "ref", "--steps", 3, "--scores", d / "c.ref",
-              "--select-ratio", "0.6", "--select-scope", scope, "-q")
+              "--select-scope", scope, "-q", *selection)
     rho("train", config, *common, "--save", tmp_path / "a")
     rho("train", config, *common, "--save", tmp_path / "b", "--tp", 2, "--pp", 2, *features, timeout=600)
     la, lb = losses(tmp_path / "a"), losses(tmp_path / "b")
@@ -215,7 +234,22 @@ def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope, features):
     for step in la:
         assert lb[step] == pytest.approx(la[step], abs=1e-5)
     metrics = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    m = [r for r in metrics if "loss" in r][0]
+    steps = [r for r in metrics if "loss" in r]
+    other = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    assert [r["tokens"] for r in steps] == [r["tokens"] for r in other if "loss" in r]  # the same kept counts
+    if "reference&entropy" in selection:
+        # step 1 (the batch scope's first: top-k of the micro-batch) keeps the intersection of two
+        # top-60 % sets, so 20-60 %; later steps keep by each function's threshold from the step before
+        assert 0.2 <= steps[0]["kept_fraction"] <= 0.6 and all(0 < r["kept_fraction"] < 1 for r in steps)
+        return
+    if "--select-by" in selection:
+        # warm-up, then 0.9 -> 0.5; every label is a candidate; the union of two top-k sets of a 2 x 32
+        # token micro-batch keeps at least k of them
+        assert [r["select_ratio"] for r in steps] == [1.0, 0.9, 0.5]
+        assert steps[0]["kept_fraction"] == 1.0 and steps[1]["kept_fraction"] >= 58 / 64
+        assert 32 / 64 <= steps[2]["kept_fraction"] < 1.0
+        return
+    m = steps[0]
     # every label is a candidate; k = floor(0.6 * n + 0.5) of each 32-token sequence (19) or of each
     # 2 x 32-token micro-batch (38): 19/32 of the tokens either way
     assert m["kept_fraction"] == 19 / 32
@@ -225,6 +259,21 @@ def test_tp2pp2_slm_equals_tp1pp1(corpus, tmp_path, scope, features):
     assert m["dropped_loss"] != m["kept_loss"] and "ref_loss" in m and "mean_excess" in m
     # Rho-1's premise: kept tokens have the larger excess
     assert m["kept_loss"] - m["kept_ref_loss"] > m["mean_excess"]
+
+
+def test_random_control_keeps_the_ratio_and_is_reproducible(corpus, tmp_path):
+    """--select-by random needs no scores, keeps exactly k of each sequence, and repeats from its seed."""
+    d, config = corpus
+    common = ("--data", d / "c", "--init", d / "ref", "--steps", 2, "--select-by", "random", "--select-ratio", "0.5", "-q")
+    rho("train", config, *common, "--save", tmp_path / "a")
+    rho("train", config, *common, "--save", tmp_path / "b")
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    metrics = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    assert [r["kept_fraction"] for r in metrics if "loss" in r] == [16 / 32, 16 / 32]
+    # another selection of the same batch trains other tokens
+    rho("train", config, "--data", d / "c", "--init", d / "ref", "--steps", 2, "--select-by", "training",
+        "--select-ratio", "0.5", "-q", "--save", tmp_path / "c")
+    assert losses(tmp_path / "c") != losses(tmp_path / "a")
 
 
 # context parallelism: each rank holds two chunks of every sequence; the top-k must still be taken
@@ -276,7 +325,7 @@ def test_resume_is_exact_with_batch_selection(corpus, tmp_path):
     rho("train", config, *common, "--save", tmp_path / "straight")
     rho("train", config, *common, *features, "--save", tmp_path / "split", "--stop-after", 2)
     manifest = json.loads((tmp_path / "split" / "step_000002" / "rho_checkpoint.json").read_text())
-    assert manifest["selection"]["threshold"] is not None
+    assert manifest["selection"]["thresholds"]["excess"] is not None  # one per score function
     rho("train", config, "--data", d / "c", "--save", tmp_path / "split", "--steps", 4, "--scores", d / "c.ref",
         "--select-ratio", "0.6", "--select-scope", "batch", "--set", "train.optimizer=adam", "--resume", *features, "-q")
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")

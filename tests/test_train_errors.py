@@ -142,6 +142,9 @@ def test_damaged_token_stores_are_refused_on_open(capsys, tmp_path, small_data, 
     ("flag", "--lr", "-0.1", 2, "--lr must be >= 0, got -0.1"),
     ("flag", "--save-interval", "-1", 2, "--save-interval must be >= 0, got -1"),
     ("flag", "--select-ratio", "1.5", 2, "--select-ratio must be (0, 1], got 1.5"),
+    ("flag", "--select-ratio", "1.2:0.5", 2, "--select-ratio 1.2:0.5: expected a fraction in (0, 1] (0.6), or START:END"),
+    ("flag", "--select-ratio", "0.6:", 2, "--select-ratio 0.6:: expected a fraction"),
+    ("flag", "--select-after", "-1", 2, "--select-after must be >= 0, got -1"),
 ])
 def test_every_option_is_range_checked_where_it_is_parsed(capsys, tmp_path, small_data, where, option, value, code, message):
     """Out-of-range values are one line and the right code, even with --dry-run (they used to be an
@@ -159,3 +162,16 @@ def test_save_naming_a_file_and_yaml_errors_say_where(capsys, tmp_path, small_da
     bad.write_text("model:\n  num_layers: 4\n  hidden_size: [64\n")
     r = run_rho(capsys, "train", bad, "--data", small_data, "--save", tmp_path / "run", "--dry-run")
     assert r.exit_code == 8 and f"{bad}:4: not valid YAML" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--select-by", "perplexity", "--select-ratio", "0.6"], "--select-by 'perplexity': expected one of excess, reference"),
+    (["--select-by", "reference", "--select-ratio", "0.6"], "--select-by reference needs --scores SCORES_PREFIX"),
+    (["--select-by", "entropy|random", "--select-ratio", "0.6"], "--select-by entropy|random needs --scores"),
+    (["--select-after", "2"], "--select-after needs --select-ratio"),
+    (["--select-by", "random"], "--select-by needs --select-ratio"),
+    (["--lr", "0.001"], "--lr 0.001 is below min_lr 0.005"),
+])
+def test_score_functions_are_checked_before_anything_runs(capsys, tmp_path, small_data, extra, message):
+    r = _train(capsys, tmp_path, small_data, "--dry-run", *extra)
+    assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -5,6 +5,7 @@ CPU:
     rho score --model runs/ref --data out/corpus --output out/corpus.ref
     rho score --model runs/ref --data out/corpus --output out/corpus.ref --tp 2 --pp 2 --resume
     rho score --model hf/TinyLlama-1.1B --data out/corpus --output out/corpus.ref   # a HF Llama/Mistral dir
+    rho score --model runs/ref --data out/corpus --output out/corpus.ref --entropy  # + out/corpus.ref.entropy
 
 One GPU:
 
@@ -74,6 +75,7 @@ def score_command(
     micro_batch_size: Annotated[Optional[int], typer.Option("--micro-batch-size", help="Windows per forward pass (default: about 4,096 positions per forward on CPU, 16,384 on a GPU).")] = None,
     shard_documents: Annotated[int, typer.Option("--shard-documents", help="Documents per resumable shard.")] = 2048,
     sequence_parallel: Annotated[bool, typer.Option("--sequence-parallel", help="Split norms and the residual stream over the TP ranks along the sequence (TP > 1).")] = False,
+    entropy: Annotated[bool, typer.Option("--entropy", help="Also store the model's entropy at each token (OUTPUT.entropy), for rho train/select --select-by entropy.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run (finished shards are kept).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing store / restart an unfinished run.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
@@ -88,6 +90,6 @@ def score_command(
     os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     job, world = build_score_job(
         model, data, output, tp, pp, dp, seq_len, stride, micro_batch_size, resume, force, shard_documents,
-        world_size=world_from_env(), sequence_parallel=sequence_parallel,
+        world_size=world_from_env(), sequence_parallel=sequence_parallel, entropy=entropy,
     )
     run_scoring(job, world, force, resume, None if quiet else ScoreRenderer)

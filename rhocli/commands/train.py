@@ -54,8 +54,10 @@ def train_command(
     eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Validate on this token dataset (PREFIX or PREFIX:WEIGHT; repeat to blend) instead of a split of --data.")] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="End after step N with a checkpoint; the LR schedule still spans --steps.")] = None,
     scores: Annotated[Optional[list[str]], typer.Option("--scores", help="Score store (rho score) per --data prefix: selective training.")] = None,
-    select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Train on this fraction of tokens, by excess loss (e.g. 0.6).")] = None,
+    select_ratio: Annotated[Optional[str], typer.Option("--select-ratio", help="Train on this fraction of tokens (e.g. 0.6), or move linearly from one fraction to another over the run (1.0:0.6).")] = None,
     select_scope: Annotated[Optional[str], typer.Option("--select-scope", help="sequence (default), microbatch or batch.")] = None,
+    select_by: Annotated[Optional[str], typer.Option("--select-by", help="Rank tokens by excess (default, Rho-1), reference, training, entropy or random (the control); A&B keeps tokens both choose, A|B either.")] = None,
+    select_after: Annotated[Optional[int], typer.Option("--select-after", help="Train on every token for this many steps before selecting (a warm-up).")] = None,
     mask: Annotated[Optional[list[str]], typer.Option("--mask", help="Static mask store (rho select) per --data prefix: train only on its tokens.")] = None,
     recompute: Annotated[Optional[str], typer.Option("--recompute", help="Recompute activations in backward: full (whole layers) or selective (core attention); none by default.")] = None,
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel", help="Split norms and the residual stream over the TP ranks along the sequence (TP > 1).")] = None,
@@ -84,7 +86,8 @@ def train_command(
         "lr_decay_style": lr_decay_style, "wsd_decay_steps": wsd_decay_steps, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
         "eval_interval": eval_interval, "eval_data": tuple(eval_data) if eval_data else None, "stop_after": stop_after,
-        "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, "select_ratio": select_ratio, "select_scope": select_scope,
+        "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, **_ratio_schedule(select_ratio),
+        "select_scope": select_scope, "select_by": select_by, "select_after": select_after,
         "recompute": recompute, "sequence_parallel": sequence_parallel,
         "distributed_optimizer": distributed_optimizer, "virtual_pp": virtual_pp, "precision": precision,
         "async_save": async_save, "tensorboard": tensorboard, "wandb_project": wandb_project,
@@ -105,6 +108,23 @@ def train_command(
     from rhocli.commands.train_render import TrainRenderer
 
     run_training(spec, world, force, None if quiet else TrainRenderer)
+
+
+def _ratio_schedule(text: str | None) -> dict:
+    """``--select-ratio 0.6`` or ``1.0:0.6`` (start:end) as the config's keys."""
+    from rhocli.core.errors import UsageError
+
+    if text is None:
+        return {"select_ratio": None}
+    parts = text.split(":")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or (len(values) == 2 and not all(0 < v <= 1 for v in values)):
+        # one value out of range: the range check's message, as for every option
+        raise UsageError(f"--select-ratio {text}: expected a fraction in (0, 1] (0.6), or START:END (1.0:0.6)")
+    return {"select_ratio": values[-1], **({"select_ratio_start": values[0]} if len(values) == 2 else {})}
 
 
 def _datasets(refs) -> str:

@@ -95,13 +95,21 @@ def _num(value, spec: str) -> str:
     return "-" if value is None or value != value else format(value, spec)
 
 
+def _selection_row(sel: dict[str, Any]) -> str:
+    """"top 60% by excess per sequence; scores c.ref", with the warm-up and schedule when there are."""
+    ratio = f"{sel['ratio_start']:.0%} -> {sel['ratio']:.0%}" if sel.get("ratio_start") is not None else f"{sel['ratio']:.0%}"
+    row = f"top {ratio} by {sel.get('score', 'excess')} per {sel['scope']}"
+    if sel.get("after"):
+        row += f" after {sel['after']} steps on every token"
+    return row + ("; scores " + ", ".join(sel["scores"]) if sel["scores"] else "")
+
+
 def banner_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
     """The start-up banner's rows from the engine's ``Trainer.banner()`` data."""
     opt, sel = p["optimizer"], p["selection"]
     backend = p["backend"] + (f" + CPU shims: {', '.join(p['cpu_shims'])}" if p["cpu_shims"] else "")
     data = ", ".join(d["prefix"] + (f":{d['weight']}" if d["weight"] is not None else "") for d in p["datasets"])
-    selection = (f"top {sel['ratio']:.0%} by excess loss per {sel['scope']}; scores " + ", ".join(sel["scores"])
-                 if sel else "all tokens (causal LM)")
+    selection = (_selection_row(sel) if sel else "all tokens (causal LM)")
     return [
         ("layout", f"tp={p['tp']} pp={p['pp']}" + (f" cp={p['cp']}" if p.get("cp", 1) > 1 else "")
                    + f" dp={p['dp']} ({p['backend']})"),

@@ -188,3 +188,25 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if kind == "sentencepiece":
         return SentencePieceTokenizer(file)
     return HuggingFaceTokenizer(file)
+
+
+def display_pieces(tokenizer_path: str | os.PathLike | None, ids: list[int]) -> list[str]:
+    """Each id as the text it stands for, for an HTML token view (SentencePiece's ▁ and byte pieces,
+    byte-level BPE's Ġ/Ċ made readable); ``[id]`` when the tokenizer cannot be loaded: a report must
+    not fail because a tokenizer moved."""
+    if tokenizer_path and Path(tokenizer_path).exists():
+        try:
+            tok = load_tokenizer(tokenizer_path)
+            out = []
+            for i in ids:
+                piece = tok.id_to_piece(int(i))
+                if piece.startswith("<0x") and piece.endswith(">"):
+                    try:
+                        piece = bytes([int(piece[3:-1], 16)]).decode("utf-8", errors="replace")
+                    except ValueError:
+                        pass
+                out.append(piece.replace("▁", " ").replace("Ġ", " ").replace("Ċ", "\n"))
+            return out
+        except Exception:
+            pass
+    return [f"[{i}]" for i in ids]

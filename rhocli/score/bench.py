@@ -54,7 +54,7 @@ def run_bench_score(model: str, data: str, documents: int, seq_len: int, stride:
 
     from parallel.scorer import default_micro_batch_size
     from parallel.windows import document_windows
-    from rhocli.core.formats.tokens import TOKENS, TokenDataset, TokenDatasetWriter
+    from rhocli.core.formats.tokens import TokenDataset, write_subset
     from rhocli.core.megatron_io import indexed_dataset
 
     on_gpu = torch.cuda.is_available()
@@ -64,14 +64,8 @@ def run_bench_score(model: str, data: str, documents: int, seq_len: int, stride:
     try:
         # a subset of the dataset as its own token dataset (so both sides score the same documents)
         ds = TokenDataset(data)
-        n = min(documents, ds.num_documents)
-        writer = TokenDatasetWriter(work / "subset.bin", ds.dtype.name)
+        n = write_subset(data, work / "subset", documents)["documents"]
         docs = [ds.document(i).astype(np.int64) for i in range(n)]
-        for d in docs:
-            writer.add_documents(d.astype(ds.dtype), [len(d)])
-        fields = {k: v for k, v in (ds.manifest or {}).items() if k not in ("format", "format_version")}
-        fields.update(fingerprint=writer.finalize(work / "subset.idx"), documents=n, tokens=int(sum(map(len, docs))))
-        TOKENS.write(work / "subset.json", fields)
         run_command(["convert-hf", model, str(work / "hf"), "--dtype", "fp32"])
         command = [sys.executable, "-m", "rhocli", "score", "--model", model, "--data", str(work / "subset"),
                    "--output", str(work / "scores"), "--seq-len", str(seq_len), "--stride", str(stride),

@@ -54,7 +54,13 @@ def run_score_rank(job_dict: dict[str, Any], on_event=None) -> dict[str, Any]:
     try:
         layout = init_distributed(spec.tp, spec.pp, seed=0)
         sink = ScoreStoreWriter(job.output, job.manifest_fields, job.settings)
+        entropy_sink = None
+        if spec.entropy:
+            from rhocli.core.formats.scores import ENTROPY_VALUE, entropy_prefix
+
+            entropy_sink = ScoreStoreWriter(entropy_prefix(job.output), {**job.manifest_fields, "value": ENTROPY_VALUE,
+                                                                          "losses": job.output}, job.settings)
         load = weight_loader(job.model_format, job.model_path, spec.model, spec.tp, spec.pp)
-        return Scorer(spec, layout, sink, load, on_event).run()
+        return Scorer(spec, layout, sink, load, on_event, entropy_sink=entropy_sink).run()
     finally:
         destroy_distributed()

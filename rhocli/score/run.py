@@ -18,5 +18,8 @@ def run_scoring(job, world: int, force: bool, resume: bool, renderer_cls: type |
     lock = OutputLock(job.output + ".rho-lock", f"--output {job.output}") if rank0 else contextlib.nullcontext()
     with lock:
         if force and not resume and rank0:
+            from rhocli.core.formats.scores import entropy_prefix
+
             ScoreStoreWriter(job.output).clear_work()
+            ScoreStoreWriter(entropy_prefix(job.output)).clear_work()
         run_ranks(world, run_score_rank, job.to_dict(), renderer_cls)

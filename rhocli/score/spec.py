@@ -81,7 +81,8 @@ RESUME_NAMES = {"reference_model": "--model (its fingerprint)", "tokens": "--dat
 
 def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: int | None, seq_len: int | None,
                     stride: int | None, micro_batch_size: int | None, resume: bool, force: bool,
-                    shard_documents: int, world_size: int | None = None, sequence_parallel: bool = False):
+                    shard_documents: int, world_size: int | None = None, sequence_parallel: bool = False,
+                    entropy: bool = False):
     """Validate ``rho score``'s options; returns (ScoreJob, world size). Nothing is written but the
     output's parent directory."""
     from rhocli.score.rank import import_engine
@@ -131,21 +132,26 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
     settings = {"reference_model": reference_model["fingerprint"], "tokens": ds.fingerprint(), "window": window,
                 "stride": stride, "shard_documents": shard_documents, "micro_batch_size": micro_batch_size,
                 "tp": tp, "pp": pp}
-    writer = ScoreStoreWriter(output, settings=settings)
-    if any(p.exists() for p in writer.final_paths) and not force:
-        raise OutputExistsError(f"{output}.json: score store already exists; pass --force to replace it")
-    if writer.work.exists() and not resume and not force:
-        raise OutputExistsError(f"{writer.work}: an unfinished scoring run is there; pass --resume to continue it or --force to start over")
+    from rhocli.core.formats.scores import entropy_prefix
+
+    # the entropy store is a second output, checked (and resumed) like the first
+    writers = [ScoreStoreWriter(p, settings=settings) for p in [output] + ([entropy_prefix(output)] if entropy else [])]
+    for writer in writers:
+        if any(p.exists() for p in writer.final_paths) and not force:
+            raise OutputExistsError(f"{writer.output}.json: score store already exists; pass --force to replace it")
+        if writer.work.exists() and not resume and not force:
+            raise OutputExistsError(f"{writer.work}: an unfinished scoring run is there; pass --resume to continue it or --force to start over")
     out = Path(output)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
     engine = ScoreSpec(
         model=model_cfg, vocab_size=vocab, tokens=str(data), window=window, stride=stride,
         micro_batch_size=micro_batch_size, microbatches_per_call=8, shard_documents=shard_documents,
-        eod_id=int(eod), tp=tp, pp=pp, sequence_parallel=sequence_parallel,
+        eod_id=int(eod), tp=tp, pp=pp, sequence_parallel=sequence_parallel, entropy=entropy,
     )
-    if writer.work.exists() and resume:
-        writer.check_resume(RESUME_NAMES)
+    for writer in writers:
+        if writer.work.exists() and resume:
+            writer.check_resume(RESUME_NAMES)
     fields = {
         "window": {"tokens": window, "stride": stride},
         "token_dataset": {"prefix": str(data), "fingerprint": ds.fingerprint()},

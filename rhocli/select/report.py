@@ -12,27 +12,6 @@ import numpy as np
 from rhocli.core.errors import MissingInputError, OutputExistsError
 
 
-def _pieces(token_prefix: str, tokenizer_path: str | None, ids: list[int]) -> list[str]:
-    if tokenizer_path and Path(tokenizer_path).exists():
-        try:
-            from rhocli.core.tokenizers import load_tokenizer
-
-            tok = load_tokenizer(tokenizer_path)
-            out = []
-            for i in ids:
-                piece = tok.id_to_piece(int(i))
-                if piece.startswith("<0x") and piece.endswith(">"):
-                    try:
-                        piece = bytes([int(piece[3:-1], 16)]).decode("utf-8", errors="replace")
-                    except ValueError:
-                        pass
-                out.append(piece.replace("▁", " ").replace("Ġ", " ").replace("Ċ", "\n"))
-            return out
-        except Exception:  # a report must not fail because a tokenizer moved: fall back to ids
-            pass
-    return [f"[{i}]" for i in ids]
-
-
 def _colour(value: float, scale: float) -> str:
     """Diverging colour: high score red, low score blue, 0 white."""
     if not np.isfinite(value):
@@ -62,6 +41,7 @@ def _histogram_svg(counts, edges, width=560, height=160) -> str:
 def write_selection_report(path: Path, ref_manifest: dict, lengths, values, mask, ref, cfg, hist, edges, force: bool) -> None:
     from rhocli.core.formats.staging import StagedOutput
     from rhocli.core.formats.tokens import TokenDataset
+    from rhocli.core.tokenizers import display_pieces
 
     token_info = ref_manifest.get("token_dataset") or {}
     prefix = token_info.get("prefix")
@@ -77,7 +57,7 @@ def write_selection_report(path: Path, ref_manifest: dict, lengths, values, mask
     for d in range(min(cfg.report_documents, len(lengths))):
         a, b = int(ends[d]), int(ends[d + 1])
         ids = tokens.document(d).tolist()
-        pieces = _pieces(prefix, tokenizer_path, ids)
+        pieces = display_pieces(tokenizer_path, ids)
         spans = []
         for j, piece in enumerate(pieces):
             v, kept = float(values[a + j]), bool(mask[a + j])

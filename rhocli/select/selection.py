@@ -1,10 +1,15 @@
 """``rho select`` as a library: static token selection from score stores, written as a mask store.
 
-Scores per token (document-aligned, from ``rho score``):
+Scores per token (document-aligned, from ``rho score``), the online score functions with the base
+model's scores standing in for the training model's loss (``parallel.score_functions``):
 
 * ``excess``    = base-model loss − reference loss (``--base-scores`` needed): high excess is kept
                   (TokenCleaning's static selection; Rho-1's criterion with a frozen training model);
-* ``reference`` = − reference loss: the tokens the reference model finds most predictable are kept.
+* ``reference`` = − reference loss: the tokens the reference model finds most predictable are kept;
+* ``training``  = base-model loss (``--base-scores``): the hardest tokens for the base model;
+* ``entropy``   = − the reference model's entropy (``rho score --entropy`` wrote ``SCORES.entropy``);
+* ``random``    = a uniform draw per token from ``--seed``: the control at the same ratio;
+* two joined by ``&`` / ``|``: the tokens in both / either of their selections.
 
 Scopes: top k of each ``document``, or of the ``global`` corpus. k = floor(ratio · n + 0.5) (the
 rounding of the fused op); ties go to the lower token index; NaN scores rank last. ``filter`` is the
@@ -33,7 +38,8 @@ class SelectConfig:
     ratio: float
     base_scores: str | None = None
     scope: Literal["document", "global", "filter"] = "document"
-    score: Literal["excess", "reference"] = "excess"
+    score: str = "excess"
+    seed: int = 0
     report: str | None = None
     report_documents: int = 20
     force: bool = False
@@ -85,40 +91,77 @@ def document_filter_mask(values: np.ndarray, lengths: np.ndarray, k: int) -> np.
     return mask
 
 
+def _values(name: str, aligned: dict[str, np.ndarray], seed: int) -> np.ndarray:
+    """One score function's per-token values (higher is kept first)."""
+    ref = aligned["--scores"]
+    if name == "excess":
+        return aligned["--base-scores"] - ref
+    if name == "training":
+        return aligned["--base-scores"].copy()
+    if name == "reference":
+        return -ref
+    if name == "entropy":
+        return -aligned["entropy"]
+    return np.random.default_rng(seed).random(ref.size, dtype=np.float32)  # random
+
+
+def _mask(values: np.ndarray, lengths: np.ndarray, scope: str, ratio: float) -> np.ndarray:
+    """The tokens ``values`` keeps at ``ratio`` in ``scope``."""
+    if scope == "global":
+        return top_k_mask(values, selection_k(values.size, ratio))
+    if scope == "filter":
+        return document_filter_mask(values, lengths, selection_k(values.size, ratio))
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    mask = np.zeros(values.size, dtype=bool)
+    for d in range(lengths.size):
+        a, b = ends[d], ends[d + 1]
+        mask[a:b] = top_k_mask(values[a:b], selection_k(int(b - a), ratio))
+    return mask
+
+
 def run_select(cfg: SelectConfig) -> SelectSummary:
     if not 0.0 < cfg.ratio <= 1.0:
         raise UsageError(f"--ratio must be in (0, 1] (a mask that keeps nothing trains nothing), got {cfg.ratio}")
-    if cfg.score == "excess" and not cfg.base_scores:
-        raise UsageError("--score excess needs --base-scores (the base model's scores of the same tokens)")
+    from parallel.score_functions import parse_score
+
+    try:
+        names, op = parse_score(cfg.score)
+    except ValueError as err:
+        raise UsageError(f"--score {err}") from None
+    for name in names:
+        if name in ("excess", "training") and not cfg.base_scores:
+            raise UsageError(f"--score {name} needs --base-scores (the base model's scores of the same tokens)")
     from rhocli.core.formats.staging import check_outputs_free
 
     # both outputs are checked before either is written: a refused report must not leave a new mask
     check_outputs_free([Path(cfg.output + ext) for ext in (".bin", ".idx", ".json")]
                        + ([Path(cfg.report)] if cfg.report else []), cfg.force)
     from rhocli.core.formats.masks import write_mask_store
-    from rhocli.core.formats.scores import open_scores
+    from rhocli.core.formats.scores import entropy_prefix, open_scores
 
     ref_store = open_scores(cfg.scores, "--scores ")
     ref_manifest, lengths, ref = ref_store.manifest, ref_store.lengths, ref_store.values
     token_fp = (ref_manifest.get("token_dataset") or {}).get("fingerprint")
-    if cfg.score == "excess":
-        base_store = open_scores(cfg.base_scores, "--base-scores ")
-        base_manifest, base_lengths, base = base_store.manifest, base_store.lengths, base_store.values
-        if (base_manifest.get("token_dataset") or {}).get("fingerprint") != token_fp or not np.array_equal(base_lengths, lengths):
-            raise MismatchError(f"--base-scores {cfg.base_scores}: scores other tokens than --scores {cfg.scores}")
-        values = base - ref
-    else:
-        values = -ref
+    aligned = {"--scores": ref}
+
+    def companion(flag: str, prefix: str):  # another store of exactly these tokens
+        store = open_scores(prefix, f"{flag} ")
+        if (store.manifest.get("token_dataset") or {}).get("fingerprint") != token_fp or not np.array_equal(store.lengths, lengths):
+            raise MismatchError(f"{flag} {prefix}: scores other tokens than --scores {cfg.scores}")
+        return store.values
+
+    if cfg.base_scores and any(n in ("excess", "training") for n in names):
+        aligned["--base-scores"] = companion("--base-scores", cfg.base_scores)
+    if "entropy" in names:
+        if not Path(entropy_prefix(cfg.scores) + ".json").is_file():
+            raise UsageError(f"--score entropy needs {entropy_prefix(cfg.scores)} (the reference entropy: "
+                             f"rho score --entropy)")
+        aligned["entropy"] = companion("--scores", entropy_prefix(cfg.scores))
+    per_function = {name: _values(name, aligned, cfg.seed) for name in names}
+    masks = [_mask(per_function[name], lengths, cfg.scope, cfg.ratio) for name in names]
+    mask = masks[0] if op is None else (masks[0] & masks[1] if op == "&" else masks[0] | masks[1])
+    values = per_function[names[0]]  # the report's histogram and token colours: the first function
     ends = np.concatenate([[0], np.cumsum(lengths)])
-    if cfg.scope == "global":
-        mask = top_k_mask(values, selection_k(values.size, cfg.ratio))
-    elif cfg.scope == "filter":
-        mask = document_filter_mask(values, lengths, selection_k(values.size, cfg.ratio))
-    else:
-        mask = np.zeros(values.size, dtype=bool)
-        for d in range(lengths.size):
-            a, b = ends[d], ends[d + 1]
-            mask[a:b] = top_k_mask(values[a:b], selection_k(int(b - a), cfg.ratio))
     kept_per_doc = np.array([mask[ends[d]:ends[d + 1]].mean() if lengths[d] else 0.0 for d in range(lengths.size)])
     finite = values[np.isfinite(values)]
     hist, edges = np.histogram(finite, bins=40) if finite.size else (np.zeros(0), np.zeros(1))
@@ -128,6 +171,7 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
         "scores": {"reference": {"prefix": cfg.scores, "fingerprint": ref_manifest.get("fingerprint")},
                    "base": ({"prefix": cfg.base_scores} if cfg.base_scores else None)},
         "selection": {"score": cfg.score, "scope": cfg.scope, "ratio": cfg.ratio,
+                      **({"seed": cfg.seed} if "random" in names else {}),
                       "rounding": "k = floor(ratio * n + 0.5); ties to the lower index; NaN last"},
         "kept": int(mask.sum()), "tokens": int(mask.size),
         "statistics": {

@@ -117,6 +117,9 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     transformer_config(model_cfg, cfg.tp, cfg.pp, torch.float32, **model_features(cfg))
     if not 0 <= cfg.warmup_steps < cfg.steps:
         raise UsageError(f"warmup_steps {cfg.warmup_steps} must be below --steps {cfg.steps} (--set train.warmup_steps=N)")
+    if cfg.min_lr > cfg.lr:  # megatron's scheduler asserts it; a decay must go down
+        raise UsageError(f"--lr {cfg.lr:g} is below min_lr {cfg.min_lr:g}, where the schedule decays to "
+                         f"(--set train.min_lr=X)")
     if cfg.lr_decay_style == "wsd":
         from parallel.trainer import wsd_decay_steps
 
@@ -208,7 +211,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
             _same_run(manifest, cfg, refs, step_dir)
             _same_optimizer(manifest, cfg, dp, step_dir)
 
-    scores = _check_scores(cfg, refs)
+    scores, entropies = _check_scores(cfg, refs)
     masks = _check_masks(cfg, refs)
     eval_refs = _check_eval_data(cfg, tokenizer_fp, refs[0].prefix)
 
@@ -223,6 +226,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         run_dir=str(run_dir),
         config_snapshot=snapshot,
         scores=scores,
+        entropies=entropies,
         masks=masks,
         eval_datasets=eval_refs,
         init_checkpoint=str(init_dir) if init_dir is not None else None,
@@ -307,29 +311,50 @@ def _check_masks(cfg, refs):
 
 
 def _check_scores(cfg, refs):
-    """Score stores for selective training: one per --data prefix, made from exactly its tokens."""
+    """(score stores, entropy stores) for selective training: one per --data prefix, made from exactly
+    its tokens; the entropy stores (``rho score --entropy``) only when the score reads them."""
+    from parallel.score_functions import parse_score, score_inputs
+    from rhocli.core.formats.scores import entropy_prefix
+
+    if cfg.select_ratio is None:
+        for flag, given in (("--scores", bool(cfg.scores)), ("--select-by", cfg.select_by != "excess"),
+                            ("--select-after", bool(cfg.select_after)), ("--select-ratio START:END", cfg.select_ratio_start is not None)):
+            if given:
+                raise UsageError(f"{flag} needs --select-ratio (the fraction of tokens to train on)")
+        return (), ()
+    try:
+        parse_score(cfg.select_by)
+    except ValueError as err:
+        raise UsageError(f"--select-by {err}") from None
+    needs = score_inputs(cfg.select_by)
+    if not cfg.scores:
+        if needs & {"ref_loss", "ref_entropy"}:
+            raise UsageError(f"--select-by {cfg.select_by} needs --scores SCORES_PREFIX (from rho score), one per --data")
+        return (), ()  # training loss or random: no reference model
+    if len(cfg.scores) != len(refs):
+        raise UsageError(f"--scores: give one score store per --data prefix ({len(refs)}), in the same order")
+    stores, entropies = [], []
+    for prefix, ref in zip(cfg.scores, refs):
+        stores.append(_aligned_scores(prefix, ref, "--scores"))
+        if "ref_entropy" in needs:
+            entropy = entropy_prefix(prefix)
+            if not Path(entropy + ".json").is_file():
+                raise UsageError(f"--select-by {cfg.select_by} needs {entropy} (the reference entropy: rho score --entropy)")
+            entropies.append(_aligned_scores(entropy, ref, "--scores"))
+    return tuple(stores), tuple(entropies)
+
+
+def _aligned_scores(prefix, ref, flag: str):
+    """A score store made from exactly the tokens of ``ref`` (a --data prefix)."""
     from parallel.trainer import DatasetRef
     from rhocli.core.formats.scores import read_scores_manifest
 
-    if cfg.select_ratio is None:
-        if cfg.scores:
-            raise UsageError("--scores needs --select-ratio (the fraction of tokens to train on)")
-        return ()
-    if not cfg.scores:
-        raise UsageError("--select-ratio needs --scores SCORES_PREFIX (from rho score), one per --data")
-    if len(cfg.scores) != len(refs):
-        raise UsageError(f"--scores: give one score store per --data prefix ({len(refs)}), in the same order")
-    out = []
-    for prefix, ref in zip(cfg.scores, refs):
-        manifest = read_scores_manifest(prefix, label="--scores ")
-        made_from = (manifest.get("token_dataset") or {}).get("fingerprint")
-        if made_from != ref.fingerprint:
-            raise MismatchError(
-                f"--scores {prefix}: scores token dataset {made_from}, not --data {ref.prefix} ({ref.fingerprint})"
-            )
-        _same_documents(prefix, ref.prefix, "--scores")
-        out.append(DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", "")))
-    return tuple(out)
+    manifest = read_scores_manifest(prefix, label=f"{flag} ")
+    made_from = (manifest.get("token_dataset") or {}).get("fingerprint")
+    if made_from != ref.fingerprint:
+        raise MismatchError(f"{flag} {prefix}: scores token dataset {made_from}, not --data {ref.prefix} ({ref.fingerprint})")
+    _same_documents(prefix, ref.prefix, flag)
+    return DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", ""))
 
 
 #: what a resumed run may change: how long it runs, how it is laid out and logged (``tp``/``pp``/``dp``
@@ -473,6 +498,7 @@ def spec_from_dict(d: dict[str, Any]):
         run_dir=d["run_dir"],
         config_snapshot=d["config_snapshot"],
         scores=tuple(DatasetRef(**r) for r in d.get("scores") or ()),
+        entropies=tuple(DatasetRef(**r) for r in d.get("entropies") or ()),
         masks=tuple(DatasetRef(**r) for r in d.get("masks") or ()),
         eval_datasets=tuple(DatasetRef(**r) for r in d.get("eval_datasets") or ()),
         init_checkpoint=d.get("init_checkpoint"),

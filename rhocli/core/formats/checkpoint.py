@@ -93,6 +93,16 @@ class CheckpointStore:
     def step_dir(self, step: int) -> Path:
         return self.run_dir / step_dir_name(step)
 
+    def complete_steps(self) -> list[tuple[int, Path]]:
+        """Every published checkpoint of the run, (step, directory) in step order."""
+        if not self.run_dir.is_dir():
+            return []
+        found = []
+        for d in self.run_dir.glob("step_*"):
+            if d.is_dir() and (d / MANIFEST_NAME).is_file() and d.name[5:].isdigit():
+                found.append((int(d.name[5:]), d))
+        return sorted(found)
+
     def staging_dir(self, step: int) -> Path:
         return self.run_dir / f".tmp-{step_dir_name(step)}"
 

@@ -31,6 +31,16 @@ HISTOGRAM_BINS = 40
 HISTOGRAM_MAX = 20.0
 
 
+#: the manifest's ``value`` of an entropy store
+ENTROPY_VALUE = "reference model's entropy of its next-token distribution (nats) at each token's position"
+
+
+def entropy_prefix(scores_prefix: str | Path) -> str:
+    """Where ``rho score --entropy`` writes the reference model's entropy per token, beside the losses
+    in SCORES: a score store of its own (same format, same documents), ``SCORES.entropy``."""
+    return f"{scores_prefix}.entropy"
+
+
 @dataclasses.dataclass
 class ScoreStore:
     """A finished score store: its manifest, document lengths [documents] and values [tokens]."""

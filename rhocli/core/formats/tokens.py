@@ -162,3 +162,21 @@ class TokenDatasetWriter:
             self._start()
         self._builder.finalize(str(idx_file))
         return content_fingerprint(idx_file, self.bin_file)
+
+
+def write_subset(source: str | Path, prefix: str | Path, documents: int) -> dict[str, Any]:
+    """The first ``documents`` documents of the token dataset ``source`` as a token dataset of its own
+    at ``prefix`` (its manifest: the source's tokenizer, the new fingerprint and counts); returns that
+    manifest. Used to score or analyse a fixed sample of a corpus."""
+    ds = TokenDataset(source)
+    n = min(documents, ds.num_documents)
+    writer = TokenDatasetWriter(bin_path(prefix), ds.dtype.name)
+    total = 0
+    for i in range(n):
+        doc = ds.document(i)
+        writer.add_documents(doc, [len(doc)])
+        total += len(doc)
+    fields = {k: v for k, v in (ds.manifest or {}).items() if k not in ("format", "format_version")}
+    fields.update(fingerprint=writer.finalize(idx_path(prefix)), documents=n, tokens=int(total),
+                  subset_of={"prefix": str(source), "fingerprint": ds.fingerprint(), "documents": n})
+    return TOKENS.write(manifest_path(prefix), fields)
