@@ -131,13 +131,16 @@ def _html(d: Dynamics, token_view: str) -> str:
 
     bars = bar_chart(d.fractions, "tokens per category", "fraction", colours=COLOURS)
     curves = line_chart({name: list(zip(d.steps, d.mean_loss[name])) for name in CATEGORIES if d.mean_loss[name]},
-                        "mean loss per category (Fig. 2)", "step", "loss (nats)")
+                        "mean loss per category (Fig. 2)", "step", "loss (nats)", colours=COLOURS)
     # Fig. 3: a few steady tokens' own trajectories; their wiggle is the fluctuation
-    examples = {}
+    examples, colours, styles = {}, {}, {}
     for name in ("L→L", "H→H"):
         members = np.flatnonzero(d.categories == CATEGORIES.index(name))
-        for t in members[np.argsort(-d.residual_std[members])][:3]:
-            examples[f"{name} token {t}"] = list(zip(d.steps, d.losses[t].tolist()))
+        for rank, t in enumerate(members[np.argsort(-d.residual_std[members])][:3]):
+            label = f"{name} token {t}"
+            examples[label] = list(zip(d.steps, d.losses[t].tolist()))
+            colours[label] = COLOURS[name]  # the category's colour; the three told apart by their dash
+            styles[label] = "dashed" if rank == 1 else "solid"
     rows = "".join(f"<tr><td style='color:{COLOURS[n]}'>{n}</td><td>{d.fractions[n]:.1%}</td>"
                    f"<td>{d.fluctuation[n]:.3f}</td></tr>" for n in CATEGORIES)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>rho analyze dynamics</title>
@@ -151,7 +154,7 @@ mean final loss, else H→H. Rho-1 (TinyLlama on OpenWebMath): 51 % L→L, 26 % 
 <table><tr><th>category</th><th>tokens</th><th>fluctuation (std around the fit, nats)</th></tr>{rows}</table>
 {bars}
 {curves}
-{_examples_chart(examples)}
+{_examples_chart(examples, colours, styles)}
 <h2>Tokens by category</h2>
 <p>{"".join(f"<span style='color:{COLOURS[n]}'>■ {n}</span> " for n in CATEGORIES)}</p>
 <div class="tok">{token_view}</div>
@@ -159,12 +162,13 @@ mean final loss, else H→H. Rho-1 (TinyLlama on OpenWebMath): 51 % L→L, 26 % 
 """
 
 
-def _examples_chart(examples: dict) -> str:
+def _examples_chart(examples: dict, colours: dict, styles: dict) -> str:
     from rhocli.core.plots import line_chart
 
     if not examples:
         return ""
-    return line_chart(examples, "the most fluctuating L→L and H→H tokens (Fig. 3)", "step", "loss (nats)")
+    return line_chart(examples, "the most fluctuating L→L and H→H tokens (Fig. 3)", "step", "loss (nats)",
+                      colours=colours, styles=styles)
 
 
 def run_dynamics(output: Path, stores: list[str], force: bool = False, view_documents: int = 8) -> tuple[Dynamics, dict[str, Path]]:

@@ -30,8 +30,9 @@ def _fmt(v: float) -> str:
 
 def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel: str, ylabel: str,
                width: int = 700, height: int = 360, styles: dict[str, str] | None = None,
-               y_range: tuple[float, float] | None = None) -> str:
-    """An SVG line chart of named (x, y) series; ``styles[name] = "dashed"`` draws a dashed line."""
+               y_range: tuple[float, float] | None = None, colours: dict[str, str] | None = None) -> str:
+    """An SVG line chart of named (x, y) series; ``styles[name] = "dashed"`` draws a dashed line;
+    ``colours[name]`` fixes a series' colour (else the palette's, in order)."""
     styles = styles or {}
     pts = [(x, y) for s in series.values() for x, y in s if math.isfinite(y)]
     if not pts:
@@ -70,7 +71,7 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, xlabel:
     parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>')
     parts.append(f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle">{html.escape(ylabel)}</text>')
     for i, (name, s) in enumerate(series.items()):
-        colour = PALETTE[i % len(PALETTE)]
+        colour = (colours or {}).get(name) or PALETTE[i % len(PALETTE)]
         # past the palette, colours repeat dashed so that no two series look the same
         dashed = styles.get(name) == "dashed" or (i // len(PALETTE)) % 2 == 1
         dash = ' stroke-dasharray="6 4"' if dashed else ""
