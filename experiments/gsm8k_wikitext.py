@@ -36,26 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def paragraphs(path: Path) -> list[str]:
-    """WikiText-2 paragraphs: non-empty lines that are not ' = Heading = ' lines."""
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        text = line.strip()
-        if text and not (text.startswith("=") and text.endswith("=")):
-            out.append(text)
-    return out
-
-
-def gsm8k_text(record: dict) -> str:
-    return record["question"] + "\n" + record["answer"]
-
-
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="dir with data/ and tokenizers/")
@@ -85,6 +65,8 @@ def main() -> int:
     import yaml
 
     from rhocli.app import invoke as run_rho
+    from rhocli.core.corpora import gsm8k_text, read_jsonl, write_jsonl
+    from rhocli.core.corpora import wikitext_paragraphs as paragraphs
     from rhocli.core.formats.masks import read_masks
     from rhocli.core.formats.metrics import read_metrics, steps_to_reach
     from rhocli.core.megatron_io import quiet_megatron
@@ -136,7 +118,7 @@ def main() -> int:
 
     # ---- 1. data
     rng = random.Random(1234)
-    problems = [json.loads(line) for line in gsm8k.read_text(encoding="utf-8").splitlines() if line.strip()]
+    problems = read_jsonl(gsm8k)
     rng.shuffle(problems)
     reference = problems[: args.reference_docs]
     heldout = problems[-args.heldout_docs:]

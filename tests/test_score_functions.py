@@ -133,7 +133,8 @@ def test_offline_selection_is_the_top_k_of_its_score(three_stores, tmp_path, cap
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     d, lengths, flat = three_stores
-    r = run_rho(capsys, "select", "--scores", d / "ref", "--base-scores", d / "base", "--score", score, "--seed", 7,
+    flag = "--select-by" if ("&" in score or "|" in score) else "--score"  # one option, rho train's name too
+    r = run_rho(capsys, "select", "--scores", d / "ref", "--base-scores", d / "base", flag, score, "--seed", 7,
                 "--ratio", 0.3, "--output", tmp_path / "m")
     assert r.exit_code == 0, r.stderr
     masks = IndexedDataset(str(tmp_path / "m"), mmap=True)

@@ -22,7 +22,7 @@ def select_command(
     ratio: Annotated[float, typer.Option("--ratio", help="Fraction of tokens to keep.")] = 0.6,
     base_scores: Annotated[Optional[str], typer.Option("--base-scores", help="Base-model score store of the same tokens (for --score excess).")] = None,
     scope: Annotated[str, typer.Option("--scope", help="document (top k of each document), global (top k of the corpus) or filter (whole documents by mean score, up to --ratio of the tokens).")] = "document",
-    score: Annotated[str, typer.Option("--score", help="excess (base - reference, high kept), reference (low reference loss kept), training (high base loss), entropy (low reference entropy: rho score --entropy), random (the control, from --seed); A&B keeps tokens both choose, A|B either.")] = "excess",
+    score: Annotated[str, typer.Option("--score", "--select-by", help="excess (base - reference, high kept), reference (low reference loss kept), training (high base loss), entropy (low reference entropy: rho score --entropy), random (the control, from --seed); A&B keeps tokens both choose, A|B either.")] = "excess",
     seed: Annotated[int, typer.Option("--seed", help="Seed of --score random.")] = 0,
     report: Annotated[Optional[str], typer.Option("--report", help="Also write a self-contained HTML report of the selection.")] = None,
     report_documents: Annotated[int, typer.Option(help="Documents shown in the report.")] = 20,

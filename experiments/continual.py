@@ -1,0 +1,225 @@
+"""Rho-1's setting in miniature: continual pretraining. A base model pretrained on general text
+(WikiText-2); a reference model fine-tuned from that base on clean GSM8K problems; then CLM, SLM and
+the random-selection control continued from the same base on a noisy corpus (other GSM8K problems,
+WikiText-2 and noise), over several seeds. docs/experiment.md has the results.
+
+    python experiments/continual.py --shared ../shared --output exp-continual
+    python experiments/continual.py --shared ../shared --output exp-c2 --seeds 1,2,3,4,5 --ratio 0.5 --steps 400
+
+Every stage is the real rho command line, run in this process through rho's one public entry
+(``rhocli.app.invoke``); results are read back with rho's format readers:
+
+1. data (GSM8K train shuffled, seed 1234; WikiText-2 valid+test paragraphs shuffled): general text =
+   the first --general-share of the WikiText paragraphs; reference set = the first --reference-docs
+   problems; held-out = the last --heldout-docs problems; the noisy corpus = the next --math-docs
+   problems, the remaining WikiText paragraphs, and --noise-docs noise documents (half GSM8K problems
+   whose numbers were replaced by random ones: wrong arithmetic; half word salad drawn from WikiText's
+   words), shuffled;
+2. rho tokenize (Llama-2 SentencePiece); rho train the base on the general text (--base-steps);
+   rho train --init BASE the reference on the reference set (--reference-steps); rho score the
+   noisy corpus with the reference;
+3. for each seed: from --init BASE, --steps on the noisy corpus: CLM; SLM (--select-ratio, excess,
+   microbatch scope); the random control (--select-by random at the same ratio); each validating on
+   the held-out problems every --eval-interval steps;
+4. results.json (curves, per-seed rows), report.md (mean ± spread over seeds) and heldout_loss.svg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ARMS = ("clm", "slm", "random")
+
+
+def corrupt_numbers(text: str, rng: random.Random) -> str:
+    """Every number replaced by a random one of the same length: fluent text, wrong arithmetic."""
+    return re.sub(r"\d+", lambda m: str(rng.randint(10 ** (len(m.group()) - 1) if len(m.group()) > 1 else 0,
+                                                    10 ** len(m.group()) - 1)), text)
+
+
+def word_salad(words: list[str], n: int, rng: random.Random) -> str:
+    return " ".join(rng.choice(words) for _ in range(n))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="dir with data/ and tokenizers/")
+    ap.add_argument("--output", type=Path, default=Path("exp-continual"))
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "experiment-gsm8k.yaml")
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--ratio", type=float, default=0.6)
+    ap.add_argument("--steps", type=int, default=200, help="continual-pretraining steps of each arm")
+    ap.add_argument("--base-steps", type=int, default=400)
+    ap.add_argument("--reference-steps", type=int, default=150)
+    ap.add_argument("--eval-interval", type=int, default=25)
+    ap.add_argument("--reference-docs", type=int, default=2000)
+    ap.add_argument("--heldout-docs", type=int, default=400)
+    ap.add_argument("--math-docs", type=int, default=2000)
+    ap.add_argument("--noise-docs", type=int, default=1500)
+    ap.add_argument("--general-share", type=float, default=0.6, help="share of WikiText paragraphs for the base model")
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="keep finished stages of an earlier run in --output")
+    args = ap.parse_args()
+
+    from rhocli.app import invoke as run_rho
+    from rhocli.core.corpora import gsm8k_text, read_jsonl, wikitext_paragraphs, write_jsonl
+    from rhocli.core.formats.metrics import read_metrics, steps_to_reach
+    from rhocli.core.megatron_io import quiet_megatron
+    from rhocli.core.plots import line_chart
+
+    quiet_megatron()
+    gsm8k = args.shared / "data" / "gsm8k" / "train.jsonl"
+    wiki = [args.shared / "data" / "wikitext-2" / f"{s}.txt" for s in ("valid", "test")]
+    tokenizer = args.shared / "tokenizers" / "llama2" / "tokenizer.model"
+    for p in (gsm8k, *wiki, tokenizer):
+        if not p.is_file():
+            print(f"error: {p}: not found (pass --shared DIR)", file=sys.stderr)
+            return 3
+    out = args.output
+    if out.exists() and any(out.iterdir()) and not (args.force or args.reuse):
+        print(f"error: --output {out}: not empty; pass --force (or --reuse)", file=sys.stderr)
+        return 5
+    for sub in ("data", "tokens", "runs", "scores"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+
+    def finished(c) -> bool:
+        if not args.reuse:
+            return False
+        if c[0] in ("tokenize", "score"):
+            return Path(f"{c[c.index('--output') + 1]}.json").is_file()
+        if c[0] == "train":
+            run, n = Path(c[c.index("--save") + 1]), int(c[c.index("--steps") + 1])
+            return (run / "latest").is_file() and (run / "latest").read_text().strip() == f"step_{n:06d}"
+        return False
+
+    def stage(name, commands):
+        t0 = time.perf_counter()
+        for c in commands:
+            c = [str(x) for x in c]
+            if finished(c):
+                print("kept: rho " + " ".join(c), flush=True)
+                continue
+            print("rho " + " ".join(c), flush=True)
+            run_rho(c + (["--force"] if c[0] == "train" else []))
+        timings[name] = time.perf_counter() - t0
+        print(f"  {name}: {timings[name]:.0f} s", flush=True)
+
+    # ---- 1. data
+    rng = random.Random(1234)
+    problems = read_jsonl(gsm8k)
+    rng.shuffle(problems)
+    paragraphs = [t for p in wiki for t in wikitext_paragraphs(p)]
+    rng.shuffle(paragraphs)
+    n_general = int(len(paragraphs) * args.general_share)
+    general, wiki_rest = paragraphs[:n_general], paragraphs[n_general:]
+    reference = problems[: args.reference_docs]
+    heldout = problems[-args.heldout_docs:]
+    math = problems[args.reference_docs: args.reference_docs + args.math_docs]
+    spare = problems[args.reference_docs + args.math_docs: -args.heldout_docs]
+    assert len(spare) >= args.noise_docs // 2, "GSM8K is too small for these sizes"
+    words = [w for t in general for w in t.split()]
+    noise = [corrupt_numbers(gsm8k_text(r), rng) for r in spare[: args.noise_docs // 2]]
+    noise += [word_salad(words, rng.randint(40, 160), rng) for _ in range(args.noise_docs - len(noise))]
+    corpus = ([{"text": gsm8k_text(r), "source": "gsm8k"} for r in math]
+              + [{"text": t, "source": "wikitext"} for t in wiki_rest]
+              + [{"text": t, "source": "noise"} for t in noise])
+    rng.shuffle(corpus)
+    write_jsonl(out / "data" / "general.jsonl", [{"text": t} for t in general])
+    write_jsonl(out / "data" / "reference.jsonl", [{"text": gsm8k_text(r)} for r in reference])
+    write_jsonl(out / "data" / "heldout.jsonl", [{"text": gsm8k_text(r)} for r in heldout])
+    write_jsonl(out / "data" / "corpus.jsonl", corpus)
+    stage("tokenize", [["tokenize", out / "data" / f"{n}.jsonl", "--tokenizer", tokenizer, "--output", out / "tokens" / n, "-q"]
+                       for n in ("general", "reference", "heldout", "corpus")])
+
+    def train(run, data, steps, extra=()):
+        return ["train", args.config, "--data", out / "tokens" / data, "--eval-data", out / "tokens" / "heldout",
+                "--save", out / "runs" / run, "--steps", steps, "--save-interval", steps,
+                "--eval-interval", args.eval_interval, *extra, "-q"]
+
+    base = out / "runs" / "base"
+    stage("train base (general text)", [train("base", "general", args.base_steps)])
+    stage("train reference (from base, clean problems)", [train("reference", "reference", args.reference_steps, ["--init", base])])
+    stage("score corpus", [["score", "--model", out / "runs" / "reference", "--data", out / "tokens" / "corpus",
+                            "--output", out / "scores" / "corpus.reference", "-q"]])
+    selection = {"clm": [], "slm": ["--scores", out / "scores" / "corpus.reference", "--select-ratio", args.ratio,
+                                    "--select-scope", "microbatch"],
+                 "random": ["--select-by", "random", "--select-ratio", args.ratio, "--select-scope", "microbatch"]}
+    for seed in seeds:
+        for arm in ARMS:
+            stage(f"train {arm} seed {seed}", [train(f"{arm}-s{seed}", "corpus", args.steps,
+                                                     ["--init", base, "--seed", seed, *selection[arm]])])
+
+    # ---- 4. results
+    curves = {arm: {seed: read_metrics(out / "runs" / f"{arm}-s{seed}")["valid"] for seed in seeds} for arm in ARMS}
+    base_loss = read_metrics(base)["valid"][-1][1]
+    reference_loss = read_metrics(out / "runs" / "reference")["valid"][-1][1]
+    per_seed = []
+    for seed in seeds:
+        clm_final = curves["clm"][seed][-1][1]
+        for arm in ARMS:
+            valid = curves[arm][seed]
+            reach = steps_to_reach(valid, clm_final)
+            per_seed.append({"arm": arm, "seed": seed, "final_heldout": valid[-1][1], "steps_to_clm_final": reach,
+                             "speedup": (args.steps / reach) if reach else None})
+
+    def spread(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+    summary = {arm: {"final_heldout": spread([r["final_heldout"] for r in per_seed if r["arm"] == arm]),
+                     "steps_to_clm_final": spread([r["steps_to_clm_final"] for r in per_seed if r["arm"] == arm]),
+                     "reached": sum(1 for r in per_seed if r["arm"] == arm and r["steps_to_clm_final"] is not None),
+                     "speedup": spread([r["speedup"] for r in per_seed if r["arm"] == arm])} for arm in ARMS}
+    results = {"settings": vars(args) | {"shared": str(args.shared), "output": str(args.output), "config": str(args.config)},
+               "seeds": seeds, "base_heldout": base_loss, "reference_heldout": reference_loss, "per_seed": per_seed,
+               "summary": summary, "curves": curves, "seconds": timings, "total_seconds": time.perf_counter() - t_all,
+               "sizes": {"general_paragraphs": len(general), "reference_docs": len(reference), "heldout_docs": len(heldout),
+                         "corpus": {s: sum(1 for r in corpus if r["source"] == s) for s in ("gsm8k", "wikitext", "noise")}}}
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    colours = {"clm": "#1f77b4", "slm": "#d62728", "random": "#7f7f7f"}
+    series, styles, series_colours = {}, {}, {}
+    for arm in ARMS:
+        for seed in seeds:
+            name = f"{arm.upper() if arm != 'random' else 'random'} seed {seed}"
+            series[name] = [(s, v) for s, v in curves[arm][seed] if s > 0]
+            series_colours[name] = colours[arm]
+            styles[name] = "dashed" if seed != seeds[0] else "solid"
+    (out / "heldout_loss.svg").write_text(line_chart(series, "Continual pretraining from the base: held-out GSM8K loss",
+                                                     "training step", "loss (nats/token)", styles=styles, colours=series_colours))
+
+    def fmt(s, f="{:.4f}"):
+        if s is None:
+            return "-"
+        return f"{f.format(s['mean'])} ± {f.format(s['std'])} [{f.format(s['min'])}, {f.format(s['max'])}]"
+
+    lines = [f"base {base_loss:.4f}, reference {reference_loss:.4f} (held-out loss); seeds {seeds}; ratio {args.ratio}",
+             "", "| arm | final held-out loss (mean ± std [min, max]) | steps to CLM's final | seeds that reach it | speed-up |",
+             "|---|---|---|---|---|"]
+    for arm in ARMS:
+        s = summary[arm]
+        lines.append(f"| {arm} | {fmt(s['final_heldout'])} | {fmt(s['steps_to_clm_final'], '{:.0f}')} | "
+                     f"{s['reached']}/{len(seeds)} | {fmt(s['speedup'], '{:.2f}')} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"total {results['total_seconds']:.0f} s; everything is under {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
