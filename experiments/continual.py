@@ -21,7 +21,8 @@ Every stage is the real rho command line, run in this process through rho's one 
 3. for each seed: from --init BASE, --steps on the noisy corpus: CLM; SLM (--select-ratio, excess,
    microbatch scope); the random control (--select-by random at the same ratio); each validating on
    the held-out problems every --eval-interval steps;
-4. results.json (curves, per-seed rows), report.md (mean ± spread over seeds) and heldout_loss.svg.
+4. results-ratioR-Nsteps.json (curves, per-seed rows), report-....md (mean ± spread over seeds) and
+   heldout_loss-....svg. ``--reuse`` with another --ratio / --steps / --seeds runs only the new arms.
 """
 
 from __future__ import annotations
@@ -91,6 +92,15 @@ def main() -> int:
         return 5
     for sub in ("data", "tokens", "runs", "scores"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    # --reuse keeps finished stages, so it must not mix two corpora: the data settings are recorded
+    data_settings = {k: getattr(args, k) for k in ("reference_docs", "heldout_docs", "math_docs", "noise_docs",
+                                                    "general_share", "base_steps", "reference_steps")}
+    recorded = out / "data_settings.json"
+    if args.reuse and recorded.is_file() and json.loads(recorded.read_text()) != data_settings:
+        print(f"error: --reuse {out}: made with other data or base/reference settings ({recorded}); "
+              "use another --output", file=sys.stderr)
+        return 5
+    recorded.write_text(json.dumps(data_settings, indent=1) + "\n")
     seeds = [int(s) for s in args.seeds.split(",")]
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -157,13 +167,16 @@ def main() -> int:
     selection = {"clm": [], "slm": ["--scores", out / "scores" / "corpus.reference", "--select-ratio", args.ratio,
                                     "--select-scope", "microbatch"],
                  "random": ["--select-by", "random", "--select-ratio", args.ratio, "--select-scope", "microbatch"]}
+    def run_name(arm, seed):  # the ratio and the steps in the name: --reuse never mistakes one run for another
+        return f"{arm}{'' if arm == 'clm' else f'{args.ratio:g}'}-{args.steps}steps-s{seed}"
+
     for seed in seeds:
         for arm in ARMS:
-            stage(f"train {arm} seed {seed}", [train(f"{arm}-s{seed}", "corpus", args.steps,
+            stage(f"train {arm} seed {seed}", [train(run_name(arm, seed), "corpus", args.steps,
                                                      ["--init", base, "--seed", seed, *selection[arm]])])
 
     # ---- 4. results
-    curves = {arm: {seed: read_metrics(out / "runs" / f"{arm}-s{seed}")["valid"] for seed in seeds} for arm in ARMS}
+    curves = {arm: {seed: read_metrics(out / "runs" / run_name(arm, seed))["valid"] for seed in seeds} for arm in ARMS}
     base_loss = read_metrics(base)["valid"][-1][1]
     reference_loss = read_metrics(out / "runs" / "reference")["valid"][-1][1]
     per_seed = []
@@ -191,7 +204,8 @@ def main() -> int:
                "summary": summary, "curves": curves, "seconds": timings, "total_seconds": time.perf_counter() - t_all,
                "sizes": {"general_paragraphs": len(general), "reference_docs": len(reference), "heldout_docs": len(heldout),
                          "corpus": {s: sum(1 for r in corpus if r["source"] == s) for s in ("gsm8k", "wikitext", "noise")}}}
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    tag = f"ratio{args.ratio:g}-{args.steps}steps"
+    (out / f"results-{tag}.json").write_text(json.dumps(results, indent=1, default=str))
     colours = {"clm": "#1f77b4", "slm": "#d62728", "random": "#7f7f7f"}
     series, styles, series_colours = {}, {}, {}
     for arm in ARMS:
@@ -200,7 +214,7 @@ def main() -> int:
             series[name] = [(s, v) for s, v in curves[arm][seed] if s > 0]
             series_colours[name] = colours[arm]
             styles[name] = "dashed" if seed != seeds[0] else "solid"
-    (out / "heldout_loss.svg").write_text(line_chart(series, "Continual pretraining from the base: held-out GSM8K loss",
+    (out / f"heldout_loss-{tag}.svg").write_text(line_chart(series, "Continual pretraining from the base: held-out GSM8K loss",
                                                      "training step", "loss (nats/token)", styles=styles, colours=series_colours))
 
     def fmt(s, f="{:.4f}"):
@@ -215,7 +229,7 @@ def main() -> int:
         s = summary[arm]
         lines.append(f"| {arm} | {fmt(s['final_heldout'])} | {fmt(s['steps_to_clm_final'], '{:.0f}')} | "
                      f"{s['reached']}/{len(seeds)} | {fmt(s['speedup'], '{:.2f}')} |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / f"report-{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"total {results['total_seconds']:.0f} s; everything is under {out}")
     return 0
