@@ -174,11 +174,11 @@ def _examples_chart(examples: dict, colours: dict, styles: dict) -> str:
 def run_dynamics(output: Path, stores: list[str], force: bool = False, view_documents: int = 8) -> tuple[Dynamics, dict[str, Path]]:
     """Analyse the score stores (one per checkpoint, in training order: the steps come from their
     manifests' ``reference_model.step``) and write the report into ``output``."""
+    from rhocli.core.formats.scores import read_scores_manifest
+
     losses, lengths = loss_matrix(stores)
     steps = []
     for i, prefix in enumerate(stores):
-        from rhocli.core.formats.scores import read_scores_manifest
-
         step = (read_scores_manifest(prefix, "--stores ").get("reference_model") or {}).get("step")
         steps.append(int(step) if step is not None else i)
     if len(set(steps)) != len(steps) or steps != sorted(steps):

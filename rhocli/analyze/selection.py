@@ -84,11 +84,11 @@ def selection_of_run(run_dir: Path, data: str, reference_model: str, output: Pat
         masks.append(np.concatenate(read_masks(mask_prefix)))
     losses, lengths = loss_matrix(scored.stores)
     ref_values = loss_matrix([reference])[0][:, 0]
-    result = selection_dynamics(losses, ref_values, np.stack(masks, axis=1), scored.steps, ratio, score)
+    kept = np.stack(masks, axis=1)  # [tokens, checkpoints]
+    result = selection_dynamics(losses, ref_values, kept, scored.steps, ratio, score)
     output.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    paths["html"].write_text(_html(result, _views(scored, lengths, losses, ref_values, np.stack(masks, axis=1))),
-                             encoding="utf-8")
+    paths["html"].write_text(_html(result, _views(scored, lengths, losses, ref_values, kept)), encoding="utf-8")
     return result, paths
 
 
