@@ -77,61 +77,25 @@ def main() -> int:
     from rhocli.core.formats.metrics import read_metrics, steps_to_reach
     from rhocli.core.megatron_io import quiet_megatron
     from rhocli.core.plots import line_chart
+    from rhocli.core.recipe import StageRunner, prepare_output, record_settings, shared_inputs
 
     quiet_megatron()
-    gsm8k = args.shared / "data" / "gsm8k" / "train.jsonl"
-    wiki = [args.shared / "data" / "wikitext-2" / f"{s}.txt" for s in ("valid", "test")]
-    tokenizer = args.shared / "tokenizers" / "llama2" / "tokenizer.model"
-    for p in (gsm8k, *wiki, tokenizer):
-        if not p.is_file():
-            print(f"error: {p}: not found (pass --shared DIR)", file=sys.stderr)
-            return 3
+    inputs = shared_inputs(args.shared)
     out = args.output
-    if out.exists() and any(out.iterdir()) and not (args.force or args.reuse):
-        print(f"error: --output {out}: not empty; pass --force (or --reuse)", file=sys.stderr)
-        return 5
-    for sub in ("data", "tokens", "runs", "scores"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    # --reuse keeps finished stages, so it must not mix two corpora: the data settings are recorded
-    data_settings = {k: getattr(args, k) for k in ("reference_docs", "heldout_docs", "math_docs", "noise_docs",
-                                                    "general_share", "base_steps", "reference_steps")}
-    recorded = out / "data_settings.json"
-    if args.reuse and recorded.is_file() and json.loads(recorded.read_text()) != data_settings:
-        print(f"error: --reuse {out}: made with other data or base/reference settings ({recorded}); "
-              "use another --output", file=sys.stderr)
-        return 5
-    recorded.write_text(json.dumps(data_settings, indent=1) + "\n")
+    prepare_output(out, ("data", "tokens", "runs", "scores"), force=args.force, reuse=args.reuse)
+    record_settings(out, {k: getattr(args, k) for k in ("reference_docs", "heldout_docs", "math_docs", "noise_docs",
+                                                         "general_share", "base_steps", "reference_steps")},
+                    reuse=args.reuse)
     seeds = [int(s) for s in args.seeds.split(",")]
-    timings: dict[str, float] = {}
+    runner = StageRunner(run_rho, reuse=args.reuse, log=lambda line: print(line, flush=True))
+    stage, timings = runner.stage, runner.timings
     t_all = time.perf_counter()
-
-    def finished(c) -> bool:
-        if not args.reuse:
-            return False
-        if c[0] in ("tokenize", "score"):
-            return Path(f"{c[c.index('--output') + 1]}.json").is_file()
-        if c[0] == "train":
-            run, n = Path(c[c.index("--save") + 1]), int(c[c.index("--steps") + 1])
-            return (run / "latest").is_file() and (run / "latest").read_text().strip() == f"step_{n:06d}"
-        return False
-
-    def stage(name, commands):
-        t0 = time.perf_counter()
-        for c in commands:
-            c = [str(x) for x in c]
-            if finished(c):
-                print("kept: rho " + " ".join(c), flush=True)
-                continue
-            print("rho " + " ".join(c), flush=True)
-            run_rho(c + (["--force"] if c[0] == "train" else []))
-        timings[name] = time.perf_counter() - t0
-        print(f"  {name}: {timings[name]:.0f} s", flush=True)
 
     # ---- 1. data
     rng = random.Random(1234)
-    problems = read_jsonl(gsm8k)
+    problems = read_jsonl(inputs.gsm8k)
     rng.shuffle(problems)
-    paragraphs = [t for p in wiki for t in wikitext_paragraphs(p)]
+    paragraphs = [t for p in inputs.wikitext for t in wikitext_paragraphs(p)]
     rng.shuffle(paragraphs)
     n_general = int(len(paragraphs) * args.general_share)
     general, wiki_rest = paragraphs[:n_general], paragraphs[n_general:]
@@ -151,7 +115,7 @@ def main() -> int:
     write_jsonl(out / "data" / "reference.jsonl", [{"text": gsm8k_text(r)} for r in reference])
     write_jsonl(out / "data" / "heldout.jsonl", [{"text": gsm8k_text(r)} for r in heldout])
     write_jsonl(out / "data" / "corpus.jsonl", corpus)
-    stage("tokenize", [["tokenize", out / "data" / f"{n}.jsonl", "--tokenizer", tokenizer, "--output", out / "tokens" / n, "-q"]
+    stage("tokenize", [["tokenize", out / "data" / f"{n}.jsonl", "--tokenizer", inputs.tokenizer, "--output", out / "tokens" / n, "-q"]
                        for n in ("general", "reference", "heldout", "corpus")])
 
     def train(run, data, steps, extra=()):
@@ -236,4 +200,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rhocli.app import run_recipe
+
+    sys.exit(run_recipe(main))

@@ -71,61 +71,32 @@ def main() -> int:
     from rhocli.core.formats.metrics import read_metrics, steps_to_reach
     from rhocli.core.megatron_io import quiet_megatron
     from rhocli.core.plots import bar_chart, line_chart
+    from rhocli.core.recipe import StageRunner, prepare_output, record_settings, shared_inputs
 
     quiet_megatron()
-    gsm8k = args.shared / "data" / "gsm8k" / "train.jsonl"
-    wiki = [args.shared / "data" / "wikitext-2" / f"{s}.txt" for s in ("valid", "test")]
-    tokenizer = args.shared / "tokenizers" / "llama2" / "tokenizer.model"
-    for p in (gsm8k, *wiki, tokenizer):
-        if not p.is_file():
-            print(f"error: {p}: not found (pass --shared DIR)", file=sys.stderr)
-            return 3
+    inputs = shared_inputs(args.shared)
     out = args.output
-    if out.exists() and any(out.iterdir()) and not (args.force or args.reuse):
-        print(f"error: --output {out}: not empty; pass --force", file=sys.stderr)
-        return 5
-    for sub in ("data", "tokens", "runs", "scores", "select"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    prepare_output(out, ("data", "tokens", "runs", "scores", "select"), force=args.force, reuse=args.reuse)
+    record_settings(out, {k: getattr(args, k) for k in ("reference_docs", "heldout_docs", "math_docs", "reference_steps")},
+                    reuse=args.reuse)
     ratios = [float(r) for r in args.ratios.split(",")]
     layout = (["--tp", str(args.tp)] if args.tp > 1 else []) + (["--pp", str(args.pp)] if args.pp > 1 else [])
     config = yaml.safe_load(args.config.read_text())
     steps = args.steps or config["train"]["steps"]
-    timings: dict[str, float] = {}
+    runner = StageRunner(run_rho, reuse=args.reuse, log=lambda line: print(line, flush=True))
+    stage, timings = runner.stage, runner.timings
     t_all = time.perf_counter()
-
-    def finished(c) -> bool:
-        """--reuse: whether command c's output is already complete in --output."""
-        if not args.reuse:
-            return False
-        if c[0] == "tokenize" or c[0] == "score":
-            prefix = c[c.index("--output") + 1]
-            return Path(f"{prefix}.json").is_file()
-        if c[0] == "train":
-            run, n_steps = Path(c[c.index("--save") + 1]), int(c[c.index("--steps") + 1])
-            return (run / "metrics.jsonl").is_file() and any(s == n_steps for s, _ in read_metrics(run)["valid"])
-        return False  # select: cheap, always redone
-
-    def stage(name, commands):
-        t0 = time.perf_counter()
-        for c in commands:
-            if finished(c):
-                print("kept: rho " + " ".join(map(str, c)), flush=True)
-                continue
-            print("rho " + " ".join(map(str, c)), flush=True)
-            run_rho(c)
-        timings[name] = time.perf_counter() - t0
-        print(f"  {name}: {timings[name]:.0f} s", flush=True)
 
     # ---- 1. data
     rng = random.Random(1234)
-    problems = read_jsonl(gsm8k)
+    problems = read_jsonl(inputs.gsm8k)
     rng.shuffle(problems)
     reference = problems[: args.reference_docs]
     heldout = problems[-args.heldout_docs:]
     math = problems[args.reference_docs: args.reference_docs + args.math_docs]
     assert len(reference) + len(math) + len(heldout) <= len(problems), "GSM8K is too small for these sizes"
     corpus = [{"text": gsm8k_text(r), "source": "gsm8k"} for r in math]
-    corpus += [{"text": t, "source": "wikitext"} for p in wiki for t in paragraphs(p)]
+    corpus += [{"text": t, "source": "wikitext"} for p in inputs.wikitext for t in paragraphs(p)]
     rng.shuffle(corpus)
     write_jsonl(out / "data" / "reference.jsonl", [{"text": gsm8k_text(r)} for r in reference])
     write_jsonl(out / "data" / "heldout.jsonl", [{"text": gsm8k_text(r)} for r in heldout])
@@ -134,7 +105,7 @@ def main() -> int:
               + [r for r in corpus if r["source"] == "wikitext"][: args.sample_docs])
     write_jsonl(out / "data" / "sample.jsonl", sample)
 
-    stage("tokenize", [["tokenize", out / "data" / f"{n}.jsonl", "--tokenizer", tokenizer, "--output", out / "tokens" / n, "-q"]
+    stage("tokenize", [["tokenize", out / "data" / f"{n}.jsonl", "--tokenizer", inputs.tokenizer, "--output", out / "tokens" / n, "-q"]
                        for n in ("reference", "heldout", "corpus", "sample")])
 
     def train(run, data, n_steps, extra=()):
@@ -154,7 +125,7 @@ def main() -> int:
         name = f"filter{args.filter_ratio:g}"
         stage(f"train {name}", [
             ["select", "--scores", out / "scores" / "corpus.reference", "--score", "reference", "--scope", "filter",
-             "--ratio", args.filter_ratio, "--output", out / "select" / "corpus.filter", "--force"],
+             "--ratio", args.filter_ratio, "--output", out / "select" / "corpus.filter"],
             train(name, "corpus", steps, ["--mask", out / "select" / "corpus.filter"]),
         ])
         # the same documents as a dataset of their own (what a filtering pipeline hands to training):
@@ -163,7 +134,7 @@ def main() -> int:
         write_jsonl(out / "data" / "filtered.jsonl",
                     [{"text": r["text"]} for i, r in enumerate(corpus) if filter_mask[i].any()])
         stage(f"train {name} packed", [
-            ["tokenize", out / "data" / "filtered.jsonl", "--tokenizer", tokenizer, "--output", out / "tokens" / "filtered", "-q"],
+            ["tokenize", out / "data" / "filtered.jsonl", "--tokenizer", inputs.tokenizer, "--output", out / "tokens" / "filtered", "-q"],
             train(f"packed{args.filter_ratio:g}", "filtered", steps),
         ])
         # filter, then select tokens: SLM on the filtered corpus, scored by the same reference model
@@ -185,8 +156,7 @@ def main() -> int:
             ["score", "--model", out / "runs" / probe / f"step_{steps // 2:06d}", "--data", out / "tokens" / "sample",
              "--output", out / "scores" / "sample.probe", *layout, "-q"],
             ["select", "--scores", out / "scores" / "sample.reference", "--base-scores", out / "scores" / "sample.probe",
-             "--ratio", 0.6, "--scope", "global", "--output", out / "select" / "sample.mask", "--report", out / "select" / "tokens.html",
-             "--force"],
+             "--ratio", 0.6, "--scope", "global", "--output", out / "select" / "sample.mask", "--report", out / "select" / "tokens.html"],
         ])
         mask = read_masks(out / "select" / "sample.mask")
         for source in ("gsm8k", "wikitext"):
@@ -240,4 +210,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rhocli.app import run_recipe
+
+    sys.exit(run_recipe(main))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -122,30 +122,50 @@ def message_for(err: BaseException) -> str:
     return render(SIZE_FLAGS) if callable(render) else str(err)
 
 
+def report(err: Exception) -> int:
+    """Prints ``err`` as rho reports it (one red line; an internal error asks for a bug report, or
+    re-raises under RHO_DEBUG=1) and returns its exit code."""
+    from rhocli.commands.console import err as err_console, lit
+    from rhocli.core.errors import category_for, exit_code_for
+
+    debug = os.environ.get("RHO_DEBUG", "") not in ("", "0")
+    if category_for(err) is not None:
+        if debug:
+            err_console.print_exception()
+        err_console.print(f"[bold red]error:[/] {lit(message_for(err))}", markup=True, highlight=False, soft_wrap=True)
+        return exit_code_for(err)
+    if debug:
+        raise err
+    err_console.print(
+        f"[bold red]internal error:[/] {type(err).__name__}: {lit(err)} — this is a bug in rho; "
+        "rerun with RHO_DEBUG=1 for the traceback and report it",
+        soft_wrap=True,
+    )
+    return exit_code_for(err)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``rho`` console script."""
-    from rhocli.core.errors import Interrupted, category_for, exit_code_for
+    from rhocli.core.errors import Interrupted
     from rhocli.core.processes import stacks_on_sigusr1
 
     stacks_on_sigusr1()
-    debug = os.environ.get("RHO_DEBUG", "") not in ("", "0")
     try:
         app(args=argv, prog_name="rho")
     except KeyboardInterrupt:  # outside a stage (e.g. while parsing arguments)
         sys.exit(Interrupted.exit_code)
     except Exception as err:
-        from rhocli.commands.console import err as err_console, lit
+        sys.exit(report(err))
 
-        if category_for(err) is not None:
-            if debug:
-                err_console.print_exception()
-            err_console.print(f"[bold red]error:[/] {lit(message_for(err))}", markup=True, highlight=False, soft_wrap=True)
-            sys.exit(exit_code_for(err))
-        if debug:
-            raise
-        err_console.print(
-            f"[bold red]internal error:[/] {type(err).__name__}: {lit(err)} — this is a bug in rho; "
-            "rerun with RHO_DEBUG=1 for the traceback and report it",
-            soft_wrap=True,
-        )
-        sys.exit(exit_code_for(err))
+
+def run_recipe(recipe_main: Callable[[], int]) -> int:
+    """The entry of a recipe (experiments/*.py): runs it and reports a failing rho command, or a bad
+    recipe input, as ``rho`` itself would (one line, the same exit code)."""
+    from rhocli.core.errors import Interrupted
+
+    try:
+        return recipe_main()
+    except KeyboardInterrupt:
+        return Interrupted.exit_code
+    except Exception as err:
+        return report(err)

@@ -87,13 +87,14 @@ def analyze(losses: np.ndarray, steps: list[int]) -> Dynamics:
     return Dynamics(list(map(int, steps)), categories, fractions, mean_loss, fluctuation, residual, losses)
 
 
-def loss_matrix(stores: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(losses [tokens, checkpoints], document lengths) from one score store per checkpoint, which
-    must score the same tokens (``MismatchError`` otherwise)."""
+def loss_matrix(stores: list[str]) -> tuple[np.ndarray, np.ndarray, list[int | None]]:
+    """(losses [tokens, checkpoints], document lengths, each store's checkpoint step from its
+    manifest's ``reference_model.step``, None where absent) from one score store per checkpoint,
+    which must score the same tokens (``MismatchError`` otherwise)."""
     from rhocli.core.errors import MismatchError
     from rhocli.core.formats.scores import open_scores
 
-    columns, lengths, made_for = [], None, None
+    columns, steps, lengths, made_for = [], [], None, None
     for prefix in stores:
         store = open_scores(prefix, "--stores ")
         fp = (store.manifest.get("token_dataset") or {}).get("fingerprint")
@@ -102,7 +103,9 @@ def loss_matrix(stores: list[str]) -> tuple[np.ndarray, np.ndarray]:
         elif fp != made_for or not np.array_equal(store.lengths, lengths):
             raise MismatchError(f"--stores {prefix}: scores other tokens than {stores[0]}")
         columns.append(np.asarray(store.values, dtype=np.float32))
-    return np.stack(columns, axis=1), np.asarray(lengths)
+        step = (store.manifest.get("reference_model") or {}).get("step")
+        steps.append(int(step) if step is not None else None)
+    return np.stack(columns, axis=1), np.asarray(lengths), steps
 
 
 def write_dynamics(output: Path, dynamics: Dynamics, token_view: str, force: bool) -> dict[str, Path]:
@@ -174,14 +177,8 @@ def _examples_chart(examples: dict, colours: dict, styles: dict) -> str:
 def run_dynamics(output: Path, stores: list[str], force: bool = False, view_documents: int = 8) -> tuple[Dynamics, dict[str, Path]]:
     """Analyse the score stores (one per checkpoint, in training order: the steps come from their
     manifests' ``reference_model.step``) and write the report into ``output``."""
-    from rhocli.core.formats.scores import read_scores_manifest
-
-    losses, lengths = loss_matrix(stores)
-    steps = []
-    for i, prefix in enumerate(stores):
-        step = (read_scores_manifest(prefix, "--stores ").get("reference_model") or {}).get("step")
-        steps.append(int(step) if step is not None else i)
-    if len(set(steps)) != len(steps) or steps != sorted(steps):
+    losses, lengths, steps = loss_matrix(stores)
+    if None in steps or len(set(steps)) != len(steps) or steps != sorted(steps):
         steps = list(range(len(stores)))  # not a run's checkpoints in order: checkpoints by position
     finite = np.isfinite(losses).all(axis=1)
     dynamics = analyze(losses[finite], steps)

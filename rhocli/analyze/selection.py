@@ -82,7 +82,7 @@ def selection_of_run(run_dir: Path, data: str, reference_model: str, output: Pat
         run_command(["select", "--scores", reference, "--base-scores", step_store, "--score", score, "--ratio", str(ratio),
                      "--scope", "document", "--output", str(mask_prefix), "--force"])
         masks.append(np.concatenate(read_masks(mask_prefix)))
-    losses, lengths = loss_matrix(scored.stores)
+    losses, lengths, _ = loss_matrix(scored.stores)
     ref_values = loss_matrix([reference])[0][:, 0]
     kept = np.stack(masks, axis=1)  # [tokens, checkpoints]
     result = selection_dynamics(losses, ref_values, kept, scored.steps, ratio, score)

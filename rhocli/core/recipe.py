@@ -1,0 +1,105 @@
+"""What the experiment recipes (``experiments/*.py``) share: the inputs they read under ``--shared``,
+the rule for their output directory, and the stage runner that runs rho command lines through the
+entry a recipe passes in (``rhocli.app.invoke``; core never imports the CLI) and, with ``--reuse``,
+keeps those whose outputs are already complete. Nothing here prints: progress goes to ``log``.
+
+A recipe's ``--reuse`` keeps finished stages, so it must never mix two corpora: ``record_settings``
+writes the settings that decide the data (and the models trained on it) beside the outputs and
+refuses a reuse made with others.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from rhocli.core.errors import MismatchError, MissingInputError, OutputExistsError
+from rhocli.core.formats.checkpoint import latest_step_dir, step_dir_name
+
+SETTINGS_NAME = "data_settings.json"
+
+
+@dataclass(frozen=True)
+class SharedInputs:
+    """The files the recipes read from the shared directory (never copied into the project)."""
+
+    gsm8k: Path  # GSM8K train, one JSON problem per line
+    wikitext: tuple[Path, ...]  # WikiText-2 valid and test, raw text
+    tokenizer: Path  # the Llama-2 SentencePiece model
+
+
+def shared_inputs(shared: Path) -> SharedInputs:
+    """The recipe inputs under ``shared``; raises MissingInputError naming the first one missing."""
+    inputs = SharedInputs(gsm8k=shared / "data" / "gsm8k" / "train.jsonl",
+                          wikitext=tuple(shared / "data" / "wikitext-2" / f"{s}.txt" for s in ("valid", "test")),
+                          tokenizer=shared / "tokenizers" / "llama2" / "tokenizer.model")
+    for path in (inputs.gsm8k, *inputs.wikitext, inputs.tokenizer):
+        if not path.is_file():
+            raise MissingInputError(f"{path}: not found (pass --shared DIR)")
+    return inputs
+
+
+def prepare_output(out: Path, subdirs: Sequence[str], *, force: bool, reuse: bool) -> None:
+    """Creates ``out`` and its ``subdirs``; a non-empty ``out`` needs --force or --reuse."""
+    if out.exists() and any(out.iterdir()) and not (force or reuse):
+        raise OutputExistsError(f"--output {out}: not empty; pass --force (or --reuse)")
+    for sub in subdirs:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+
+
+def record_settings(out: Path, settings: dict[str, Any], *, reuse: bool) -> None:
+    """Writes ``settings`` to ``out/data_settings.json``; with ``reuse``, first refuses an output
+    whose recorded settings differ (its finished stages belong to other data)."""
+    recorded = out / SETTINGS_NAME
+    if reuse and recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise MismatchError(f"--reuse {out}: made with other data or model settings ({recorded}); use another --output")
+    recorded.write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def option(command: Sequence[str], flag: str) -> str:
+    """The value that follows ``flag`` in a command line."""
+    return command[command.index(flag) + 1]
+
+
+def finished(command: Sequence[str]) -> bool:
+    """Whether a rho command's output is complete: a dataset's or score store's manifest is written
+    last; a training run is complete when its ``latest`` checkpoint is the last step (metrics alone
+    are not enough: a run stopped between its last validation and its checkpoint has them).
+    ``select`` and anything else: never (cheap, always redone)."""
+    verb = command[0]
+    if verb in ("tokenize", "score"):
+        return Path(f"{option(command, '--output')}.json").is_file()
+    if verb == "train":
+        latest = latest_step_dir(option(command, "--save"))
+        return latest is not None and latest.name == step_dir_name(int(option(command, "--steps")))
+    return False
+
+
+@dataclass
+class StageRunner:
+    """Runs a recipe's stages: each stage a list of rho command lines, through ``invoke``.
+
+    With ``reuse``, a command whose output is complete is kept. Every command that runs gets
+    ``--force``: the recipe owns its output directory (``prepare_output`` asked for --force or
+    --reuse before anything was there to replace), so what an earlier or killed run of the recipe
+    left there is replaced, never mixed in. ``timings`` holds each stage's seconds."""
+
+    invoke: Callable[[list[str]], None]
+    reuse: bool = False
+    log: Callable[[str], None] = lambda line: None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, name: str, commands: Sequence[Sequence[Any]]) -> None:
+        t0 = time.perf_counter()
+        for command in commands:
+            argv = [str(x) for x in command]
+            if self.reuse and finished(argv):
+                self.log("kept: rho " + " ".join(argv))
+                continue
+            self.log("rho " + " ".join(argv))
+            self.invoke(argv + ([] if "--force" in argv else ["--force"]))
+        self.timings[name] = time.perf_counter() - t0
+        self.log(f"  {name}: {self.timings[name]:.0f} s")
