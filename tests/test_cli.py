@@ -50,6 +50,7 @@ def test_tokenize_cli_surface_is_frozen(capsys):
         "--tokenizer", "--output", "--json-key", "--key-separator", "--txt-mode", "--workers",
         "--append-eod", "--no-append-eod", "--prepend-bos", "--no-prepend-bos", "--on-error",
         "--force", "--config", "--quiet", "--help",
+        "--prompt-key", "--response-key", "--messages-key", "--chat-template", "--mask-spans", "--seq-length",
     }
 
 

@@ -5,6 +5,8 @@ CPU (the only place tokenization runs; a GPU machine runs the same command):
     rho tokenize data/*.jsonl.gz --tokenizer tokenizer.model --output data/corpus --workers 8
     rho tokenize gsm8k.jsonl --json-key question --json-key answer --tokenizer hf_dir/ --output data/gsm8k
     rho tokenize --config configs/tokenize-gsm8k.yaml --force
+    rho tokenize tora.jsonl --prompt-key question --response-key solution --chat-template tora \
+        --mask-spans output --seq-length 1024 --tokenizer tokenizer.model --output data/tora   # + data/tora.mask
 
 Under torchrun: tokenization is not distributed; run it once before training (one node, all cores).
 """
@@ -52,6 +54,22 @@ def tokenize_command(
     on_error: Annotated[
         Optional[str], typer.Option(help="'fail' at the first bad document (file:line), or 'skip' and count it.  \\[default: fail]")
     ] = None,
+    prompt_key: Annotated[
+        Optional[str], typer.Option("--prompt-key", help="Instruction data: key with the prompt (with --response-key); also writes PREFIX.mask, the response tokens.")
+    ] = None,
+    response_key: Annotated[Optional[str], typer.Option("--response-key", help="Instruction data: key with the response (trained on).")] = None,
+    messages_key: Annotated[
+        Optional[str], typer.Option("--messages-key", help="Instruction data: key with a list of {role, content} messages; assistant turns are trained on.")
+    ] = None,
+    chat_template: Annotated[
+        Optional[str], typer.Option("--chat-template", help="Instruction data: plain, tora, chatml, a YAML file, or 'tokenizer' (a HF tokenizer's own).  \\[default: plain]")
+    ] = None,
+    mask_spans: Annotated[
+        Optional[list[str]], typer.Option("--mask-spans", help="Instruction data: parts of the response not trained on: 'output' (```output blocks).")
+    ] = None,
+    seq_length: Annotated[
+        Optional[int], typer.Option("--seq-length", help="Instruction data: an example longer than this many tokens is an error (or skipped).")
+    ] = None,
     force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing dataset at --output.")] = None,
     config: Annotated[
         Optional[Path], typer.Option("--config", "-c", help="YAML file with these options (flat or under 'tokenize:'); flags override it.")
@@ -81,6 +99,12 @@ def tokenize_command(
             "append_eod": append_eod,
             "prepend_bos": prepend_bos,
             "on_error": on_error,
+            "prompt_key": prompt_key,
+            "response_key": response_key,
+            "messages_key": messages_key,
+            "chat_template": chat_template,
+            "mask_spans": tuple(mask_spans) if mask_spans else None,
+            "seq_length": seq_length,
             "force": force,
         },
         section="tokenize",
@@ -93,6 +117,8 @@ def tokenize_command(
     if summary.created_directory:
         out.print(f"created the directory {lit(summary.created_directory)}")
     out.print(f"[green]wrote[/] {lit(summary.prefix)}.bin/.idx/.json  fingerprint {summary.fingerprint[:19]}…")
+    if summary.trained_tokens is not None:
+        out.print(f"[green]wrote[/] {lit(summary.prefix)}.mask.bin/.idx/.json  (rho train --mask {lit(summary.prefix)}.mask)")
 
 
 def _run_with_progress(cfg, run_tokenize):
@@ -145,6 +171,8 @@ def _summary_table(s):
     table.add_row("documents", f"{s.documents:,}")
     table.add_row("tokens", f"{s.tokens:,}  ({s.dtype})")
     table.add_row("tokens / document", f"{s.tokens / max(s.documents, 1):.1f}")
+    if s.trained_tokens is not None:
+        table.add_row("trained tokens (mask)", f"{s.trained_tokens:,}  ({s.trained_tokens / max(s.tokens, 1):.1%})")
     if s.skipped:
         for category, n in s.skipped.items():
             table.add_row(f"skipped: {category}", f"{n:,}")

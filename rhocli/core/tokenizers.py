@@ -54,6 +54,20 @@ class Tokenizer:
         """Ids of each text, on one thread (callers parallelise with processes)."""
         raise NotImplementedError
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """The ids ``encode_batch([text])[0]`` gives, and each token's span [start, end) in characters
+        of ``text``. A piece that stands for no character of its own (SentencePiece's byte pieces before
+        the one that completes a multi-byte character) has an empty span at the character it starts."""
+        raise NotImplementedError
+
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template (Jinja source), or None when it has none."""
+        return None
+
+    def special_token_strings(self) -> dict[str, str]:
+        """bos_token / eos_token / pad_token as text, for a chat template."""
+        return {}
+
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
@@ -89,6 +103,23 @@ class SentencePieceTokenizer(Tokenizer):
         # num_threads defaults to every core in sentencepiece; rho's workers are the parallelism.
         return self._sp.encode(texts, num_threads=1)
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # sentencepiece reports UTF-8 byte offsets: map them to characters
+        proto = self._sp.encode(text, out_type="proto")
+        char_of_byte = [0] * (len(text.encode("utf-8")) + 1)
+        b = 0
+        for i, ch in enumerate(text):
+            n = len(ch.encode("utf-8"))
+            char_of_byte[b:b + n] = [i] * n
+            b += n
+        char_of_byte[b] = len(text)
+        return ([p.id for p in proto.pieces],
+                [(char_of_byte[p.begin], char_of_byte[p.end]) for p in proto.pieces])
+
+    def special_token_strings(self) -> dict[str, str]:
+        ids = {"bos_token": self.info.bos_id, "eos_token": self.info.eos_id, "pad_token": self.info.pad_id}
+        return {k: self._sp.id_to_piece(v) for k, v in ids.items() if v is not None}
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
 
@@ -105,6 +136,7 @@ class HuggingFaceTokenizer(Tokenizer):
         except Exception as err:  # the Rust side raises a bare Exception subclass
             raise LoadError(f"{tokenizer_json}: not a loadable tokenizer.json ({_first_line(err)})") from err
         special = _hf_special_tokens(tokenizer_json.parent)
+        self._special = special
         bos = self._token_id(special.get("bos_token"), _BOS_CANDIDATES)
         eos = self._token_id(special.get("eos_token"), _EOS_CANDIDATES)
         pad = self._token_id(special.get("pad_token"), ())
@@ -129,6 +161,16 @@ class HuggingFaceTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         # encode_batch runs on the Rust pool; tokenize workers pin it to one thread (RAYON_NUM_THREADS).
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return list(encoding.ids), [tuple(o) for o in encoding.offsets]
+
+    def chat_template(self) -> str | None:
+        return _hf_chat_template(Path(self.info.path).parent)
+
+    def special_token_strings(self) -> dict[str, str]:
+        return dict(self._special)
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=False)
@@ -155,6 +197,25 @@ def _hf_special_tokens(directory: Path) -> dict[str, str]:
             if isinstance(value, str):
                 found[key] = value
     return found
+
+
+def _hf_chat_template(directory: Path) -> str | None:
+    """The chat template a HF tokenizer directory holds: ``chat_template.jinja`` (transformers >= 4.50
+    writes it) or ``tokenizer_config.json``'s ``chat_template`` (a string, or named templates: the
+    ``default`` one)."""
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    config = directory / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text(encoding="utf-8")).get("chat_template")
+    except (OSError, ValueError) as err:
+        raise LoadError(f"{config}: not valid JSON ({_first_line(err)})") from err
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _first_line(err: BaseException) -> str:

@@ -25,8 +25,9 @@ from rhocli.core.errors import BadInputError, LoadError, UsageError, WorkerError
 from rhocli.core.formats import tokens as token_format
 from rhocli.core.formats.staging import StagedOutput, check_outputs_free
 from rhocli.core.processes import DeferredSignals, SignalsStayWithMainThread
+from rhocli.tokenize.instruct import MASK_SPANS, InstructOptions, load_template
 from rhocli.tokenize.sources import ReadState, expand_inputs, iter_jobs
-from rhocli.tokenize.worker import CATEGORIES, EncodeOptions, JobResult, encode_job, init_worker
+from rhocli.tokenize.worker import CATEGORIES, INSTRUCT_CATEGORIES, EncodeOptions, JobResult, encode_job, init_worker
 
 
 def default_workers() -> int:
@@ -62,6 +63,22 @@ class TokenizeConfig:
     """fail: stop at the first bad document with file:line. skip: count it by category and go on."""
     force: bool = False
     """Replace an existing dataset at the output prefix."""
+    prompt_key: str | None = None
+    """Instruction data: the key (column) with the prompt; needs response_key. Writes PREFIX.mask too."""
+    response_key: str | None = None
+    """Instruction data: the key (column) with the response, the only text trained on."""
+    messages_key: str | None = None
+    """Instruction data: the key with a list of {role, content} messages; every assistant turn is trained."""
+    chat_template: str = "plain"
+    """Instruction data: plain, tora, chatml (rhocli/tokenize/templates), a YAML file, or 'tokenizer'."""
+    mask_spans: tuple[str, ...] = ()
+    """Instruction data: spans of the response not to train on; 'output' = ```output blocks (ToRA)."""
+    seq_length: int | None = None
+    """Instruction data: refuse (or with on_error skip, count) examples longer than this many tokens."""
+
+    @property
+    def instruct(self) -> bool:
+        return bool(self.prompt_key or self.response_key or self.messages_key)
 
 
 @dataclasses.dataclass
@@ -95,16 +112,48 @@ class TokenizeSummary:
     outputs: list[str]
     #: the directory made for the output (it did not exist), or None
     created_directory: str | None = None
+    #: instruction data: the tokens PREFIX.mask keeps; None for plain text
+    trained_tokens: int | None = None
 
 
-def _output_paths(prefix: str) -> list[Path]:
-    # The manifest comes last: its presence marks a complete dataset.
+def _output_paths(prefix: str, instruct: bool) -> list[Path]:
+    # The manifest comes last: its presence marks a complete dataset (and, for instruction data, the
+    # mask store beside it, which is moved into place before it).
+    masks = [Path(f"{prefix}.mask{ext}") for ext in (".bin", ".idx", ".json")] if instruct else []
     return [
         token_format.bin_path(prefix),
         token_format.idx_path(prefix),
         Path(prefix + ".config.yaml"),
+        *masks,
         token_format.manifest_path(prefix),
     ]
+
+
+def _instruct_options(cfg: TokenizeConfig, tokenizer, sources) -> InstructOptions | None:
+    """The instruction-data options, checked (UsageError naming the flag); None for plain text."""
+    if not cfg.instruct:
+        for flag, given in (("--chat-template", cfg.chat_template != "plain"), ("--mask-spans", bool(cfg.mask_spans)),
+                            ("--seq-length", cfg.seq_length is not None)):
+            if given:
+                raise UsageError(f"{flag} is for instruction data: give --prompt-key/--response-key or --messages-key")
+        return None
+    if cfg.messages_key and (cfg.prompt_key or cfg.response_key):
+        raise UsageError("--messages-key: give it, or --prompt-key with --response-key, not both")
+    if not cfg.messages_key and not (cfg.prompt_key and cfg.response_key):
+        raise UsageError("--prompt-key and --response-key go together (or give --messages-key)")
+    for flag in cfg.mask_spans:
+        if flag not in MASK_SPANS:
+            raise UsageError(f"--mask-spans: expected one of {', '.join(MASK_SPANS)}, got {flag!r}")
+    if cfg.seq_length is not None and cfg.seq_length < 2:
+        raise UsageError(f"--seq-length must be >= 2, got {cfg.seq_length}")
+    for source in sources:
+        if source.kind == "txt":
+            raise UsageError(f"{source.path}: instruction data is .jsonl or .parquet (records with keys), not .txt")
+    try:
+        load_template(cfg.chat_template, tokenizer)
+    except ValueError as err:
+        raise UsageError(f"--chat-template {err}") from None
+    return InstructOptions(cfg.prompt_key, cfg.response_key, cfg.messages_key, cfg.chat_template, tuple(cfg.mask_spans))
 
 
 def _start_workers(workers: int, options: EncodeOptions) -> ProcessPoolExecutor:
@@ -140,10 +189,11 @@ def run_tokenize(
     prefix = str(cfg.output)
     if not Path(prefix).name or prefix.endswith(os.sep):
         raise UsageError(f"--output {prefix!r}: give a file prefix such as data/corpus, not a directory")
-    outputs = _output_paths(prefix)
+    outputs = _output_paths(prefix, cfg.instruct)
     check_outputs_free(outputs, cfg.force)
     sources = expand_inputs(cfg.inputs)
     tokenizer = load_tokenizer(cfg.tokenizer)
+    instruct = _instruct_options(cfg, tokenizer, sources)
     info = tokenizer.info
     if cfg.append_eod and info.eod_id is None:
         raise LoadError(f"{info.path}: tokenizer has no end-of-document (EOS) token; use --no-append-eod")
@@ -158,11 +208,15 @@ def run_tokenize(
         bos_id=info.bos_id if cfg.prepend_bos else None,
         eod_id=info.eod_id if cfg.append_eod else None,
         dtype=dtype,
+        instruct=instruct,
+        max_tokens=cfg.seq_length if instruct else None,
     )
+    read_keys = instruct.keys if instruct else options.json_keys
     bytes_total = sum(s.size for s in sources)
     states = [ReadState() for _ in sources]
     docs_per_source = [0] * len(sources)
-    skipped = {c: 0 for c in CATEGORIES}
+    skipped = {c: 0 for c in (INSTRUCT_CATEGORIES if instruct else CATEGORIES)}
+    masks: list = []  # instruction data: each job's (trained-token mask, document lengths), in job order
     totals = {"documents": 0, "tokens": 0, "text_bytes": 0}
     steady = {"t0": None, "t1": None, "documents": 0, "tokens": 0, "text_bytes": 0}
 
@@ -188,6 +242,8 @@ def run_tokenize(
                     raise BadInputError(f"{source.path}:{lineno}: {message}{hint}")
                 skipped[category] += 1
             writer.add_documents(result.tokens, result.lengths.tolist())
+            if result.mask is not None:
+                masks.append((result.mask, result.lengths))
             n_docs, n_tokens = len(result.lengths), int(result.lengths.sum())
             docs_per_source[source_index] += n_docs
             totals["documents"] += n_docs
@@ -216,7 +272,7 @@ def run_tokenize(
         with signals:
             try:
                 for source_index, source in enumerate(sources):
-                    for job in iter_jobs(source, options.json_keys, cfg.txt_mode, states[source_index]):
+                    for job in iter_jobs(source, read_keys, cfg.txt_mode, states[source_index]):
                         with signals.critical():
                             window.append((source_index, pool.submit(encode_job, job)))
                         while len(window) > max_in_flight:
@@ -261,6 +317,10 @@ def run_tokenize(
             ],
             # `workers` is left out on purpose: the dataset's bytes do not depend on it.
             "options": {
+                **({"instruct": {"prompt_key": cfg.prompt_key, "response_key": cfg.response_key,
+                                 "messages_key": cfg.messages_key, "chat_template": cfg.chat_template,
+                                 "mask_spans": list(cfg.mask_spans), "seq_length": cfg.seq_length,
+                                 "mask": f"{prefix}.mask"}} if instruct else {}),
                 "json_keys": list(cfg.json_keys),
                 "key_separator": cfg.key_separator,
                 "txt_mode": cfg.txt_mode,
@@ -269,8 +329,10 @@ def run_tokenize(
                 "on_error": cfg.on_error,
             },
         }
+        if instruct:
+            _write_response_mask(stage, outputs[3:6], prefix, manifest, masks, cfg)
         write_resolved_config(cfg, stage.path(outputs[2]), stage="tokenize")
-        token_format.TOKENS.write(stage.path(outputs[3]), manifest)
+        token_format.TOKENS.write(stage.path(outputs[-1]), manifest)
         created = stage.created
         stage.commit()
 
@@ -294,7 +356,26 @@ def run_tokenize(
         steady_text_bytes=steady["text_bytes"],
         outputs=[str(p) for p in outputs],
         created_directory=str(created) if created is not None else None,
+        trained_tokens=int(sum(int(m.sum()) for m, _ in masks)) if instruct else None,
     )
+
+
+def _write_response_mask(stage: StagedOutput, paths: list[Path], prefix: str, manifest: dict, masks: list,
+                         cfg: TokenizeConfig) -> None:
+    """PREFIX.mask: the ``rho.mask`` store of the trained (response) tokens, made for this dataset."""
+    import numpy as np
+
+    from rhocli.core.formats.masks import write_mask_files
+
+    mask = np.concatenate([m for m, _ in masks])
+    lengths = np.concatenate([n for _, n in masks])
+    write_mask_files([stage.path(p) for p in paths], mask, lengths, {
+        "created_by": f"rho {__version__}",
+        "token_dataset": {"prefix": prefix, "fingerprint": manifest["fingerprint"], "documents": manifest["documents"]},
+        "selection": {"score": "response", "chat_template": cfg.chat_template, "mask_spans": list(cfg.mask_spans),
+                      "rule": "a token is kept when its character span touches the assistant's content or turn end"},
+        "kept": int(mask.sum()), "tokens": int(mask.size),
+    })
 
 
 def _stop(pool: ProcessPoolExecutor, signals: DeferredSignals) -> None:

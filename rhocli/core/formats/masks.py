@@ -3,7 +3,8 @@
 ``MASK.bin`` / ``MASK.idx``: a megatron ``IndexedDataset`` of uint8 0/1, one sequence per document;
 ``MASK.json``: the manifest (format ``rho.mask``, version 1) naming the token dataset it masks (by
 fingerprint), the scores it came from and the selection rule. Written by ``rho select`` (and any
-tool that wants ``rho train --mask``), read by ``rho train --mask``.
+tool that wants ``rho train --mask``) and by ``rho tokenize`` for instruction data (``PREFIX.mask``:
+the response tokens), read by ``rho train --mask``.
 """
 
 from __future__ import annotations
@@ -24,19 +25,25 @@ def write_mask_store(output: str | Path, mask: np.ndarray, lengths: np.ndarray, 
                      force: bool = False) -> dict[str, Any]:
     """Publish ``mask`` [tokens] bool, split into documents of ``lengths``; the manifest is the store's
     fingerprint, then ``fields``. Returns the manifest."""
-    from rhocli.core.megatron_io import indexed_dataset
-
     outputs = list(store_paths(output))
-    ends = np.concatenate([[0], np.cumsum(lengths)])
     with StagedOutput(outputs, force=force) as stage:
-        bin_file, idx_file, manifest_file = (stage.path(p) for p in outputs)
-        builder = indexed_dataset().IndexedDatasetBuilder(str(bin_file), dtype=np.uint8)
-        for d in range(lengths.size):
-            builder.add_document(mask[ends[d]:ends[d + 1]].astype(np.uint8), [int(lengths[d])])
-        builder.finalize(str(idx_file))
-        manifest = MASKS.write(manifest_file, {"fingerprint": content_fingerprint(idx_file, bin_file), **fields})
+        manifest = write_mask_files([stage.path(p) for p in outputs], mask, lengths, fields)
         stage.commit()
     return manifest
+
+
+def write_mask_files(paths: list[Path], mask: np.ndarray, lengths: np.ndarray, fields: dict[str, Any]) -> dict[str, Any]:
+    """The store's three files at ``paths`` (.bin, .idx, .json: staged paths of the caller, which
+    publishes them); returns the manifest."""
+    from rhocli.core.megatron_io import indexed_dataset
+
+    bin_file, idx_file, manifest_file = paths
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    builder = indexed_dataset().IndexedDatasetBuilder(str(bin_file), dtype=np.uint8)
+    for d in range(lengths.size):
+        builder.add_document(mask[ends[d]:ends[d + 1]].astype(np.uint8), [int(lengths[d])])
+    builder.finalize(str(idx_file))
+    return MASKS.write(manifest_file, {"fingerprint": content_fingerprint(idx_file, bin_file), **fields})
 
 
 def read_mask_manifest(prefix: str | Path, label: str = "") -> dict[str, Any]:
