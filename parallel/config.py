@@ -183,6 +183,13 @@ class TrainConfig:
     masks: tuple[str, ...] = ()
     """Static token masks (rho select) for the --data prefixes, in the same order: only tokens with
     mask 1 are trained on (and counted)."""
+    separate_documents: bool = False
+    """Documents packed into one sequence do not attend to each other (megatron's
+    reset_attention_mask and reset_position_ids: every EOD cuts the attention): SFT on packed
+    examples. The local layer spec's attention (CPU, and GPUs without Transformer Engine)."""
+    epochs: float | None = None
+    """Train for this many passes over the --data tokens: sets ``steps`` to
+    ceil(epochs x tokens / (seq_length x global_batch_size)). null: ``steps`` as given."""
     data_cache: str | None = None
     """Where GPTDataset caches its sample indices (default: SAVE/data_cache)."""
 

@@ -50,6 +50,9 @@ class DataSpec:
     #: validation datasets of their own (``eval_data``); empty: the ``split`` of ``prefixes``
     eval_prefixes: tuple[str, ...] = ()
     eval_weights: tuple[float, ...] | None = None
+    #: packed documents do not see each other: megatron's reset_attention_mask (each sample gets an
+    #: attention mask [1, s, s], True = hidden, cut after every EOD) and reset_position_ids
+    separate_documents: bool = False
 
 
 def _scored_dataset_classes():
@@ -148,10 +151,10 @@ def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
         **splits,
         path_to_cache=spec.cache_dir,
         tokenizer=spec.token_ids,
-        reset_position_ids=False,
-        reset_attention_mask=False,
+        reset_position_ids=spec.separate_documents,
+        reset_attention_mask=spec.separate_documents,
         eod_mask_loss=False,
-        create_attention_mask=False,
+        create_attention_mask=spec.separate_documents,
         mmap_bin_files=True,
         score_prefixes=dict(zip(spec.prefixes, spec.scores)),
         mask_prefixes=dict(zip(spec.prefixes, spec.masks)),
@@ -187,7 +190,8 @@ class MicroBatches:
         start = self.next_sample + self.dp_rank * self.mbs
         self.next_sample += self.mbs * self.dp_size
         samples = [self.dataset[(start + i) % len(self.dataset)] for i in range(self.mbs)]
-        keys = ("tokens", "labels", "loss_mask", "position_ids") + tuple(k for k in ("ref_loss", "ref_entropy") if k in samples[0])
+        keys = ("tokens", "labels", "loss_mask", "position_ids") + tuple(
+            k for k in ("ref_loss", "ref_entropy", "attention_mask") if k in samples[0])  # attention_mask: [b, 1, s, s]
         batch = {key: torch.stack([s[key] for s in samples]) for key in keys}
         if self.random_seed is not None:  # [b, s]: sample n's draws depend on (seed, n) only
             batch["random"] = torch.stack([random_draws(self.random_seed, start + i, batch["tokens"].shape[1])

@@ -54,8 +54,12 @@ def token_losses(model, batch: dict[str, torch.Tensor]):
     tokens = batch["tokens"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
+    # [b, 1, s, s] bool, True = hidden: packed documents kept apart (separate_documents); None: causal
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device, non_blocking=True)
     # earlier stages ignore labels and return hidden states for the next stage
-    return model(tokens, position_ids, attention_mask=None, labels=labels)
+    return model(tokens, position_ids, attention_mask=attention_mask, labels=labels)
 
 
 def score_values(name: str, losses: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from parallel.checkpoint import AsyncSaves, CheckpointSink, load_checkpoint, sav
 from parallel.config import ModelConfig, TrainConfig
 from parallel.data import DataSpec, MicroBatches, build_datasets
 from parallel.distributed import Layout
-from parallel.errors import NonFiniteValueError, PreemptedError
+from parallel.errors import ModelConfigError, NonFiniteValueError, PreemptedError
 from parallel.layout import micro_batches_per_step
 from parallel.loss import Selection
 from parallel.score_functions import parse_score, score_inputs
@@ -200,6 +200,11 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
+        if cfg.separate_documents and layer_backend().layer_spec == "transformer_engine":
+            # TE's attention would take the explicit mask for a causal one; its packed-sequence path
+            # (THD layout, cu_seqlens) is the way there and is not wired: refuse rather than mix
+            raise ModelConfigError("separate_documents runs on the local layer spec's attention; Transformer "
+                                   "Engine's packed sequences are not wired in rho yet (uninstall it for this run)")
         # DDP reduces gradients over the DP x CP ranks
         parallel_features = data_parallel_features(cfg, self.layout.dp * self.layout.cp, torch.cuda.is_available())
         use_dist_opt = parallel_features["use_distributed_optimizer"]
@@ -306,6 +311,7 @@ class Trainer:
             entropies=tuple(e.prefix for e in self.spec.entropies),
             eval_prefixes=tuple(d.prefix for d in self.spec.eval_datasets),
             eval_weights=_weights(self.spec.eval_datasets),
+            separate_documents=cfg.separate_documents,
         )
         valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_iters > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(spec, cfg.steps * cfg.global_batch_size, valid_samples)

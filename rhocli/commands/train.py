@@ -11,6 +11,11 @@ Selective language modeling (scores from ``rho score`` with a reference model):
 
     rho train configs/tiny.yaml --data out/corpus --scores out/corpus.ref --select-ratio 0.6 --save runs/slm
 
+Supervised fine-tuning on the responses (rho tokenize --response-key writes PREFIX.mask), examples packed
+without attending to each other:
+
+    rho train configs/sft-tora.yaml --data out/tora --mask out/tora.mask --separate-documents --epochs 3 --init runs/base
+
 One GPU (NCCL, bf16):
 
     rho train configs/tinyllama-1.1b.yaml --data data/owm:0.9 --data data/gsm8k:0.1 --save runs/ref
@@ -40,6 +45,7 @@ def train_command(
     data: Annotated[Optional[list[str]], typer.Option("--data", help="Token dataset PREFIX or PREFIX:WEIGHT; repeat to blend.")] = None,
     save: Annotated[Optional[str], typer.Option("--save", help="Run directory (checkpoints, metrics.jsonl).")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Optimizer steps in total.")] = None,
+    epochs: Annotated[Optional[float], typer.Option("--epochs", help="Instead of --steps: passes over the --data tokens (steps = ceil(epochs x tokens / (seq_length x global batch))).")] = None,
     resume: Annotated[Optional[bool], typer.Option("--resume", help="Continue the run in --save exactly from its latest checkpoint.")] = None,
     init: Annotated[Optional[str], typer.Option("--init", help="Start from these weights only (new optimizer, step 0): a rho checkpoint (run or step directory) or a Hugging Face Llama/Mistral/Qwen2 directory, each rank reading its own shards.")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate.")] = None,
@@ -58,7 +64,8 @@ def train_command(
     select_scope: Annotated[Optional[str], typer.Option("--select-scope", help="sequence (default), microbatch or batch.")] = None,
     select_by: Annotated[Optional[str], typer.Option("--select-by", help="Rank tokens by excess (default, Rho-1), reference, training, entropy or random (the control); A&B keeps tokens both choose, A|B either.")] = None,
     select_after: Annotated[Optional[int], typer.Option("--select-after", help="Train on every token for this many steps before selecting (a warm-up).")] = None,
-    mask: Annotated[Optional[list[str]], typer.Option("--mask", help="Static mask store (rho select) per --data prefix: train only on its tokens.")] = None,
+    mask: Annotated[Optional[list[str]], typer.Option("--mask", help="Static mask store (rho select, or PREFIX.mask from rho tokenize --response-key) per --data prefix: train only on its tokens.")] = None,
+    separate_documents: Annotated[Optional[bool], typer.Option("--separate-documents", help="Documents packed into a sequence do not attend to each other (SFT on packed examples; megatron's reset_attention_mask).")] = None,
     recompute: Annotated[Optional[str], typer.Option("--recompute", help="Recompute activations in backward: full (whole layers) or selective (core attention); none by default.")] = None,
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel", help="Split norms and the residual stream over the TP ranks along the sequence (TP > 1).")] = None,
     distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Shard Adam's state and fp32 weights over the data-parallel ranks (default: on for DP > 1 on GPU).")] = None,
@@ -82,6 +89,7 @@ def train_command(
     quiet_megatron()
     flags = {
         "tp": tp, "pp": pp, "dp": dp, "cp": cp, "data": tuple(data) if data else None, "save": save, "steps": steps,
+        "epochs": epochs, "separate_documents": separate_documents,
         "resume": resume, "init": init, "lr": lr,
         "lr_decay_style": lr_decay_style, "wsd_decay_steps": wsd_decay_steps, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
@@ -92,6 +100,8 @@ def train_command(
         "distributed_optimizer": distributed_optimizer, "virtual_pp": virtual_pp, "precision": precision,
         "async_save": async_save, "tensorboard": tensorboard, "wandb_project": wandb_project,
     }
+    if epochs is not None and steps is not None:
+        raise UsageError("--epochs and --steps exclude each other (--epochs sets the steps)")
     if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):
         raise UsageError(f"--select-scope: expected sequence, microbatch or batch, got {select_scope!r}")
     if precision is not None and precision not in ("auto", "fp32", "bf16", "fp16"):

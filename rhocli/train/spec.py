@@ -9,6 +9,7 @@ engine's own checks, ``parallel.layout``, whose errors the CLI words with the fl
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     from rhocli.core.formats import checkpoint as ckpt
     from rhocli.core.formats.tokens import TokenDataset
 
-    cfg = train_cfg
+    cfg = _steps_from_epochs(train_cfg)
     # ---- layout (the engine's checks; their LayoutErrors name the sizes, the CLI names the flags)
     if world_size is None:
         world_size = cfg.tp * cfg.pp * cfg.cp * (cfg.dp or 1)
@@ -108,6 +109,9 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     # parallel.layout's and megatron-core's checks, of the shape and of the training features
     check_sequence_parallel(cfg.sequence_parallel, cfg.tp, cfg.seq_length)
     check_context_parallel(cfg.cp, cfg.seq_length, cfg.tp, cfg.sequence_parallel)
+    if cfg.separate_documents and cfg.cp > 1:
+        raise NotAvailableError(f"--separate-documents with --cp {cfg.cp}: context parallelism runs plain causal "
+                                "attention only")
     if cfg.cp > 1:
         from parallel.model import context_parallel_problem
 
@@ -234,6 +238,23 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         bos_id=bos,
     )
     return spec, world_size
+
+
+def _steps_from_epochs(cfg):
+    """``--epochs N``: the steps that read N times the --data tokens, ceil(N x tokens / (seq_length x
+    global_batch_size)); megatron's GPTDataset builds as many passes over the documents as the
+    samples need."""
+    if cfg.epochs is None:
+        return cfg
+    from rhocli.core.formats.tokens import TokenDataset
+
+    if not cfg.epochs > 0:
+        raise UsageError(f"--epochs {cfg.epochs:g}: expected a number of passes > 0")
+    if not cfg.data:
+        raise UsageError("no training data: pass --data PREFIX (or train.data in the config)")
+    tokens = sum(TokenDataset(parse_data_arg(arg)[0]).num_tokens for arg in cfg.data)
+    steps = max(1, math.ceil(cfg.epochs * tokens / (cfg.seq_length * cfg.global_batch_size)))
+    return dataclasses.replace(cfg, steps=steps)
 
 
 #: the model options a checkpoint's weights are shaped by: an --init or --resume must agree on each
