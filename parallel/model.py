@@ -48,11 +48,12 @@ class LayerBackend:
     """weights created on the device, fused SwiGLU (and RoPE with Transformer Engine)."""
 
 
-def layer_backend(on_gpu: bool | None = None, te_available: bool | None = None) -> LayerBackend:
+def layer_backend(on_gpu: bool | None = None, te_available: bool | None = None, local: bool = False) -> LayerBackend:
     """The backend for this process: Transformer Engine's modules on a GPU where it imports, else
-    the local spec. The CPU path is always the local one."""
+    the local spec. The CPU path is always the local one; ``local`` asks for it on a GPU too (packed
+    documents kept apart: rho's SDPA takes megatron's explicit mask, TE's attention would not)."""
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    if on_gpu and (_te_importable() if te_available is None else te_available):
+    if on_gpu and not local and (_te_importable() if te_available is None else te_available):
         return LayerBackend("transformer_engine", "te", True)
     return LayerBackend("local", "sdpa", on_gpu)
 
@@ -223,7 +224,7 @@ def padded_vocab_columns(vocab_size: int, vocab_start: int, v_local: int) -> tup
 
 
 def build_model_chunks(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, vp: int, features: dict,
-                       weights_loaded: bool = False) -> list:
+                       weights_loaded: bool = False, backend: LayerBackend | None = None) -> list:
     """This rank's model: one ``GPTModel`` per virtual pipeline stage (``vp`` > 1: interleaved 1F1B,
     stage ``i`` holding the layers megatron-core assigns to it), each with its own first/last-stage
     role."""
@@ -231,10 +232,10 @@ def build_model_chunks(cfg: ModelConfig, shape: ModelShape, tp: int, pp: int, vp
 
     if vp == 1:
         return [build_model(cfg, shape, tp, pp, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
-                            features=features, weights_loaded=weights_loaded)]
+                            features=features, weights_loaded=weights_loaded, backend=backend)]
     return [build_model(cfg, shape, tp, pp, ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i),
                         ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i), features=features, vp_stage=i,
-                        weights_loaded=weights_loaded)
+                        weights_loaded=weights_loaded, backend=backend)
             for i in range(vp)]
 
 

@@ -33,7 +33,7 @@ from parallel.checkpoint import AsyncSaves, CheckpointSink, load_checkpoint, sav
 from parallel.config import ModelConfig, TrainConfig
 from parallel.data import DataSpec, MicroBatches, build_datasets
 from parallel.distributed import Layout
-from parallel.errors import ModelConfigError, NonFiniteValueError, PreemptedError
+from parallel.errors import NonFiniteValueError, PreemptedError
 from parallel.layout import micro_batches_per_step
 from parallel.loss import Selection
 from parallel.score_functions import parse_score, score_inputs
@@ -172,6 +172,9 @@ class Trainer:
         self.spec = spec
         self.cfg = spec.train
         self.layout = layout
+        # the layers' backend: Transformer Engine on a GPU that has it, else the local spec, which
+        # packed documents kept apart need (rho's SDPA takes megatron's explicit attention mask)
+        self.backend = layer_backend(local=spec.train.separate_documents)
         self.checkpoints = checkpoints
         self.init_tensors = init_tensors
         self.metrics = metrics
@@ -200,11 +203,6 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
-        if cfg.separate_documents and layer_backend().layer_spec == "transformer_engine":
-            # TE's attention would take the explicit mask for a causal one; its packed-sequence path
-            # (THD layout, cu_seqlens) is the way there and is not wired: refuse rather than mix
-            raise ModelConfigError("separate_documents runs on the local layer spec's attention; Transformer "
-                                   "Engine's packed sequences are not wired in rho yet (uninstall it for this run)")
         # DDP reduces gradients over the DP x CP ranks
         parallel_features = data_parallel_features(cfg, self.layout.dp * self.layout.cp, torch.cuda.is_available())
         use_dist_opt = parallel_features["use_distributed_optimizer"]
@@ -216,7 +214,7 @@ class Trainer:
         weights_loaded = (self.checkpoints.latest() is not None) if cfg.resume else bool(self.spec.init_checkpoint)
         for vp_stage, module in enumerate(build_model_chunks(self.spec.model, self.shape, self.layout.tp,
                                                              self.layout.pp, self.vp, model_features(cfg),
-                                                             weights_loaded=weights_loaded)):
+                                                             weights_loaded=weights_loaded, backend=self.backend)):
             if torch.cuda.is_available():
                 module.cuda(torch.cuda.current_device())
             # as Megatron-LM: only the first chunk's gradients are bucketed (the others' reductions
@@ -623,7 +621,7 @@ class Trainer:
             "cp": self.layout.cp,
             "backend": self.layout.backend,
             "cpu_shims": _cpu_shims(),
-            **_kernels(self.params_dtype),
+            **_kernels(self.params_dtype, self.backend),
             "parameters": count_parameters(self.spec.model, self.spec.vocab_size),
             "vocab_size": self.shape.vocab_size,
             "padded_vocab_size": self.shape.padded_vocab_size,
@@ -649,13 +647,12 @@ class Trainer:
         }
 
 
-def _kernels(dtype: torch.dtype) -> dict[str, str]:
+def _kernels(dtype: torch.dtype, backend) -> dict[str, str]:
     """What computes the layers and the loss on this rank (the same choices the model makes):
     the layer spec, the attention backend, and the selective-loss kernel for logits of ``dtype``.
     A forced kernel (RHO_KERNEL) that cannot run raises here, before the first step."""
     from cuda_ext import dispatch
 
-    backend = layer_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     choice = dispatch.choose(device, dtype)
     return {"layer_spec": backend.layer_spec, "attention": backend.attention,

@@ -30,6 +30,7 @@ def main() -> None:
         "gqa": (4, 2, 16, 24, 3, AttnMaskType.causal),
         "mha": (4, 4, 8, 17, 2, AttnMaskType.causal),
         "no_mask_type": (4, 2, 16, 9, 2, AttnMaskType.no_mask),  # not causal: megatron's own path
+        "packed": (4, 2, 16, 24, 2, AttnMaskType.causal),  # + GPTDataset's mask of packed documents
     }
     for name, (heads, groups, head, s, b, mask_type) in cases.items():
         cfg = ModelConfig(num_layers=1, hidden_size=heads * head, ffn_hidden_size=4 * heads * head,
@@ -48,10 +49,14 @@ def main() -> None:
             mask = None
             if mask_type == AttnMaskType.no_mask:
                 mask = torch.zeros(b, 1, s, s, dtype=torch.bool)  # attend everywhere
+            if name == "packed":  # documents [0, 7), [7, 15), [15, 24): True = hidden (megatron's convention)
+                doc = torch.tensor([0] * 7 + [1] * 8 + [2] * 9)
+                visible = torch.tril(torch.ones(s, s, dtype=torch.bool)) & (doc[:, None] == doc[None, :])
+                mask = (~visible)[None, None].expand(b, 1, s, s)
             out = module(qq, kk, vv, mask)
             (out * upstream).sum().backward()
             results.append((out.detach(), [t.grad for t in (qq, kk, vv)]))
-        fused = ours._fused_path(None if mask_type == AttnMaskType.causal else mask, None, None, None)
+        fused = ours._fused_path(None if name in ("gqa", "mha") else mask, None, None, None)
         fwd = (results[0][0] - results[1][0]).abs().max().item()
         grad = max((a - c).abs().max().item() for a, c in zip(results[0][1], results[1][1]))
         lines.append(f"{name} {fwd:.3e} {grad:.3e} {int(fused)}\n")

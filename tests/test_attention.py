@@ -1,6 +1,7 @@
 """rho's fused attention (parallel/attention.py) against megatron-core's own DotProductAttention:
 same inputs, forward and gradients, grouped-query and multi-head, at TP1 and TP2 (real gloo groups),
-and megatron's path taken for what SDPA does not cover (an explicit mask)."""
+GPTDataset's boolean mask of packed documents through SDPA, and megatron's path taken for what SDPA
+does not cover (a non-causal mask type)."""
 
 import os
 import subprocess
@@ -23,8 +24,8 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(tp, tmp_path):
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line.split() for rank in range(tp) for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines()]
-    assert sorted(r[0] for r in rows) == sorted(["gqa", "mha", "no_mask_type"] * tp)
+    assert sorted(r[0] for r in rows) == sorted(["gqa", "mha", "no_mask_type", "packed"] * tp)
     for name, fwd, grad, fused in rows:
         assert float(fwd) < 1e-5 and float(grad) < 1e-5, (name, fwd, grad)
-        # the causal cases take the SDPA path; an explicit mask goes to megatron's own code
+        # the causal cases take the SDPA path (packed documents' mask too); no_mask goes to megatron's code
         assert fused == ("0" if name == "no_mask_type" else "1"), name

@@ -218,3 +218,26 @@ def test_transformer_engine_layers_take_the_local_specs_weights_and_agree(monkey
         torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2)
     finally:
         destroy_distributed()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_documents_mask_on_cuda_equals_each_document_alone(dtype):
+    """``--separate-documents`` on a GPU: the local spec is chosen even where Transformer Engine is
+    installed, and SDPA with GPTDataset's mask of packed documents gives, for every document, what
+    causal attention over that document alone gives."""
+    from parallel.attention import causal_sdpa
+    from parallel.model import layer_backend
+
+    assert layer_backend(on_gpu=True, te_available=True, local=True).layer_spec == "local"
+    g = torch.Generator(device="cuda").manual_seed(3)
+    s, b, heads, groups, hn = 96, 2, 8, 2, 64
+    q = torch.randn(s, b, heads, hn, device="cuda", generator=g, dtype=dtype)
+    k = torch.randn(s, b, groups, hn, device="cuda", generator=g, dtype=dtype)
+    v = torch.randn(s, b, groups, hn, device="cuda", generator=g, dtype=dtype)
+    cuts = [0, 30, 31, 70, 96]  # a one-token document included
+    doc = torch.repeat_interleave(torch.arange(4, device="cuda"), torch.tensor(cuts, device="cuda").diff())
+    visible = torch.tril(torch.ones(s, s, dtype=torch.bool, device="cuda")) & (doc[:, None] == doc[None, :])
+    packed = causal_sdpa(q, k, v, None, visible[None, None].expand(b, 1, s, s))
+    for a, e in zip(cuts, cuts[1:]):
+        alone = causal_sdpa(q[a:e], k[a:e], v[a:e], None)
+        torch.testing.assert_close(packed[a:e], alone, atol=TOL[dtype] * 10, rtol=TOL[dtype] * 10)
