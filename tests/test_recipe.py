@@ -18,10 +18,10 @@ from rhocli.core.recipe import StageRunner, finished, prepare_output, record_set
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def publish(run: Path, step: int) -> None:
+def publish(run: Path, step: int, run_steps: int = 200) -> None:
     store = CheckpointStore(run)
     store.begin(step)
-    store.publish(step, {"config": {}})
+    store.publish(step, {"config": {"train": {"steps": run_steps}}})
 
 
 def test_train_is_finished_only_at_its_last_step(tmp_path):
@@ -33,6 +33,11 @@ def test_train_is_finished_only_at_its_last_step(tmp_path):
     publish(run, 200)
     assert finished(command)
     assert not finished([*command[:-3], "--steps", "400", "-q"])  # a longer run of the same name
+    by_epochs = ["train", "cfg.yaml", "--save", str(tmp_path / "sft"), "--epochs", "3"]  # steps resolved by rho train
+    publish(tmp_path / "sft", 20, run_steps=45)
+    assert not finished(by_epochs)
+    publish(tmp_path / "sft", 45, run_steps=45)
+    assert finished(by_epochs)
 
 
 def test_store_is_finished_when_its_manifest_is_written(tmp_path):

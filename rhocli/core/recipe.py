@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rhocli.core.errors import MismatchError, MissingInputError, OutputExistsError
-from rhocli.core.formats.checkpoint import latest_step_dir, step_dir_name
+from rhocli.core.formats.checkpoint import latest_step_dir, read_manifest, step_dir_name
 
 SETTINGS_NAME = "data_settings.json"
 
@@ -66,15 +66,21 @@ def option(command: Sequence[str], flag: str) -> str:
 
 def finished(command: Sequence[str]) -> bool:
     """Whether a rho command's output is complete: a dataset's or score store's manifest is written
-    last; a training run is complete when its ``latest`` checkpoint is the last step (metrics alone
-    are not enough: a run stopped between its last validation and its checkpoint has them).
+    last; a training run is complete when its ``latest`` checkpoint is the run's last step (the
+    command's --steps, or the steps its checkpoint's config resolved, e.g. from --epochs; metrics
+    alone are not enough: a run stopped between its last validation and its checkpoint has them).
     ``select`` and anything else: never (cheap, always redone)."""
     verb = command[0]
     if verb in ("tokenize", "score"):
         return Path(f"{option(command, '--output')}.json").is_file()
     if verb == "train":
         latest = latest_step_dir(option(command, "--save"))
-        return latest is not None and latest.name == step_dir_name(int(option(command, "--steps")))
+        if latest is None:
+            return False
+        if "--steps" in command:
+            return latest.name == step_dir_name(int(option(command, "--steps")))
+        manifest = read_manifest(latest)
+        return manifest.get("step") == ((manifest.get("config") or {}).get("train") or {}).get("steps")
     return False
 
 
