@@ -187,6 +187,10 @@ class TrainConfig:
     """Documents packed into one sequence do not attend to each other (megatron's
     reset_attention_mask and reset_position_ids: every EOD cuts the attention): SFT on packed
     examples. The local layer spec's attention (CPU, and GPUs without Transformer Engine)."""
+    pack: Literal["stream", "whole"] = "stream"
+    """How documents fill the samples: stream (megatron's GPTDataset: one stream of documents cut into
+    samples, so an example may start in one sample and end in the next) or whole (each sample holds
+    whole documents, padded at its end; for SFT: no response trained without its prompt)."""
     epochs: float | None = None
     """Train for this many passes over the --data tokens: sets ``steps`` to
     ceil(epochs x tokens / (seq_length x global_batch_size)). null: ``steps`` as given."""

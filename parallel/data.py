@@ -53,6 +53,9 @@ class DataSpec:
     #: packed documents do not see each other: megatron's reset_attention_mask (each sample gets an
     #: attention mask [1, s, s], True = hidden, cut after every EOD) and reset_position_ids
     separate_documents: bool = False
+    #: each sample holds whole documents (examples), padded at its end, never one cut at a sample's
+    #: edge (a document longer than a sample is still cut); False: GPTDataset's stream packing
+    whole_documents: bool = False
 
 
 def _scored_dataset_classes():
@@ -74,6 +77,8 @@ def _scored_dataset_classes():
         mask_prefixes: dict = dataclasses.field(default_factory=dict)
         #: token dataset prefix -> reference-entropy store prefix
         entropy_prefixes: dict = dataclasses.field(default_factory=dict)
+        #: pack whole documents per sample (``whole_document_indices``)
+        whole_documents: bool = False
 
     class _Float32AsInt32:
         """The score store seen through ``get`` as int32 bit patterns: GPTDataset concatenates a
@@ -96,6 +101,12 @@ def _scored_dataset_classes():
             entropies = config.entropy_prefixes.get(dataset_path)
             self.entropies_prefix = entropies
             self.entropies = _Float32AsInt32(IndexedDataset(entropies, mmap=True)) if entropies else None
+
+        def _build_document_sample_shuffle_indices(self):
+            if not self.config.whole_documents or not len(self.indices):
+                return super()._build_document_sample_shuffle_indices()
+            return whole_document_indices(self.dataset.sequence_lengths, self.indices, self.num_samples,
+                                          self.config.sequence_length, self.config.random_seed)
 
         def _aligned(self, store, idx):
             """The store's values for sample ``idx``, sliced exactly as its tokens are."""
@@ -133,6 +144,70 @@ def _scored_dataset_classes():
     return ScoredGPTDataset, ScoredGPTDatasetConfig
 
 
+def whole_document_indices(lengths, documents, num_samples: int | None, seq_length: int, seed: int):
+    """GPTDataset's three indices (document, sample, shuffle) for samples of whole documents.
+
+    The document index is GPTDataset's: the split's documents, shuffled anew for every epoch, as many
+    epochs as the samples need. A sample is the longest run of whole documents from where the last
+    one ended that fits ``seq_length`` tokens; GPTDataset's reader then adds the next document's
+    first token (the last label, which a response mask leaves out: it is a prompt's) and pads the
+    rest (labels masked). A document longer than ``seq_length`` is cut into full samples, as GPTDataset
+    would, and its tail starts the next one. sample_index rows are (document_index position, offset)."""
+    lengths = numpy.asarray(lengths, dtype=numpy.int64)
+    documents = numpy.asarray(documents, dtype=numpy.int64)
+    rng = numpy.random.RandomState(seed)
+    order: list[numpy.ndarray] = []
+    size = 0
+
+    def length_at(position: int) -> int:
+        nonlocal size
+        while position >= size:  # another epoch of the documents, shuffled
+            epoch = documents.copy()
+            rng.shuffle(epoch)
+            order.append(epoch)
+            size += epoch.size
+        return int(lengths[order[position // documents.size][position % documents.size]])
+
+    wanted = num_samples if num_samples is not None else whole_document_samples(lengths[documents], seq_length)
+    bounds = [(0, 0)]
+    while len(bounds) <= wanted:
+        bounds.append(_next_sample_start(length_at, *bounds[-1], seq_length))
+    length_at(bounds[-1][0] + 1)  # the last sample's extra label token exists
+    document_index = numpy.concatenate(order).astype(numpy.int32)
+    sample_index = numpy.array(bounds, dtype=numpy.int64)
+    shuffle_index = rng.permutation(wanted).astype(numpy.uint32 if wanted < 2**32 - 1 else numpy.int64)
+    return document_index, sample_index, shuffle_index
+
+
+def _next_sample_start(length_at, position: int, offset: int, seq_length: int) -> tuple[int, int]:
+    """Where the sample that starts at document ``position``, token ``offset`` ends (and the next
+    starts): a long document gives a full sample of itself; else as many whole documents as fit."""
+    rest = length_at(position) - offset
+    if rest > seq_length:
+        return position, offset + seq_length
+    room, position = seq_length - rest, position + 1
+    while length_at(position) <= room:
+        room -= length_at(position)
+        position += 1
+    return position, 0
+
+
+def whole_document_samples(lengths, seq_length: int) -> int:
+    """Samples of whole documents that one pass over documents of ``lengths`` (in this order) fills:
+    what an epoch is with ``whole_documents`` (the shuffled order changes it by a sample or two)."""
+    lengths = [int(n) for n in lengths]
+    big = seq_length + 1  # past the end: a document that never fits, so the last sample closes
+
+    def length_at(i):
+        return lengths[i] if i < len(lengths) else big
+
+    samples, position, offset = 0, 0, 0
+    while position < len(lengths):
+        position, offset = _next_sample_start(length_at, position, offset, seq_length)
+        samples += 1
+    return max(1, samples)
+
+
 def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
     """(train, valid) GPTDatasets; call on every rank (megatron builds caches on rank 0 first)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -159,6 +234,7 @@ def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
         score_prefixes=dict(zip(spec.prefixes, spec.scores)),
         mask_prefixes=dict(zip(spec.prefixes, spec.masks)),
         entropy_prefixes=dict(zip(spec.prefixes, spec.entropies)),
+        whole_documents=spec.whole_documents,
     )
     train, valid, _test = BlendedMegatronDatasetBuilder(
         dataset_cls, [train_samples, valid_samples, 0], lambda: True, config

@@ -310,6 +310,7 @@ class Trainer:
             eval_prefixes=tuple(d.prefix for d in self.spec.eval_datasets),
             eval_weights=_weights(self.spec.eval_datasets),
             separate_documents=cfg.separate_documents,
+            whole_documents=cfg.pack == "whole",
         )
         valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_iters > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(spec, cfg.steps * cfg.global_batch_size, valid_samples)

@@ -34,22 +34,21 @@ def sft(tmp_path_factory, gsm8k, llama2_sp):
     return d, config, records
 
 
-def first_batch(d, run, separate: bool):
-    """The step-1 global batch (8 samples) as the run read it (GPTDataset's indices, same spec)."""
+def training_samples(d, pg_dir, separate: bool, whole: bool = False, samples: int = 8, seq: int = SEQ):
+    """The first ``samples`` training samples as a 2-step run reads them (GPTDataset's indices, the
+    run's data spec); the first 8 are step 1's global batch."""
     import torch.distributed as dist
 
     from parallel.data import DataSpec, TokenIds, build_datasets
 
-    cfg = json.loads((run / "config.json").read_text())["train"] if (run / "config.json").is_file() else None
-    assert cfg is None or cfg["separate_documents"] == separate
-    spec = DataSpec(prefixes=(str(d / "tora"),), weights=None, seq_length=SEQ, seed=1234, split="90,10,0",
+    spec = DataSpec(prefixes=(str(d / "tora"),), weights=None, seq_length=seq, seed=1234, split="90,10,0",
                     token_ids=TokenIds(vocab_size=32000, eod=2), cache_dir=None, masks=(str(d / "tora.mask"),),
-                    separate_documents=separate)
+                    separate_documents=separate, whole_documents=whole)
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"file://{run / 'pg'}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"file://{pg_dir / 'pg'}", rank=0, world_size=1)
     try:
-        train, _ = build_datasets(spec, 2 * 8, 2 * 8)
-        return [train[i] for i in range(8)]
+        train, _ = build_datasets(spec, max(2 * 8, samples), 2 * 8)
+        return [train[i] for i in range(samples)]
     finally:
         dist.destroy_process_group()
 
@@ -83,8 +82,10 @@ def test_masked_loss_is_the_hand_loss_packed_apart_and_together(sft, tmp_path, l
               "--seq-length", SEQ, "-q")
     rho("train", config, *common, "--save", tmp_path / "apart", "--separate-documents")
     rho("train", config, *common, "--save", tmp_path / "together")
+    rho("train", config, *common, "--save", tmp_path / "whole", "--separate-documents", "--pack", "whole")
     hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), dtype="float32").eval()
-    apart, together = first_batch(d, tmp_path / "apart", True), first_batch(d, tmp_path / "together", False)
+    apart, together = training_samples(d, tmp_path, True), training_samples(d, tmp_path, False)
+    whole = training_samples(d, tmp_path, True, whole=True)
     for a, t in zip(apart, together):  # the same tokens and kept labels; only the attention differs
         assert (a["tokens"] == t["tokens"]).all() and (a["loss_mask"] == t["loss_mask"]).all()
         assert a["attention_mask"].shape == (1, SEQ, SEQ) and "attention_mask" not in t
@@ -94,6 +95,7 @@ def test_masked_loss_is_the_hand_loss_packed_apart_and_together(sft, tmp_path, l
     assert losses(tmp_path / "apart")[1] == pytest.approx(want_apart, abs=1e-6)
     assert losses(tmp_path / "together")[1] == pytest.approx(want_together, abs=1e-6)
     assert abs(want_apart - want_together) > 1e-5  # packing without the separation changes the loss
+    assert losses(tmp_path / "whole")[1] == pytest.approx(hand_loss(hf, whole, True), abs=1e-6)
 
     # every kept label is response text: the runs of kept labels, decoded, are found in a response
     sp = spm.SentencePieceProcessor(model_file=str(llama2_sp))
@@ -123,3 +125,31 @@ def test_epochs_set_the_steps(sft, tmp_path, capsys):
     assert re.search(rf"steps\s+│ {want} \({want * SEQ * 8:,} tokens\)", r.stdout), r.stdout
     r = run_rho(capsys, "train", config, "--data", d / "tora", "--save", tmp_path / "r", "--epochs", "1", "--steps", "3")
     assert r.exit_code == 2 and "--epochs and --steps exclude each other" in r.stderr
+
+
+def test_pack_whole_puts_whole_examples_in_each_sample(sft, tmp_path):
+    """--pack whole: every sample is whole examples (each piece between EODs is a complete document of
+    the dataset, from its first token), then padding with no label trained; one pass covers every
+    training example."""
+    from rhocli.core.formats.tokens import TokenDataset
+
+    d, _, _ = sft
+    ds = TokenDataset(d / "tora")
+    documents = {tuple(ds.document(i).tolist()) for i in range(ds.num_documents)}
+    seq = 700  # longer than every example here (a longer one would be cut, as GPTDataset cuts)
+    assert max(map(len, documents)) < seq
+    samples = training_samples(d, tmp_path, True, whole=True, samples=40, seq=seq)
+    seen = set()
+    for s in samples:
+        tokens, keep, labels = s["tokens"].tolist(), s["loss_mask"] > 0, s["labels"]
+        ends = [i for i, t in enumerate(tokens) if t == 2]
+        assert ends, "a sample without a whole example"
+        start = 0
+        for end in ends:
+            piece = tuple(tokens[start:end + 1])
+            assert piece in documents, (start, end)
+            seen.add(piece)
+            start = end + 1
+        assert not keep[start:].any() and (labels[start:] == 0).all()  # padding: nothing trained
+    # 40 samples of 700 tokens hold about two passes over the training split's ~43 examples
+    assert len(seen) >= 0.9 * 0.9 * ds.num_documents

@@ -14,7 +14,8 @@ Selective language modeling (scores from ``rho score`` with a reference model):
 Supervised fine-tuning on the responses (rho tokenize --response-key writes PREFIX.mask), examples packed
 without attending to each other:
 
-    rho train configs/sft-tora.yaml --data out/tora --mask out/tora.mask --separate-documents --epochs 3 --init runs/base
+    rho train configs/sft-tora-1b.yaml --data out/tora --mask out/tora.mask --pack whole --separate-documents \
+        --epochs 3 --init runs/base
 
 One GPU (NCCL, bf16):
 
@@ -66,6 +67,7 @@ def train_command(
     select_after: Annotated[Optional[int], typer.Option("--select-after", help="Train on every token for this many steps before selecting (a warm-up).")] = None,
     mask: Annotated[Optional[list[str]], typer.Option("--mask", help="Static mask store (rho select, or PREFIX.mask from rho tokenize --response-key) per --data prefix: train only on its tokens.")] = None,
     separate_documents: Annotated[Optional[bool], typer.Option("--separate-documents", help="Documents packed into a sequence do not attend to each other (SFT on packed examples; megatron's reset_attention_mask).")] = None,
+    pack: Annotated[Optional[str], typer.Option("--pack", help="stream (default: megatron's GPTDataset, documents cut at sequence edges) or whole (whole documents per sequence, padded: SFT).")] = None,
     recompute: Annotated[Optional[str], typer.Option("--recompute", help="Recompute activations in backward: full (whole layers) or selective (core attention); none by default.")] = None,
     sequence_parallel: Annotated[Optional[bool], typer.Option("--sequence-parallel", help="Split norms and the residual stream over the TP ranks along the sequence (TP > 1).")] = None,
     distributed_optimizer: Annotated[Optional[bool], typer.Option("--distributed-optimizer/--no-distributed-optimizer", help="Shard Adam's state and fp32 weights over the data-parallel ranks (default: on for DP > 1 on GPU).")] = None,
@@ -89,7 +91,7 @@ def train_command(
     quiet_megatron()
     flags = {
         "tp": tp, "pp": pp, "dp": dp, "cp": cp, "data": tuple(data) if data else None, "save": save, "steps": steps,
-        "epochs": epochs, "separate_documents": separate_documents,
+        "epochs": epochs, "separate_documents": separate_documents, "pack": pack,
         "resume": resume, "init": init, "lr": lr,
         "lr_decay_style": lr_decay_style, "wsd_decay_steps": wsd_decay_steps, "seq_length": seq_length, "micro_batch_size": micro_batch_size,
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
@@ -100,6 +102,8 @@ def train_command(
         "distributed_optimizer": distributed_optimizer, "virtual_pp": virtual_pp, "precision": precision,
         "async_save": async_save, "tensorboard": tensorboard, "wandb_project": wandb_project,
     }
+    if pack is not None and pack not in ("stream", "whole"):
+        raise UsageError(f"--pack: expected stream or whole, got {pack!r}")
     if epochs is not None and steps is not None:
         raise UsageError("--epochs and --steps exclude each other (--epochs sets the steps)")
     if select_scope is not None and select_scope not in ("sequence", "microbatch", "batch"):

@@ -241,19 +241,24 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
 
 
 def _steps_from_epochs(cfg):
-    """``--epochs N``: the steps that read N times the --data tokens, ceil(N x tokens / (seq_length x
-    global_batch_size)); megatron's GPTDataset builds as many passes over the documents as the
-    samples need."""
+    """``--epochs N``: the steps that read the --data documents N times: ceil(N x samples of one pass /
+    global_batch_size), a pass being tokens / seq_length samples (stream packing) or the samples whole
+    documents fill (``--pack whole``). megatron's GPTDataset builds as many passes as the steps need."""
     if cfg.epochs is None:
         return cfg
+    from parallel.data import whole_document_samples
     from rhocli.core.formats.tokens import TokenDataset
 
     if not cfg.epochs > 0:
         raise UsageError(f"--epochs {cfg.epochs:g}: expected a number of passes > 0")
     if not cfg.data:
         raise UsageError("no training data: pass --data PREFIX (or train.data in the config)")
-    tokens = sum(TokenDataset(parse_data_arg(arg)[0]).num_tokens for arg in cfg.data)
-    steps = max(1, math.ceil(cfg.epochs * tokens / (cfg.seq_length * cfg.global_batch_size)))
+    datasets = [TokenDataset(parse_data_arg(arg)[0]) for arg in cfg.data]
+    if cfg.pack == "whole":
+        samples = sum(whole_document_samples(ds.document_lengths(), cfg.seq_length) for ds in datasets)
+    else:
+        samples = sum(ds.num_tokens for ds in datasets) / cfg.seq_length
+    steps = max(1, math.ceil(cfg.epochs * samples / cfg.global_batch_size))
     return dataclasses.replace(cfg, steps=steps)
 
 
