@@ -14,7 +14,7 @@ Every stage is the real rho command line, run in this process through ``rhocli.a
 2. rho tokenize (Llama-2 SentencePiece): the general text; the SFT set with --prompt-key question
    --response-key solution --chat-template tora --mask-spans output --seq-length (PREFIX.mask);
 3. rho train the base (--base-steps, or --init MODEL to start from your own); rho train the SFT run
-   --init BASE --mask --separate-documents --epochs, validating on the held-out 5 % of the SFT
+   --init BASE --mask --pack whole --separate-documents --epochs, validating on the held-out 5 % of the SFT
    examples' response tokens;
 4. rho eval of the base and of the SFT model (--prompt tora, the interpreter models' format), and
    results.json / report.md: held-out response loss, accuracy, how many completions ran a program.
@@ -97,7 +97,7 @@ def main() -> int:
     sft_run = out / "runs" / "sft"
     stage("train SFT (response tokens, packed apart)", [[
         "train", args.config, "--init", base, "--data", out / "tokens" / "sft", "--mask", out / "tokens" / "sft.mask",
-        "--separate-documents", "--epochs", args.epochs, "--seq-length", args.seq_length, "--lr", args.lr,
+        "--pack", "whole", "--separate-documents", "--epochs", args.epochs, "--seq-length", args.seq_length, "--lr", args.lr,
         "--set", "train.split=95,5,0", "--set", "train.warmup_steps=10", "--eval-interval", 20, "--save", sft_run, "-q"]])
     sft_steps = read_metrics(sft_run)["valid"][-1][0]
 
