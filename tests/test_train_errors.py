@@ -172,6 +172,7 @@ def test_save_naming_a_file_and_yaml_errors_say_where(capsys, tmp_path, small_da
     (["--select-by", "random"], "--select-by needs --select-ratio"),
     (["--lr", "0.001"], "--lr 0.001 is below min_lr 0.005"),
     (["--epochs", "0"], "--epochs 0: expected a number of passes > 0"),
+    (["--pack", "tight"], "--pack: expected stream or whole, got 'tight'"),
 ])
 def test_score_functions_are_checked_before_anything_runs(capsys, tmp_path, small_data, extra, message):
     r = _train(capsys, tmp_path, small_data, "--dry-run", *extra)
