@@ -212,3 +212,26 @@ def test_instruction_flags_are_checked(tmp_path, capsys, hf_tokenizer_dir):
         assert r.exit_code == 2 and words in r.stderr, (flags, r.stderr)
     assert not (tmp_path / "d.json").exists()
     shutil.rmtree(tmp_path)
+
+
+def test_gsm8k_tora_outputs_are_what_python_prints(tora_jsonl):
+    """gsm8k_tora computes each program's printed result without running it; Python itself, running
+    the programs (a subprocess, GSM8K's own arithmetic only), prints the same."""
+    import re
+    import subprocess
+    import sys
+
+    _, records = tora_jsonl
+    built = [r for r in records if r not in MULTIBYTE]
+    programs = [re.search(r"```python\n(.*?)\n```", r["solution"], re.DOTALL).group(1) for r in built]
+    runner = ("import contextlib, io, json, sys\nouts = []\nfor p in json.load(sys.stdin):\n"
+              "    buf = io.StringIO()\n    with contextlib.redirect_stdout(buf):\n        exec(p, {})\n"
+              "    outs.append(buf.getvalue())\nprint(json.dumps(outs))\n")
+    proc = subprocess.run([sys.executable, "-c", runner], input=json.dumps(programs), capture_output=True,
+                          text=True, timeout=60)
+    printed = json.loads(proc.stdout)
+    for r, out in zip(built, printed):
+        shown = re.search(r"```output\n(.*?)\n```", r["solution"], re.DOTALL).group(1)
+        assert out == shown + "\n", (r["question"], out, shown)
+        assert float(shown) == float(r["answer"])
+    assert len(built) == 40
