@@ -207,7 +207,8 @@ def test_instruction_flags_are_checked(tmp_path, capsys, hf_tokenizer_dir):
                          (("--mask-spans", "output"), "--mask-spans is for instruction data"),
                          (("--prompt-key", "q", "--response-key", "a", "--chat-template", "tokenizer"), "has no chat template"),
                          (("--prompt-key", "q", "--response-key", "a", "--chat-template", "nope"), "'nope' is neither"),
-                         (("--prompt-key", "q", "--response-key", "a", "--mask-spans", "code"), "--mask-spans: expected")]:
+                         (("--prompt-key", "q", "--response-key", "a", "--mask-spans", "code"), "--mask-spans: expected"),
+                         (("--prompt-key", "q", "--response-key", "a", "--json-key", "q"), "--json-key is for text")]:
         r = run_rho(capsys, *base, *flags)
         assert r.exit_code == 2 and words in r.stderr, (flags, r.stderr)
     assert not (tmp_path / "d.json").exists()

@@ -83,6 +83,9 @@ def tokenize_command(
 
     if txt_mode is not None and txt_mode not in ("document", "line"):
         raise UsageError(f"--txt-mode: expected 'document' or 'line', got {txt_mode!r}")
+    if json_key and (prompt_key or response_key or messages_key):
+        raise UsageError("--json-key is for text; instruction data names its fields with --prompt-key/--response-key "
+                         "or --messages-key")
     if on_error is not None and on_error not in ("fail", "skip"):
         raise UsageError(f"--on-error: expected 'fail' or 'skip', got {on_error!r}")
     cfg = resolve_config(
