@@ -67,6 +67,20 @@ def test_runner_keeps_finished_commands_and_forces_the_rest(tmp_path):
     assert calls == [[str(x) for x in done] + ["--force"]] and set(runner.timings) == {"arms"}
 
 
+def test_eval_resumes_and_is_forced_only_when_its_settings_differ(tmp_path):
+    calls = []
+
+    def invoke(argv):
+        calls.append(argv)
+        if "--force" not in argv and argv[-1] == "changed":
+            raise OutputExistsError("--output x: holds an eval with other settings (model_fingerprint)")
+
+    runner = StageRunner(invoke, reuse=True)
+    runner.stage("eval", [["eval", "m", "--output", "same"], ["eval", "m", "--output", "changed"]])
+    assert calls == [["eval", "m", "--output", "same"], ["eval", "m", "--output", "changed"],
+                     ["eval", "m", "--output", "changed", "--force"]]
+
+
 def test_output_and_settings_rules(tmp_path):
     out = tmp_path / "out"
     prepare_output(out, ("data", "runs"), force=False, reuse=False)

@@ -91,7 +91,9 @@ class StageRunner:
     With ``reuse``, a command whose output is complete is kept. Every command that runs gets
     ``--force``: the recipe owns its output directory (``prepare_output`` asked for --force or
     --reuse before anything was there to replace), so what an earlier or killed run of the recipe
-    left there is replaced, never mixed in. ``timings`` holds each stage's seconds."""
+    left there is replaced, never mixed in. ``rho eval`` resumes instead (it keeps the problems it
+    finished when its settings, the model's fingerprint included, are the same) and is forced only
+    when they are not. ``timings`` holds each stage's seconds."""
 
     invoke: Callable[[list[str]], None]
     reuse: bool = False
@@ -106,6 +108,12 @@ class StageRunner:
                 self.log("kept: rho " + " ".join(argv))
                 continue
             self.log("rho " + " ".join(argv))
+            if argv[0] == "eval" and self.reuse and "--force" not in argv:
+                try:
+                    self.invoke(argv)
+                    continue
+                except OutputExistsError:  # an eval with other settings (another model) is there
+                    self.log("  (its output holds an eval with other settings: replaced)")
             self.invoke(argv + ([] if "--force" in argv else ["--force"]))
         self.timings[name] = time.perf_counter() - t0
         self.log(f"  {name}: {self.timings[name]:.0f} s")
