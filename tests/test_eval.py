@@ -181,13 +181,14 @@ def test_eval_command_end_to_end(tmp_path, gsm8k_model, capsys):
 def test_ctrl_c_leaves_a_resumable_eval(tmp_path, gsm8k_model):
     """SIGINT during an eval: exit 130 with one line; outputs.jsonl holds whole lines only; the same
     command finishes the rest, and every problem is there once."""
-    # 48 problems: after the second line is seen, dozens are left, so the signal always lands mid-eval
-    # (with 8, a fast machine finished the other six in the 0.2 s poll: CI once got exit 0)
-    data = _problems_file(tmp_path / "test.jsonl", 48)
+    data = _problems_file(tmp_path / "test.jsonl", 8)
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "rhocli", "eval", str(gsm8k_model), "--task", "gsm8k", "--data", str(data),
            "--shots", "1", "--max-new-tokens", "24", "--batch-size", "1", "--output", str(out), "--device", "cpu", "-q"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a suite started in the background by a non-interactive shell
+    # (nohup CMD &) hands its children SIGINT ignored, and Python then installs no handler (CI got exit 0)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     outputs = out / "outputs.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (outputs.is_file() and outputs.read_text().count("\n") >= 2):
@@ -197,11 +198,11 @@ def test_ctrl_c_leaves_a_resumable_eval(tmp_path, gsm8k_model):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     partial = outputs.read_text().splitlines()
-    assert 2 <= len(partial) < 48
+    assert 2 <= len(partial) < 8
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ})
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in outputs.read_text().splitlines()]
-    assert sorted(r["idx"] for r in records) == list(range(48))
+    assert sorted(r["idx"] for r in records) == list(range(8))
     assert [json.loads(line) for line in partial] == records[: len(partial)]
 
 
