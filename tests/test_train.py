@@ -411,6 +411,25 @@ def test_launched_ranks_end_with_the_right_code_and_one_line(tmp_path, tiny_data
         assert step >= 2 and max(losses(run)) == step
 
 
+def test_a_killed_rank_is_blamed_not_the_peer_the_launcher_then_stopped(tmp_path):
+    """The launcher's verdict from what the ranks left: rank 1 died from SIGKILL (the failure it
+    saw), rank 0 was then stopped by the launcher's SIGTERM and reported "terminated". The cause is
+    rank 1, not the stop that followed (CI once ended such a run "terminated", exit 143). A report
+    from a rank that had itself failed still wins."""
+    import json
+    import signal
+
+    from rhocli.core import launch
+    from rhocli.core.errors import Terminated, UsageError, WorkerError
+
+    (tmp_path / "rank00000.json").write_text(json.dumps({"code": Terminated.exit_code, "message": "terminated (SIGTERM)"}))
+    error = launch._failure(str(tmp_path), {1: -signal.SIGKILL})
+    assert isinstance(error, WorkerError) and "worker rank 1 died from SIGKILL" in str(error)
+    (tmp_path / "rank00000.json").write_text(json.dumps({"code": UsageError.exit_code, "message": "bad flag"}))
+    error = launch._failure(str(tmp_path), {0: UsageError.exit_code, 1: -signal.SIGKILL})
+    assert isinstance(error, UsageError) and str(error) == "bad flag"
+
+
 def test_wsd_learning_rates_follow_the_schedule_formula(tmp_path, tiny_data, capsys):
     """--lr-decay-style wsd (megatron-core's WSD): linear warmup, the peak held, then the
     last wsd_decay_steps decayed to min_lr in the chosen shape; step k trains with the rate for k - 1

@@ -290,10 +290,15 @@ def _gpu_count() -> int:
 
 def _failure(error_dir: str, failures: dict[int, int]):
     """The error to raise when workers failed: a rank killed by a signal (the others then fail on
-    their connections to it) before anything a rank reported, else the lowest rank's report."""
+    their connections to it) before anything a rank reported, else the lowest rank's report.
+
+    Only the ranks in ``failures`` (those that had ended when the launcher saw the failure) count:
+    the others were then stopped by the launcher's own SIGTERM, and what they report ("terminated")
+    is its consequence, not the cause. CI saw it: rank 1 killed with -9 while rank 0 was between
+    collectives; rank 0 then reported the launcher's SIGTERM, and the run ended "terminated"."""
     from rhocli.core.errors import WorkerError
 
-    reported = first_reported_error(error_dir)
+    reported = first_reported_error(error_dir, ranks=set(failures))
     reporters = {int(p.stem[4:]) for p in Path(error_dir).glob("rank*.json")}
     killed = sorted(r for r, code in failures.items() if code is not None and code < 0 and r not in reporters)
     if killed and (reported is None or reported[0] == 1):
@@ -311,10 +316,13 @@ def report_error(error_dir: str, code: int, message: str) -> None:
     path.write_text(json.dumps({"code": code, "message": message}))
 
 
-def first_reported_error(error_dir: str) -> tuple[int, str] | None:
-    """The lowest rank's reported (exit code, message), preferring user errors over crashes."""
+def first_reported_error(error_dir: str, ranks: set[int] | None = None) -> tuple[int, str] | None:
+    """The lowest rank's reported (exit code, message), preferring user errors over crashes; only
+    from ``ranks`` when given."""
     reports = []
     for path in sorted(Path(error_dir).glob("rank*.json")):
+        if ranks is not None and int(path.stem[4:]) not in ranks:
+            continue
         try:
             data = json.loads(path.read_text())
             reports.append((data["code"] == 1, int(path.stem[4:]), int(data["code"]), str(data["message"])))
