@@ -18,12 +18,16 @@ HARNESS_TIMEOUT = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'
 
 
 def _programs(model: str) -> list[tuple[str, str, str]]:
-    """(idx, program, recorded output) for every executed block of a model's generations."""
+    """(idx, program, recorded output) for every executed block of a model's generations on the
+    problems with an even index: half of MATH 500, whole trajectories (a block's program carries
+    the blocks before it), so the suite re-runs ~480 programs rather than ~960 (40 s less)."""
     path = SHARED / "evals" / "rho-math-outputs" / model / "minerva_math" / "test_tora_-1_seed0_t0.0_s0_e-1.jsonl"
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     out = []
     for record in read_outputs(path):
+        if int(record["idx"]) % 2:
+            continue
         blocks = executed_blocks(record["code"][0])
         for k, (block, recorded) in enumerate(blocks):
             out.append((record["idx"], tora_program(blocks[:k], block), recorded))
@@ -32,7 +36,7 @@ def _programs(model: str) -> list[tuple[str, str, str]]:
 
 def test_rerunning_the_released_programs_reproduces_their_outputs():
     programs = _programs(MODELS[0]) + _programs(MODELS[1])
-    # three sandboxes on two cores: the 15 programs that run into the 5 s wall limit (the harness's
+    # three sandboxes on two cores: the programs that run into the 5 s wall limit (the harness's
     # too) wait side by side; a CPU-bound program still gets 2/3 of a core (the longest that end in
     # time here take 2.5 s of CPU)
     with Sandbox(Limits(wall_s=5.0, cpu_s=6, memory_mb=1024), workers=3) as sandbox:
@@ -46,7 +50,7 @@ def test_rerunning_the_released_programs_reproduces_their_outputs():
         print("idx {}: recorded {!r}, rho {!r}".format(*d))
     same = 1 - len(differ) / len(programs)
     print(f"{len(programs)} programs, {100 * same:.1f} % reproduce their recorded output")
-    assert len(programs) > 900
+    assert len(programs) > 400 and any(recorded == HARNESS_TIMEOUT for _, _, recorded in programs)
     assert same >= 0.95, f"{len(differ)} of {len(programs)} programs differ"
 
 
