@@ -53,9 +53,10 @@ def word_salad(words: list[str], n: int, rng: random.Random) -> str:
 
 
 def main() -> int:
+    from rhocli.core.recipe import add_recipe_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="dir with data/ and tokenizers/")
-    ap.add_argument("--output", type=Path, default=Path("exp-continual"))
+    add_recipe_arguments(ap, shared=ROOT.parent / "shared", output=Path("exp-continual"))
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "experiment-gsm8k.yaml")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--ratio", type=float, default=0.6)
@@ -68,8 +69,6 @@ def main() -> int:
     ap.add_argument("--math-docs", type=int, default=2000)
     ap.add_argument("--noise-docs", type=int, default=1500)
     ap.add_argument("--general-share", type=float, default=0.6, help="share of WikiText paragraphs for the base model")
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--reuse", action="store_true", help="keep finished stages of an earlier run in --output")
     args = ap.parse_args()
 
     from rhocli.app import invoke as run_rho
@@ -77,18 +76,16 @@ def main() -> int:
     from rhocli.core.formats.metrics import read_metrics, steps_to_reach
     from rhocli.core.megatron_io import quiet_megatron
     from rhocli.core.plots import line_chart
-    from rhocli.core.recipe import StageRunner, prepare_output, record_settings, shared_inputs
+    from rhocli.core.recipe import start_recipe
 
     quiet_megatron()
-    inputs = shared_inputs(args.shared)
-    out = args.output
-    prepare_output(out, ("data", "tokens", "runs", "scores"), force=args.force, reuse=args.reuse)
-    record_settings(out, {k: getattr(args, k) for k in ("reference_docs", "heldout_docs", "math_docs", "noise_docs",
-                                                         "general_share", "base_steps", "reference_steps")},
-                    reuse=args.reuse)
+    recipe = start_recipe(args, subdirs=("data", "tokens", "runs", "scores"),
+                          settings=("reference_docs", "heldout_docs", "math_docs", "noise_docs", "general_share",
+                                    "base_steps", "reference_steps"),
+                          invoke=run_rho, log=lambda line: print(line, flush=True))
+    inputs, out = recipe.inputs, recipe.out
     seeds = [int(s) for s in args.seeds.split(",")]
-    runner = StageRunner(run_rho, reuse=args.reuse, log=lambda line: print(line, flush=True))
-    stage, timings = runner.stage, runner.timings
+    stage, timings = recipe.runner.stage, recipe.runner.timings
     t_all = time.perf_counter()
 
     # ---- 1. data

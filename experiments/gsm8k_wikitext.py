@@ -37,9 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
+    from rhocli.core.recipe import add_recipe_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="dir with data/ and tokenizers/")
-    ap.add_argument("--output", type=Path, default=Path("experiment-gsm8k"))
+    add_recipe_arguments(ap, shared=ROOT.parent / "shared", output=Path("experiment-gsm8k"))
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "experiment-gsm8k.yaml")
     ap.add_argument("--ratios", default="0.4,0.5,0.6,0.7,0.8,1.0")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps for the corpus runs")
@@ -55,10 +56,6 @@ def main() -> int:
                     help="SLM ratios to train on the packed filtered corpus (filter, then select tokens); empty: skip")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep what an earlier run in --output finished (token datasets, score stores, runs that "
-                         "reached their last step) and run only the rest; the data split is deterministic")
     args = ap.parse_args()
 
     import numpy as np
@@ -71,20 +68,18 @@ def main() -> int:
     from rhocli.core.formats.metrics import read_metrics, steps_to_reach
     from rhocli.core.megatron_io import quiet_megatron
     from rhocli.core.plots import bar_chart, line_chart
-    from rhocli.core.recipe import StageRunner, prepare_output, record_settings, shared_inputs
+    from rhocli.core.recipe import start_recipe
 
     quiet_megatron()
-    inputs = shared_inputs(args.shared)
-    out = args.output
-    prepare_output(out, ("data", "tokens", "runs", "scores", "select"), force=args.force, reuse=args.reuse)
-    record_settings(out, {k: getattr(args, k) for k in ("reference_docs", "heldout_docs", "math_docs", "reference_steps")},
-                    reuse=args.reuse)
+    recipe = start_recipe(args, subdirs=("data", "tokens", "runs", "scores", "select"),
+                          settings=("reference_docs", "heldout_docs", "math_docs", "reference_steps"),
+                          invoke=run_rho, log=lambda line: print(line, flush=True))
+    inputs, out = recipe.inputs, recipe.out
     ratios = [float(r) for r in args.ratios.split(",")]
     layout = (["--tp", str(args.tp)] if args.tp > 1 else []) + (["--pp", str(args.pp)] if args.pp > 1 else [])
     config = yaml.safe_load(args.config.read_text())
     steps = args.steps or config["train"]["steps"]
-    runner = StageRunner(run_rho, reuse=args.reuse, log=lambda line: print(line, flush=True))
-    stage, timings = runner.stage, runner.timings
+    stage, timings = recipe.runner.stage, recipe.runner.timings
     t_all = time.perf_counter()
 
     # ---- 1. data

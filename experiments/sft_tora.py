@@ -34,9 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main() -> int:
+    from rhocli.core.recipe import add_recipe_arguments
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared", help="dir with data/ and tokenizers/")
-    ap.add_argument("--output", type=Path, default=Path("exp-sft"))
+    add_recipe_arguments(ap, shared=ROOT.parent / "shared", output=Path("exp-sft"))
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "experiment-gsm8k.yaml")
     ap.add_argument("--init", default=None, help="start the SFT from this model instead of training a base")
     ap.add_argument("--base-steps", type=int, default=400)
@@ -46,8 +47,6 @@ def main() -> int:
     ap.add_argument("--seq-length", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-new-tokens", type=int, default=320)
-    ap.add_argument("--force", action="store_true")
-    ap.add_argument("--reuse", action="store_true", help="keep finished stages of an earlier run in --output")
     args = ap.parse_args()
 
     from rhocli.app import invoke as run_rho
@@ -55,16 +54,14 @@ def main() -> int:
     from rhocli.core.formats.eval_outputs import METRICS_NAME, OUTPUTS_NAME, read_json, read_outputs
     from rhocli.core.formats.metrics import read_metrics
     from rhocli.core.megatron_io import quiet_megatron
-    from rhocli.core.recipe import StageRunner, prepare_output, record_settings, shared_inputs
+    from rhocli.core.recipe import start_recipe
 
     quiet_megatron()
-    inputs = shared_inputs(args.shared)
-    out = args.output
-    prepare_output(out, ("data", "tokens", "runs", "eval"), force=args.force, reuse=args.reuse)
-    record_settings(out, {k: getattr(args, k) for k in ("init", "base_steps", "sft_docs", "heldout_docs", "seq_length")},
-                    reuse=args.reuse)
-    runner = StageRunner(run_rho, reuse=args.reuse, log=lambda line: print(line, flush=True))
-    stage = runner.stage
+    recipe = start_recipe(args, subdirs=("data", "tokens", "runs", "eval"),
+                          settings=("init", "base_steps", "sft_docs", "heldout_docs", "seq_length"),
+                          invoke=run_rho, log=lambda line: print(line, flush=True))
+    inputs, out = recipe.inputs, recipe.out
+    stage = recipe.runner.stage
     t_all = time.perf_counter()
 
     # ---- 1. data
@@ -118,7 +115,7 @@ def main() -> int:
                       "ran_a_program": sum(1 for o in outputs if "```output" in "".join(o.get("code") or [])),
                       "metrics": m}
     results = {"sft_examples": len(sft), "heldout_problems": len(heldout), "sft_steps": sft_steps,
-               "heldout_response_loss": metrics["valid"], "eval": rows, "seconds": runner.timings,
+               "heldout_response_loss": metrics["valid"], "eval": rows, "seconds": recipe.runner.timings,
                "total_seconds": time.perf_counter() - t_all}
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     lines = [f"SFT: {len(sft)} examples, {sft_steps} steps; held-out response loss "

@@ -116,3 +116,37 @@ def test_bench_sees_four_times_the_work(capsys):
     pct = float(text.split("B / A step time: ")[1].split(" %")[0])
     assert pct > 0, text
     assert "2 rounds x 3 steps, taking turns step by step" in text
+
+
+def test_the_step_gate_takes_turns_and_a_gated_rank_stops_when_the_bench_is_gone(tmp_path):
+    """The gate's protocol through real FIFOs: a gated rank reports ready, waits for its turn, reports
+    each step; when the bench closes its ends (it ended), the rank's next wait is a one-line
+    WorkerError, not a hang or an internal error."""
+    import threading
+
+    from rhocli.core.errors import WorkerError
+    from rhocli.train.step_gate import GateKeeper, RankGate, make_gate
+
+    gate = make_gate(tmp_path / "gate")
+    keeper = GateKeeper([gate], [lambda: True])
+    rank = RankGate(gate, last_step=3)
+    events, outcome = [], []
+
+    def trainer():  # what the Trainer does: "start", then a "step" event after each step
+        on_event = rank.wrap(lambda kind, payload: events.append(kind))
+        try:
+            on_event("start", None)
+            for step in (1, 2, 3):
+                on_event("step", {"step": step})
+        except WorkerError as err:
+            outcome.append(err)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    keeper.wait_ready()
+    keeper.step(0)
+    assert events == ["start", "step"]  # one turn, one step
+    keeper.close()  # the bench is gone: the rank waiting for its second turn stops
+    thread.join(timeout=10)
+    assert not thread.is_alive() and events == ["start", "step"]
+    assert len(outcome) == 1 and "step gate closed" in str(outcome[0])

@@ -13,7 +13,8 @@ import pytest
 
 from rhocli.core.errors import EXIT_CODES, MismatchError, MissingInputError, OutputExistsError
 from rhocli.core.formats.checkpoint import CheckpointStore
-from rhocli.core.recipe import StageRunner, finished, prepare_output, record_settings, shared_inputs
+from rhocli.core.recipe import (StageRunner, add_recipe_arguments, finished, prepare_output, record_settings,
+                                shared_inputs, start_recipe)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,7 +98,33 @@ def test_output_and_settings_rules(tmp_path):
         shared_inputs(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("recipe", ["continual.py", "gsm8k_wikitext.py"])
+def test_start_recipe_checks_inputs_before_writing_and_refuses_a_reuse_with_other_data(tmp_path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_recipe_arguments(parser, shared=tmp_path / "shared", output=tmp_path / "out")
+    parser.add_argument("--docs", type=int, default=10)
+    start = dict(subdirs=("data", "runs"), settings=("docs",), invoke=lambda argv: None, log=lambda line: None)
+    with pytest.raises(MissingInputError, match="shared"):
+        start_recipe(parser.parse_args([]), **start)
+    assert not (tmp_path / "out").exists()
+    for path in ("data/gsm8k/train.jsonl", "data/wikitext-2/valid.txt", "data/wikitext-2/test.txt",
+                 "tokenizers/llama2/tokenizer.model"):
+        (tmp_path / "shared" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "shared" / path).write_text("x")
+    recipe = start_recipe(parser.parse_args([]), **start)
+    assert recipe.out == tmp_path / "out" and (recipe.out / "runs").is_dir() and not recipe.runner.reuse
+    assert recipe.inputs.tokenizer == tmp_path / "shared" / "tokenizers" / "llama2" / "tokenizer.model"
+    with pytest.raises(OutputExistsError):  # not empty: --force or --reuse
+        start_recipe(parser.parse_args([]), **start)
+    assert start_recipe(parser.parse_args(["--reuse"]), **start).runner.reuse
+    with pytest.raises(MismatchError):
+        start_recipe(parser.parse_args(["--reuse", "--docs", "20"]), **start)
+    start_recipe(parser.parse_args(["--force", "--docs", "20"]), **start)
+    assert json.loads((tmp_path / "out" / "data_settings.json").read_text()) == {"docs": 20}
+
+
+@pytest.mark.parametrize("recipe", ["continual.py", "gsm8k_wikitext.py", "sft_tora.py"])
 def test_recipe_reports_a_missing_input_in_one_line(tmp_path, recipe):
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / recipe), "--shared", str(tmp_path / "nowhere"),
                            "--output", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)

@@ -10,6 +10,7 @@ refuses a reuse made with others.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from dataclasses import dataclass, field
@@ -117,3 +118,35 @@ class StageRunner:
             self.invoke(argv + ([] if "--force" in argv else ["--force"]))
         self.timings[name] = time.perf_counter() - t0
         self.log(f"  {name}: {self.timings[name]:.0f} s")
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, *, shared: Path, output: Path) -> None:
+    """The options every recipe takes: where the inputs are, where its outputs go, and what to do
+    with an earlier run's outputs (--force replaces them, --reuse keeps its finished stages)."""
+    parser.add_argument("--shared", type=Path, default=shared, help="dir with data/ and tokenizers/")
+    parser.add_argument("--output", type=Path, default=output)
+    parser.add_argument("--force", action="store_true", help="replace what --output holds")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep what an earlier run in --output finished (token datasets, score stores, runs that "
+                             "reached their last step) and run only the rest; the data split is deterministic")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A started recipe: its inputs, its output directory and the runner of its stages."""
+
+    inputs: SharedInputs
+    out: Path
+    runner: StageRunner
+
+
+def start_recipe(args: argparse.Namespace, *, subdirs: Sequence[str], settings: Sequence[str],
+                 invoke: Callable[[list[str]], None], log: Callable[[str], None]) -> Recipe:
+    """The start every recipe makes, in this order (nothing is written before the inputs are
+    found): its inputs under --shared, its --output directory with ``subdirs``, the recorded values
+    of the options named in ``settings`` (those that decide the data and the models trained on it;
+    a --reuse with others is refused), and a stage runner over ``invoke``."""
+    inputs = shared_inputs(args.shared)
+    prepare_output(args.output, subdirs, force=args.force, reuse=args.reuse)
+    record_settings(args.output, {k: getattr(args, k) for k in settings}, reuse=args.reuse)
+    return Recipe(inputs, args.output, StageRunner(invoke, reuse=args.reuse, log=log))

@@ -18,9 +18,10 @@ EXPORT_NAME = ".rho-model"  # inside the output directory
 def model_identity(model: str) -> dict:
     """What names the model in ``settings.json`` (a resumed eval must use the same weights)."""
     from rhocli.core.formats.checkpoint import resolve_checkpoint
+    from rhocli.core.formats.hf import is_hf_model_dir
 
     path = Path(model)
-    if (path / "config.json").is_file():
+    if is_hf_model_dir(path):
         return {"model": str(path.resolve()), "model_format": "huggingface"}
     if not path.exists():
         raise MissingInputError(f"MODEL {model}: not found")

@@ -45,20 +45,19 @@ def resolve_model(model: str) -> ModelSource:
     """``--model``: a rho checkpoint (run or step directory) or a HF Llama/Mistral directory."""
     from parallel.hf import model_config_from_hf
     from rhocli.core.formats import checkpoint as ckpt
-    from rhocli.core.formats.hf import open_hf_dir
+    from rhocli.core.formats.hf import is_hf_model_dir, open_hf_dir
 
     mpath = Path(model)
-    try:
-        step_dir = ckpt.resolve_checkpoint(model, label="--model ")
-    except MissingInputError:
-        if not mpath.exists():
-            raise MissingInputError(f"--model {model}: not found") from None
-        if (mpath / ckpt.LATEST_NAME).is_file():  # a run directory whose latest step is incomplete
-            raise
-        if not (mpath / "config.json").is_file():
+    if not mpath.exists():
+        raise MissingInputError(f"--model {model}: not found")
+    if not is_hf_model_dir(mpath):
+        try:
+            step_dir = ckpt.resolve_checkpoint(model, label="--model ")
+        except MissingInputError:
+            if (mpath / ckpt.LATEST_NAME).is_file():  # a run directory whose latest step is incomplete
+                raise
             raise MissingInputError(f"--model {model}: neither a rho checkpoint (no {ckpt.MANIFEST_NAME} or "
                                     f"'{ckpt.LATEST_NAME}') nor a Hugging Face model directory (no config.json)") from None
-    else:
         manifest = ckpt.read_manifest(step_dir, label="--model ")
         return ModelSource("rho", step_dir, manifest, ckpt.checkpoint_fingerprint(step_dir))
 

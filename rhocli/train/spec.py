@@ -272,13 +272,11 @@ MODEL_DEFAULTS = {"qkv_bias": False, "tie_word_embeddings": False}
 def _hf_init(init: str):
     """The Hugging Face model directory ``--init`` names (config.json, no rho checkpoint), or None."""
     from parallel.hf import model_config_from_hf
-    from rhocli.core.formats import checkpoint as ckpt
-    from rhocli.core.formats.hf import open_hf_dir
+    from rhocli.core.formats.hf import is_hf_model_dir, open_hf_dir
 
-    path = Path(init)
-    if not (path / "config.json").is_file() or (path / ckpt.MANIFEST_NAME).is_file() or (path / ckpt.LATEST_NAME).is_file():
+    if not is_hf_model_dir(init):
         return None
-    return open_hf_dir(path, model_config_from_hf, label="--init ")
+    return open_hf_dir(init, model_config_from_hf, label="--init ")
 
 
 def _check_hf_init(hf, model_cfg, vocab: int, tokenizer_fp: str | None, config_path) -> None:

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from rhocli.core.errors import WorkerError
+
 #: names the gate directory of a benchmark's training run (rank 0 waits for its turns)
 GATE_ENV = "RHO_STEP_GATE"
 READY, STEPPED, GO = b"r", b"s", b"g"
@@ -60,8 +62,8 @@ class RankGate:
         os.write(self.done, byte)
 
     def _wait_turn(self) -> None:
-        if os.read(self.go, 1) != GO:
-            raise RuntimeError("step gate closed")
+        if os.read(self.go, 1) != GO:  # end of file: every writer closed it (the bench ended)
+            raise WorkerError("the rho bench train that gated this run ended (its step gate closed); the run stopped")
 
 
 def rank_gate(last_step: int) -> RankGate | None:
@@ -93,8 +95,8 @@ class GateKeeper:
             ready, _, _ = select.select([self.done[arm]], [], [], 1.0)
             if ready:
                 got = os.read(self.done[arm], 1)
-                if got != byte:
-                    raise RuntimeError(f"step gate: expected {byte!r}, got {got!r}")
+                if got != byte:  # rank 0 of that arm is out of step with the gate: its run is not to be timed
+                    raise WorkerError(f"arm {arm}'s step gate: expected {byte!r}, got {got!r}; the comparison stopped")
                 return
             if not self.alive[arm]():
                 raise ArmExited(arm)

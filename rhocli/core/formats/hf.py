@@ -27,6 +27,16 @@ MAX_SHARD_BYTES = 5 * 1024**3
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+def is_hf_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a Hugging Face model directory rather than a rho checkpoint: it has a
+    ``config.json`` and neither a rho step's manifest nor a run's ``latest`` (a rho directory wins
+    over a config.json beside it). The one rule ``--init``, ``--model`` and ``rho eval MODEL`` use."""
+    from rhocli.core.formats.checkpoint import LATEST_NAME, MANIFEST_NAME
+
+    path = Path(path)
+    return (path / "config.json").is_file() and not (path / MANIFEST_NAME).is_file() and not (path / LATEST_NAME).is_file()
+
+
 class HFReader:
     """Tensor-by-tensor access to a HF checkpoint: model.safetensors (sharded or not) or .bin."""
 
