@@ -118,6 +118,10 @@ class TrainConfig:
     """Validation token datasets (PREFIX or PREFIX:WEIGHT), e.g. held-out clean text (Megatron's
     --valid-data-path). Empty: validate on the ``split`` share of ``data``; set: ``data`` is used
     whole for training and ``split`` is ignored."""
+    eval_masks: tuple[str, ...] = ()
+    """Static token masks for the ``eval_data`` prefixes, in the same order (e.g. PREFIX.mask from
+    rho tokenize --response-key): validation counts only their kept tokens, as training does with
+    ``masks``. Empty: every token of ``eval_data``."""
     save_interval: int = 0
     """Checkpoint every N steps (0: only at the end)."""
     checkpoint: bool = True

@@ -50,6 +50,8 @@ class DataSpec:
     #: validation datasets of their own (``eval_data``); empty: the ``split`` of ``prefixes``
     eval_prefixes: tuple[str, ...] = ()
     eval_weights: tuple[float, ...] | None = None
+    #: static mask stores aligned with ``eval_prefixes``; empty: every token validated
+    eval_masks: tuple[str, ...] = ()
     #: packed documents do not see each other: megatron's reset_attention_mask (each sample gets an
     #: attention mask [1, s, s], True = hidden, cut after every EOD) and reset_position_ids
     separate_documents: bool = False
@@ -232,7 +234,8 @@ def build_datasets(spec: DataSpec, train_samples: int, valid_samples: int):
         create_attention_mask=spec.separate_documents,
         mmap_bin_files=True,
         score_prefixes=dict(zip(spec.prefixes, spec.scores)),
-        mask_prefixes=dict(zip(spec.prefixes, spec.masks)),
+        # a dataset's mask, by the dataset's path: validation datasets get theirs the same way
+        mask_prefixes={**dict(zip(spec.prefixes, spec.masks)), **dict(zip(spec.eval_prefixes, spec.eval_masks))},
         entropy_prefixes=dict(zip(spec.prefixes, spec.entropies)),
         whole_documents=spec.whole_documents,
     )

@@ -79,6 +79,8 @@ class RunSpec:
     masks: tuple[DatasetRef, ...] = ()
     #: validation datasets of their own (``TrainConfig.eval_data``), or empty: the split of ``datasets``
     eval_datasets: tuple[DatasetRef, ...] = ()
+    #: static masks of ``eval_datasets`` (``TrainConfig.eval_masks``), same order; empty: every token
+    eval_masks: tuple[DatasetRef, ...] = ()
     #: the step directory ``TrainConfig.init`` names (weights only), resolved by the caller; or a
     #: Hugging Face model directory when ``init_format`` is "huggingface"
     init_checkpoint: str | None = None
@@ -309,6 +311,7 @@ class Trainer:
             entropies=tuple(e.prefix for e in self.spec.entropies),
             eval_prefixes=tuple(d.prefix for d in self.spec.eval_datasets),
             eval_weights=_weights(self.spec.eval_datasets),
+            eval_masks=tuple(m.prefix for m in self.spec.eval_masks),
             separate_documents=cfg.separate_documents,
             whole_documents=cfg.pack == "whole",
         )

@@ -241,3 +241,18 @@ def test_bad_input_is_one_line(tmp_path, gsm8k_model, llama_tp2pp2, capsys):
     for name in ("o1", "o2", "o3", "o5", "o6"):
         assert not (tmp_path / name).exists()
     assert not (tmp_path / "o4" / "outputs.jsonl").exists() and not (tmp_path / "o4" / ".rho-model").exists()
+
+
+def test_a_row_padded_with_eos_after_a_stop_string_ends_at_the_stop():
+    """Batched generation pads a row that stopped at a stop string; with EOS as the padding id the
+    first padding token looks generated. The row ends where its text first holds the stop string;
+    a real EOS (no stop string before it) and rows without EOS padding are kept as they are."""
+    from rhocli.eval.generation import _until_end
+
+    words = {1: "x = 2", 2: "\n", 3: "```output", 4: " more", 0: ""}  # 0: EOS
+    decode = lambda ids: "".join(words[i] for i in ids if i != 0)
+    stop = ("```output",)
+    assert _until_end([1, 2, 3, 0, 0, 0], 0, 0, stop, decode) == [1, 2, 3]  # stopped at the stop string
+    assert _until_end([1, 2, 0, 0, 0], 0, 0, stop, decode) == [1, 2, 0]  # the model's own EOS
+    assert _until_end([1, 2, 4, 4], 0, 0, stop, decode) == [1, 2, 4, 4]  # ran to max_new_tokens
+    assert _until_end([1, 2, 3, 9, 9], 0, 9, stop, decode) == [1, 2, 3]  # a pad token of its own

@@ -24,31 +24,36 @@ SEQ = 128
 @pytest.fixture(scope="module")
 def sft(tmp_path_factory, gsm8k, llama2_sp):
     d = tmp_path_factory.mktemp("sft")
-    records = [r for r in (gsm8k_tora(x) for x in read_jsonl(gsm8k)[:60]) if r][:48]
-    write_jsonl(d / "tora.jsonl", records)
-    rho("tokenize", d / "tora.jsonl", "-t", llama2_sp, "-o", d / "tora", "-w", "1", "--prompt-key", "question",
-        "--response-key", "solution", "--chat-template", "tora", "--mask-spans", "output", "-q")
+    problems = [r for r in (gsm8k_tora(x) for x in read_jsonl(gsm8k)[:90]) if r]
+    records = problems[:48]
+    for name, part in (("tora", records), ("heldout", problems[48:])):  # heldout: validation data of its own
+        write_jsonl(d / f"{name}.jsonl", part)
+        rho("tokenize", d / f"{name}.jsonl", "-t", llama2_sp, "-o", d / name, "-w", "1", "--prompt-key", "question",
+            "--response-key", "solution", "--chat-template", "tora", "--mask-spans", "output", "-q")
     config = write_tiny_config(d)
     rho("train", config, "--data", d / "tora", "--save", d / "base", "--steps", 2, "--seq-length", SEQ, "-q")
     rho("convert-hf", d / "base", d / "hf", "--dtype", "fp32")
     return d, config, records
 
 
-def training_samples(d, pg_dir, separate: bool, whole: bool = False, samples: int = 8, seq: int = SEQ):
+def training_samples(d, pg_dir, separate: bool, whole: bool = False, samples: int = 8, seq: int = SEQ,
+                     heldout: bool = False):
     """The first ``samples`` training samples as a 2-step run reads them (GPTDataset's indices, the
-    run's data spec); the first 8 are step 1's global batch."""
+    run's data spec); the first 8 are step 1's global batch. ``heldout``: the validation samples of a
+    run with ``--eval-data heldout --eval-mask heldout.mask`` instead."""
     import torch.distributed as dist
 
     from parallel.data import DataSpec, TokenIds, build_datasets
 
+    evals = dict(eval_prefixes=(str(d / "heldout"),), eval_masks=(str(d / "heldout.mask"),)) if heldout else {}
     spec = DataSpec(prefixes=(str(d / "tora"),), weights=None, seq_length=seq, seed=1234, split="90,10,0",
                     token_ids=TokenIds(vocab_size=32000, eod=2), cache_dir=None, masks=(str(d / "tora.mask"),),
-                    separate_documents=separate, whole_documents=whole)
+                    separate_documents=separate, whole_documents=whole, **evals)
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"file://{pg_dir / 'pg'}", rank=0, world_size=1)
     try:
-        train, _ = build_datasets(spec, max(2 * 8, samples), 2 * 8)
-        return [train[i] for i in range(samples)]
+        train, valid = build_datasets(spec, max(2 * 8, samples), 2 * 8)
+        return [(valid if heldout else train)[i] for i in range(samples)]
     finally:
         dist.destroy_process_group()
 
@@ -110,6 +115,35 @@ def test_masked_loss_is_the_hand_loss_packed_apart_and_together(sft, tmp_path, l
             assert "```output\n" not in sp.decode(ids) or sp.decode(ids).endswith("```output")
             runs += 1
     assert runs >= 8
+
+
+def test_eval_mask_validates_on_the_heldout_responses(sft, tmp_path, capsys):
+    """--eval-data with --eval-mask: the validation loss is the hand loss of the held-out samples over
+    their response tokens (an untrained run, --lr 0, so the exported model is the one validated); a
+    mask for other tokens, or one without --eval-data, is one line."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rho_cli import run_rho
+    from train_utils import valid_losses
+
+    d, config, _ = sft
+    common = ("--data", d / "tora", "--mask", d / "tora.mask", "--init", d / "base", "--seq-length", SEQ,
+              "--separate-documents", "-q")
+    rho("train", config, *common, "--steps", 1, "--lr", 0, "--set", "train.min_lr=0", "--eval-interval", 1,
+        "--eval-data", d / "heldout", "--eval-mask", d / "heldout.mask", "--save", tmp_path / "run")
+    hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), dtype="float32").eval()
+    samples = training_samples(d, tmp_path, True, samples=2 * 8, heldout=True)  # eval_iters 2 x 8 sequences
+    want = hand_loss(hf, samples, True)
+    every = hand_loss(hf, [{**s, "loss_mask": torch.ones_like(s["loss_mask"])} for s in samples], True)
+    assert valid_losses(tmp_path / "run")[0] == pytest.approx(want, abs=1e-6) and abs(want - every) > 1e-3
+
+    bad = run_rho(capsys, "train", config, *common, "--steps", 1, "--eval-data", d / "heldout",
+                  "--eval-mask", d / "tora.mask", "--save", tmp_path / "bad")
+    assert bad.exit_code == 6 and "--eval-mask" in bad.stderr and "--eval-data" in bad.stderr, bad.stderr
+    alone = run_rho(capsys, "train", config, *common, "--steps", 1, "--eval-mask", d / "heldout.mask",
+                    "--save", tmp_path / "bad")
+    assert alone.exit_code == 2 and "--eval-mask needs --eval-data" in alone.stderr, alone.stderr
 
 
 def test_epochs_set_the_steps(sft, tmp_path, capsys):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Callable
 
 from rhocli.core.errors import LoadError, NotAvailableError, UsageError
 from rhocli.core.formats.hf import DTYPE_NAMES
@@ -97,18 +98,34 @@ class TransformersGenerator:
                 )
             new = out[:, enc["input_ids"].shape[1]:]  # new: [batch, generated] (right-padded after a stop)
             for row, i in enumerate(batch):
-                tokens = _until_end(new[row].tolist(), self.model.generation_config.eos_token_id, self.tokenizer.pad_token_id)
+                tokens = _until_end(new[row].tolist(), self.model.generation_config.eos_token_id, self.tokenizer.pad_token_id,
+                                    stop, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 results[i] = Completion(cut_at_stop(text, stop), tokens)
         return [results[i] for i in range(len(prompts))]
 
 
-def _until_end(tokens: list[int], eos, pad: int | None) -> list[int]:
-    """The generated ids up to and including the end-of-sequence token (what follows is padding)."""
+def _until_end(tokens: list[int], eos, pad: int | None, stop: tuple[str, ...] = (),
+               decode: Callable[[list[int]], str] | None = None) -> list[int]:
+    """The generated ids up to and including the end-of-sequence token (what follows is padding).
+
+    A row that stopped at a stop string is padded to the batch's length. When the padding id is an
+    end-of-sequence id (a tokenizer without a pad token pads with EOS), its first padding token looks
+    like a generated EOS: the row then ends at the shortest prefix whose text holds a stop string
+    (where transformers' stopping criterion ended it), found by bisection over ``decode``."""
     ends = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-    for i, t in enumerate(tokens):
-        if t in ends:
-            return tokens[: i + 1]
+    first_end = next((i for i, t in enumerate(tokens) if t in ends), None)
+    if pad in ends and stop and decode is not None:
+        candidate = tokens if first_end is None else tokens[:first_end]
+        holds_stop = lambda n: any(s in decode(candidate[:n]) for s in stop)
+        if candidate and holds_stop(len(candidate)):
+            lo, hi = 1, len(candidate)  # the shortest n with a stop string in the first n tokens' text
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if holds_stop(mid) else (mid + 1, hi)
+            return candidate[:lo]
+    if first_end is not None:
+        return tokens[: first_end + 1]
     # no EOS: a row that stopped at a stop string early is padded to the batch's length
     while tokens and pad is not None and pad not in ends and tokens[-1] == pad:
         tokens = tokens[:-1]

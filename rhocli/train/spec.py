@@ -216,8 +216,10 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
             _same_optimizer(manifest, cfg, dp, step_dir)
 
     scores, entropies = _check_scores(cfg, refs)
-    masks = _check_masks(cfg, refs)
+    masks = _check_masks(cfg.masks, refs, "--mask", "--data")
     eval_refs = _check_eval_data(cfg, tokenizer_fp, refs[0].prefix)
+    eval_masks = _check_masks(cfg.eval_masks, eval_refs, "--eval-mask", "--eval-data")
+    _one_mask_per_dataset(refs, masks, eval_refs, eval_masks)
 
     snapshot = {"model": config_to_dict(model_cfg), "train": config_to_dict(cfg)}
     spec = RunSpec(
@@ -233,6 +235,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         entropies=entropies,
         masks=masks,
         eval_datasets=eval_refs,
+        eval_masks=eval_masks,
         init_checkpoint=str(init_dir) if init_dir is not None else None,
         init_format=init_format,
         bos_id=bos,
@@ -312,26 +315,40 @@ def _check_eval_data(cfg, tokenizer_fp, first_prefix):
     return tuple(out)
 
 
-def _check_masks(cfg, refs):
-    """Static masks (rho select): one per --data prefix, made for exactly its tokens."""
+def _check_masks(masks, refs, flag: str, data_flag: str):
+    """Static masks (rho select, rho tokenize --response-key): one per ``data_flag`` prefix, made for
+    exactly its tokens (``--mask`` for --data, ``--eval-mask`` for --eval-data)."""
     from parallel.trainer import DatasetRef
     from rhocli.core.formats.masks import read_mask_manifest
 
-    if not cfg.masks:
+    if not masks:
         return ()
-    if len(cfg.masks) != len(refs):
-        raise UsageError(f"--mask: give one mask store per --data prefix ({len(refs)}), in the same order")
+    if not refs:
+        raise UsageError(f"{flag} needs {data_flag} (one mask store per {data_flag} prefix)")
+    if len(masks) != len(refs):
+        raise UsageError(f"{flag}: give one mask store per {data_flag} prefix ({len(refs)}), in the same order")
     out = []
-    for prefix, ref in zip(cfg.masks, refs):
-        manifest = read_mask_manifest(prefix, label="--mask ")
+    for prefix, ref in zip(masks, refs):
+        manifest = read_mask_manifest(prefix, label=f"{flag} ")
         if manifest.get("kept") == 0:
-            raise UsageError(f"--mask {prefix}: keeps no token (kept 0 of {manifest.get('tokens')}); nothing to train on")
+            raise UsageError(f"{flag} {prefix}: keeps no token (kept 0 of {manifest.get('tokens')}); nothing to learn from")
         made_for = (manifest.get("token_dataset") or {}).get("fingerprint")
         if made_for != ref.fingerprint:
-            raise MismatchError(f"--mask {prefix}: masks token dataset {made_for}, not --data {ref.prefix} ({ref.fingerprint})")
-        _same_documents(prefix, ref.prefix, "--mask")
+            raise MismatchError(f"{flag} {prefix}: masks token dataset {made_for}, not {data_flag} {ref.prefix} ({ref.fingerprint})")
+        _same_documents(prefix, ref.prefix, flag, data_flag)
         out.append(DatasetRef(prefix=str(prefix), weight=None, fingerprint=manifest.get("fingerprint", "")))
     return tuple(out)
+
+
+def _one_mask_per_dataset(refs, masks, eval_refs, eval_masks) -> None:
+    """A dataset named by both --data and --eval-data is read with one mask (megatron's datasets are
+    keyed by their path): the two flags must agree on it."""
+    train = {r.prefix: (m.prefix if m else None) for r, m in zip(refs, masks or [None] * len(refs))}
+    for ref, mask in zip(eval_refs, eval_masks or [None] * len(eval_refs)):
+        mine = mask.prefix if mask else None
+        if ref.prefix in train and train[ref.prefix] != mine:
+            raise UsageError(f"--eval-data {ref.prefix} is also --data, with mask {train[ref.prefix]} there and {mine} "
+                             "here: give it the same mask in both (--mask, --eval-mask)")
 
 
 def _check_scores(cfg, refs):
@@ -385,7 +402,7 @@ def _aligned_scores(prefix, ref, flag: str):
 #: reshard; ``init`` only acts at step 0). Every other option is the run's, and a resume keeps it.
 RESUME_MAY_CHANGE = frozenset({"steps", "stop_after", "save_interval", "eval_interval", "log_interval", "checkpoint",
                                "tp", "pp", "dp", "cp", "init", "resume", "save", "data_cache", "data", "eval_data",
-                               "scores", "masks",
+                               "eval_masks", "scores", "masks",
                                # memory/speed features: the same math, so a resume may switch them
                                "recompute", "recompute_method", "recompute_num_layers", "recompute_modules",
                                "sequence_parallel", "virtual_pp", "overlap_grad_reduce", "overlap_param_gather",
@@ -488,14 +505,14 @@ def _store_fingerprint(prefix: str) -> str | None:
     return read_scores_manifest(prefix, label="--scores ").get("fingerprint")
 
 
-def _same_documents(store: str, tokens: str, flag: str) -> None:
+def _same_documents(store: str, tokens: str, flag: str, data_flag: str = "--data") -> None:
     """A score or mask store has one value per token of its token dataset, document by document
     (megatron's sample indices read both with the same offsets)."""
     from rhocli.core.formats.indexed import read_index
 
     mine, theirs = read_index(store).document_lengths, read_index(tokens).document_lengths
     if mine.shape != theirs.shape or not (mine == theirs).all():
-        raise MismatchError(f"{flag} {store}: {mine.size:,} documents of {int(mine.sum()):,} values, but --data {tokens} "
+        raise MismatchError(f"{flag} {store}: {mine.size:,} documents of {int(mine.sum()):,} values, but {data_flag} {tokens} "
                             f"has {theirs.size:,} documents of {int(theirs.sum()):,} tokens; it belongs to other tokens")
 
 
@@ -512,6 +529,7 @@ def spec_from_dict(d: dict[str, Any]):
     train["scores"] = tuple(train.get("scores") or ())
     train["masks"] = tuple(train.get("masks") or ())
     train["eval_data"] = tuple(train.get("eval_data") or ())
+    train["eval_masks"] = tuple(train.get("eval_masks") or ())
     return RunSpec(
         model=ModelConfig(**d["model"]),
         train=TrainConfig(**train),
@@ -525,6 +543,7 @@ def spec_from_dict(d: dict[str, Any]):
         entropies=tuple(DatasetRef(**r) for r in d.get("entropies") or ()),
         masks=tuple(DatasetRef(**r) for r in d.get("masks") or ()),
         eval_datasets=tuple(DatasetRef(**r) for r in d.get("eval_datasets") or ()),
+        eval_masks=tuple(DatasetRef(**r) for r in d.get("eval_masks") or ()),
         init_checkpoint=d.get("init_checkpoint"),
         init_format=d.get("init_format", "rho"),
         bos_id=d.get("bos_id"),
