@@ -107,19 +107,33 @@ def _load(name: str, **kwargs) -> object:
         return load(name=name, build_directory=str(build_dir), verbose=False, **kwargs)
 
 
+class RegisteredOps:
+    """A kernel library registered as torch operators (``TORCH_LIBRARY(namespace, ...)``): its
+    functions are ``torch.ops.<namespace>.<name>``; ``__file__`` is the shared library loaded."""
+
+    def __init__(self, path: str, namespace: str):
+        self.__file__ = path
+        self._ops = getattr(torch.ops, namespace)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ops, name)
+
+
 def _compile(name: str) -> object:
     if name == "cpu":
         if not (shutil.which("c++") or shutil.which("g++")):
             raise RuntimeError("no C++ compiler (c++/g++) on PATH")
         logger.info("rho: building or loading the CPU selective-loss kernel (cached after the first build)")
-        return _load(
+        path = _load(
             "rho_selective_loss_cpu",
             sources=[str(CSRC / "selective_loss_cpu.cpp")],
             # -fopenmp: at::parallel_for is an inline OpenMP loop, serial without it;
             # -march=native: the build is per machine (JIT cache), so use its widest vectors.
             extra_cflags=["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"],
             extra_ldflags=["-fopenmp"],
+            is_python_module=False,  # a plain library that registers torch.ops.rho_cpu (the .cpp says why)
         )
+        return RegisteredOps(path, "rho_cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("CUDA is not available")
     if not shutil.which("nvcc") and not os.environ.get("CUDA_HOME"):

@@ -12,8 +12,16 @@
 // without -ffast-math): Cody-Waite range reduction, degree-6 polynomial, 2^n by exponent bits;
 // relative error < 2e-7 over the range softmax needs (x <= 0). All accumulation is in fp32.
 
-#include <torch/extension.h>
+// Only ATen and the op registry: registered as torch operators (torch.ops.rho_cpu.*), not a pybind11
+// module, so the build skips torch/extension.h (its headers are ~25 s of the ~30 s a build took; now
+// ~8 s on 2 cores: the first rho run on a machine, and every CI clone, waits that long).
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -223,9 +231,9 @@ at::Tensor topk_mask(const at::Tensor& excess_in, const at::Tensor& candidate_in
   return kept;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "rho fused selective-loss building blocks (CPU)";
-  m.def("row_stats", &row_stats, "per-row local logsumexp and target logit: one read of the logits");
-  m.def("grad_logits", &grad_logits, "(softmax - onehot) * grad_loss, optionally in place");
-  m.def("topk_mask", &topk_mask, "per-segment top-k by excess with deterministic ties");
+// schemas inferred from the C++ signatures; torch.ops.rho_cpu.<name>(...) from Python
+TORCH_LIBRARY(rho_cpu, m) {
+  m.def("row_stats", &row_stats);      // per-row local logsumexp and target logit: one read of the logits
+  m.def("grad_logits", &grad_logits);  // (softmax - onehot) * grad_loss, optionally in place
+  m.def("topk_mask", &topk_mask);      // per-segment top-k by excess with deterministic ties
 }
