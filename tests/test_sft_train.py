@@ -4,7 +4,8 @@ Ground truth: the first step's loss is recomputed by hand with transformers' own
 checkpoint exported by rho convert-hf) and PyTorch's cross-entropy, on the first global batch's
 samples (megatron's GPTDataset, as training reads them), over the tokens the mask keeps. With
 --separate-documents every packed example is run through the HF model on its own (unpacked, from
-position 0), and that differs from running the packed sequences whole. The kept labels are checked to be response
+position 0), and that differs from running the packed sequences whole; the stream-packed run is
+TP2PP2 (each pipeline stage reads the document mask), the whole-packed one TP1PP1. The kept labels are checked to be response
 text, decoded and found in the examples by the test."""
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def test_masked_loss_is_the_hand_loss_packed_apart_and_together(sft, tmp_path, l
     d, config, records = sft
     common = ("--data", d / "tora", "--mask", d / "tora.mask", "--init", d / "base", "--steps", 2,
               "--seq-length", SEQ, "-q")
-    rho("train", config, *common, "--save", tmp_path / "apart", "--separate-documents")
+    # at TP2PP2: every pipeline stage must read the document mask (its own layers' attention)
+    rho("train", config, *common, "--save", tmp_path / "apart", "--separate-documents", "--tp", 2, "--pp", 2)
     rho("train", config, *common, "--save", tmp_path / "whole", "--separate-documents", "--pack", "whole")
     hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), dtype="float32").eval()
     apart, together = training_samples(d, tmp_path, True), training_samples(d, tmp_path, False)
@@ -129,7 +131,7 @@ def test_eval_mask_validates_on_the_heldout_responses(sft, tmp_path, capsys):
 
     d, config, _ = sft
     common = ("--data", d / "tora", "--mask", d / "tora.mask", "--init", d / "base", "--seq-length", SEQ,
-              "--separate-documents", "-q")
+              "--separate-documents", "--set", "train.warmup_steps=0", "-q")
     rho("train", config, *common, "--steps", 1, "--lr", 0, "--set", "train.min_lr=0", "--eval-interval", 1,
         "--eval-data", d / "heldout", "--eval-mask", d / "heldout.mask", "--save", tmp_path / "run")
     hf = AutoModelForCausalLM.from_pretrained(str(d / "hf"), dtype="float32").eval()

@@ -62,24 +62,6 @@ def test_layouts_match_tp1pp1(tmp_path, tiny_data, init_ckpt, reference_run, lay
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
 
 
-def test_separate_documents_at_tp2pp2_match_tp1pp1(tmp_path, tiny_data, init_ckpt, reference_run):
-    """--separate-documents under TP2PP2: every pipeline stage reads the batch's document mask (each
-    its own layers' attention), so the losses, gradient norms and weights equal a TP1PP1 run with the
-    flag within 1e-5, and differ from the packed run without it (the mask is in effect)."""
-    config, init = init_ckpt
-    runs = {}
-    for name, layout in (("tp1", ()), ("tp2pp2", ("--tp", 2, "--pp", 2))):
-        runs[name] = tmp_path / name
-        rho("train", config, "--data", tiny_data, "--save", runs[name], "--init", init, "--separate-documents",
-            *layout, "-q", timeout=600)
-    expected, got = losses(runs["tp1"]), losses(runs["tp2pp2"])
-    assert sorted(got) == [1, 2, 3] and got == pytest.approx(expected, abs=1e-5)
-    assert grad_norms(runs["tp2pp2"]) == pytest.approx(grad_norms(runs["tp1"]), abs=1e-5)
-    assert abs(expected[1] - losses(reference_run)[1]) > 1e-4  # the same first batch, packed: another loss
-    a, b = model_tensors(runs["tp1"] / "step_000003"), model_tensors(runs["tp2pp2"] / "step_000003")
-    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
-
-
 def test_exact_resume_is_bit_identical(tmp_path, tiny_data, init_ckpt):
     """Adam, 4 steps straight == 2 steps + --resume + 2 steps: same losses and parameters, bit for bit;
     the split run saves asynchronously (megatron-core's forked writer), the straight one does not."""
