@@ -5,8 +5,9 @@ lazily, and ``rho tokenize`` does it on a background thread while the workers al
 Its "Transformer Engine and Apex are not installed" warnings are expected on CPU and silenced.
 
 Every rho process imports megatron-core through ``import_megatron`` (the train and score ranks and
-specs before they import the engine, the dataset readers here): quietly, and with ``torch.compile``
-deferred to each decorated helper's first call (``lazy_torch_compile``).
+specs before they import the engine, the dataset readers here): quietly, with ``torch.compile``
+deferred to each decorated helper's first call (``lazy_torch_compile``), and without the wandb
+import megatron-core attempts for logging rho does not use (``without_wandb``).
 """
 
 from __future__ import annotations
@@ -75,15 +76,37 @@ def lazy_torch_compile():
         torch.compile = real
 
 
+@contextlib.contextmanager
+def without_wandb():
+    """Import megatron-core without letting it import wandb (when nothing has yet).
+
+    megatron-core's timers and inference context try ``import wandb`` at import time for their own
+    logging, which rho never hands them (rho's W&B sink imports wandb itself, when asked for). With
+    wandb installed (an extra) that import is ~0.45 s of every rank's start-up on the 2-core VM. For
+    the import's duration ``sys.modules["wandb"]`` is None, so their ``try: import wandb`` takes its
+    ImportError branch; afterwards the entry is removed and wandb imports normally."""
+    import sys
+
+    if "wandb" in sys.modules:  # already imported (or blocked): leave it as it is
+        yield
+        return
+    sys.modules["wandb"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("wandb", 0) is None:
+            del sys.modules["wandb"]
+
+
 def import_megatron() -> ModuleType:
-    """``megatron.core``, imported quietly with ``torch.compile`` deferred (once per process; a later
-    call returns the module)."""
+    """``megatron.core``, imported quietly with ``torch.compile`` deferred and without wandb (once
+    per process; a later call returns the module)."""
     with _lock:
         quiet_megatron()
         import sys
 
         if "megatron.core" not in sys.modules:
-            with lazy_torch_compile():  # the packages whose modules decorate helpers at import
+            with lazy_torch_compile(), without_wandb():  # the packages whose modules decorate helpers at import
                 import megatron.core  # noqa: F401
                 import megatron.core.models.gpt  # noqa: F401
                 import megatron.core.optimizer  # noqa: F401
