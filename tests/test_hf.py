@@ -5,7 +5,6 @@ cross-entropy on the same windows, at TP1PP1 and TP2PP2."""
 
 from __future__ import annotations
 
-import shutil
 
 import numpy as np
 import pytest
@@ -288,9 +287,8 @@ def test_broken_hf_directories_are_one_line(tmp_path, hf_tokenizer_dir):
 def test_train_init_from_a_hf_directory_equals_init_from_its_conversion(tmp_path, hf_tokenizer_dir, tiny_data, capsys):
     """``rho train --init HF_DIR`` (each rank reading its own shards) trains as the run
     started from ``rho convert-hf --from-hf`` of the same directory does at TP1: losses, gradient norms
-    and final weights within 1e-5. Qwen2 with biases and tied embeddings: the hardest map. HF -> rho at
-    TP2 x PP2 -> HF is tensor-exact and reloads as Qwen2. A run whose model differs from the
-    directory's is refused before anything starts."""
+    and final weights within 1e-5. Qwen2 with biases and tied embeddings: the hardest map. A run whose
+    model differs from the directory's is refused before anything starts."""
     import dataclasses
     import json
 
@@ -299,10 +297,8 @@ def test_train_init_from_a_hf_directory_equals_init_from_its_conversion(tmp_path
     from parallel.hf import model_config_from_hf
     from train_utils import TINY_MODEL_YAML, grad_norms, losses, model_tensors
 
-    from transformers import AutoModelForCausalLM
-
     hf_dir = tmp_path / "hf"
-    original = _hf_model("qwen2", hf_dir, hf_tokenizer_dir)
+    _hf_model("qwen2", hf_dir, hf_tokenizer_dir)
     rho("convert-hf", "--from-hf", hf_dir, tmp_path / "ckpt")
     model = dataclasses.asdict(model_config_from_hf(json.loads((hf_dir / "config.json").read_text())))
     run = yaml.safe_load(TINY_MODEL_YAML)
@@ -318,14 +314,9 @@ def test_train_init_from_a_hf_directory_equals_init_from_its_conversion(tmp_path
         assert grad_norms(tmp_path / name) == pytest.approx(grad_norms(tmp_path / "a"), abs=1e-5)
         a, b = model_tensors(tmp_path / "a" / "step_000003"), model_tensors(tmp_path / name / "step_000003")
         assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() <= 1e-5 for k in a)
-    # HF -> rho at TP2 x PP2 (a run whose one step moves nothing: lr 0) -> HF: tensor-exact, still Qwen2
-    rho("train", tmp_path / "run.yaml", "--data", tiny_data, "--init", hf_dir, "--save", tmp_path / "z", "--steps", 1,
-        "--tp", 2, "--pp", 2, "--lr", 0, "--set", "train.min_lr=0", "--set", "train.warmup_steps=0", "-q", timeout=600)
-    rho("convert-hf", tmp_path / "z", tmp_path / "back", "--dtype", "fp32")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
-    assert type(back) is type(original) and back.config.tie_word_embeddings
-    a, b = original.state_dict(), back.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # (the weights a TP2 x PP2 run saves from --init HF_DIR are checked above against the conversion's
+    # run; its export, tensor-exact and still Qwen2, is test_logits_equal_transformers' and
+    # test_export_round_trip_reshard_and_trained_model's)
     (tmp_path / "untied.yaml").write_text(yaml.safe_dump({"model": {**model, "tie_word_embeddings": False},
                                                           "train": run["train"]}))
     r = run_rho(capsys, "train", tmp_path / "untied.yaml", "--data", tiny_data, "--init", hf_dir, "--save", tmp_path / "c")

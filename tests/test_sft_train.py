@@ -10,7 +10,6 @@ text, decoded and found in the examples by the test."""
 
 from __future__ import annotations
 
-import json
 import re
 
 import numpy as np

@@ -167,7 +167,6 @@ def losses_if_any(run: Path) -> dict[int, float]:
 
 
 def test_sigterm_saves_and_exits_with_its_code(tmp_path, tiny_data, init_ckpt):
-    import os
     import signal
     import subprocess
     import sys
