@@ -23,7 +23,8 @@ def test_dry_run_of_the_gpu_acceptance_script(tmp_path):
     report = json.loads((tmp_path / "out" / "gpu-acceptance.json").read_text())
     steps = report["steps"]
     assert proc.returncode == 0, (proc.stderr[-3000:], {n: s.get("error", s["status"]) for n, s in steps.items()})
-    assert report["dry_run"] and list(steps) == ["environment", "build", "pytest_gpu", "kernel", "train", "score", "two_gpus"]
+    assert report["dry_run"] and list(steps) == ["environment", "build", "pytest_gpu", "kernel", "train", "score", "eval",
+                                                  "two_gpus"]
     assert steps["environment"]["layer_backend"] == {"layer_spec": "local", "attention": "sdpa", "on_gpu": False}
     if shutil.which("nvcc"):  # ptxas' report parsed: every kernel, for every logits dtype, uses registers
         kernels = steps["build"]["kernels"]
@@ -36,5 +37,7 @@ def test_dry_run_of_the_gpu_acceptance_script(tmp_path):
     assert train["plain"]["tokens_per_s_per_gpu"] > 0 and train["slm"]["tokens_per_s_per_gpu"] > 0
     assert train["slm_overhead"] == pytest.approx(train["plain"]["tokens_per_s_per_gpu"] / train["slm"]["tokens_per_s_per_gpu"] - 1, abs=0.05)
     assert steps["score"]["tokens"] > 0 and steps["score"]["tokens_per_s_whole_process"] > 0
+    run = steps["eval"]["runs"]["transformers"]  # rho eval on the CPU at toy sizes: the loop and its figures
+    assert steps["eval"]["device"] == "cpu" and run["problems"] == 4 and run["problems_per_s"] > 0 and run["generation_s"] > 0
     assert steps["two_gpus"]["status"] == "skipped"
     assert set(report["verdict"].values()) == {"not measured (no GPU)"}

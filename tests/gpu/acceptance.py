@@ -18,6 +18,10 @@ Steps, in order (each bounded by its limit and by what is left of ``--budget``):
 * ``train``        TinyLlama-1.1B shape on synthetic tokens, plain and SLM 0.6 with RHO_KERNEL=cuda:
                    tokens/s per GPU, MFU, the SLM step's overhead (``rho bench train``'s paired runs)
 * ``score``        ``rho score`` tokens/s with the same shape (whole process)
+* ``eval``         ``rho eval`` generating on the GPU (transformers, bf16; vLLM too when installed): a
+                   random model of the TinyLlama shape and a tokenizer trained here, 32 GSM8K-style
+                   problems, greedy: problems/s and at most 64 new tokens each (random weights: no
+                   accuracy, the loop and its speed only)
 * ``two_gpus``     with two or more GPUs: TP2 and DP2 training equal TP1, exact resume
                    (tests/test_train.py on NCCL)
 
@@ -43,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 STEP_LIMITS_S = {"environment": 60, "build": 300, "pytest_gpu": 240, "kernel": 120, "train": 330, "score": 180,
-                 "two_gpus": 300}
+                 "eval": 240, "two_gpus": 300}
 TARGETS = {"tokens_per_s_per_gpu": 45_000, "slm_overhead_max": 0.03, "kernel_fraction_of_copy_min": 0.75}
 
 
@@ -217,6 +221,60 @@ def step_score(dry: bool) -> dict:
             "tokens_per_s_whole_process": round(scored / seconds)}
 
 
+def step_eval(dry: bool) -> dict:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    problems = [{"question": f"Tom has {a} apples and buys {b} more. How many apples does he have now?",
+                 "answer": f"He has {a} + {b} = {a + b} apples.\n#### {a + b}"} for a, b in zip(range(3, 35), range(7, 39))]
+    if dry:
+        shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        problems, new_tokens, device, dtype = problems[:4], 8, "cpu", "fp32"
+    else:  # TinyLlama-1.1B (configs/tinyllama-1.1b.yaml)
+        shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4)
+        new_tokens, device, dtype = 64, "cuda", "bf16"
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, data = Path(tmp) / "model", Path(tmp) / "problems.jsonl"
+        data.write_text("".join(json.dumps(p) + "\n" for p in problems))
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        tok.train_from_iterator([p["question"] + " " + p["answer"] for p in problems] * 4, trainers.BpeTrainer(
+            vocab_size=1000, special_tokens=["</s>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        model_dir.mkdir()
+        tok.save(str(model_dir / "tokenizer.json"))
+        (model_dir / "tokenizer_config.json").write_text(json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, bos_token_id=1, eos_token_id=0, **shape)
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
+        backends = ["transformers"]
+        if not dry:
+            import importlib.util
+
+            if importlib.util.find_spec("vllm"):
+                backends.append("vllm")
+            else:
+                runs["vllm"] = {"status": "skipped", "why": "vLLM is not installed"}
+        for backend in backends:
+            out = Path(tmp) / f"eval-{backend}"
+            extra = ["--device", device, "--batch-size", 16] if backend == "transformers" else ["--backend", "vllm"]
+            extra += ["--dtype", dtype]
+            t0 = time.perf_counter()
+            _rho("eval", model_dir, "--task", "gsm8k", "--data", data, "--prompt", "cot", "--shots", 2,
+                 "--max-new-tokens", new_tokens, "--output", out, *extra, "-q")
+            seconds = time.perf_counter() - t0
+            metrics = json.loads((out / "metrics.json").read_text())
+            runs[backend] = {"problems": len(problems), "seconds_whole_process": round(seconds, 2),
+                             "generation_s": metrics.get("time_s"), "problems_per_s": round(len(problems) / seconds, 2),
+                             "new_tokens_per_problem_at_most": new_tokens}
+    return {"device": device, "dtype": dtype, "shape": shape, "runs": runs}
+
+
 def step_two_gpus(dry: bool) -> dict:
     import torch
 
@@ -236,7 +294,7 @@ def _rho(*args) -> None:
 
 
 STEPS = {"environment": step_environment, "build": step_build, "pytest_gpu": step_pytest_gpu, "kernel": step_kernel,
-         "train": step_train, "score": step_score, "two_gpus": step_two_gpus}
+         "train": step_train, "score": step_score, "eval": step_eval, "two_gpus": step_two_gpus}
 
 
 # ---------------------------------------------------------------------------------------- driver
