@@ -251,7 +251,12 @@ def step_eval(dry: bool) -> dict:
             {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}))
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, bos_token_id=1, eos_token_id=0, **shape)
-        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
+        with torch.device(device):  # 1.1B random weights: initialised on the GPU in a blink, not for a minute on the CPU
+            model = LlamaForCausalLM(config)
+        model.to(torch.bfloat16).save_pretrained(model_dir)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the GPU's memory for rho eval's own process
         backends = ["transformers"]
         if not dry:
             import importlib.util
