@@ -42,23 +42,9 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def hf_tokenizer_dir(tmp_path_factory) -> Path:
     """A HF fast tokenizer (byte-level BPE) trained here on CORPUS, saved as a tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from hf_models import write_bpe_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>", "<|begin|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    out = tmp_path_factory.mktemp("hf_tok")
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<|begin|>", "eos_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
-    )
-    return out
+    return write_bpe_tokenizer(tmp_path_factory.mktemp("hf_tok"), CORPUS, 400, eos="<|endoftext|>", bos="<|begin|>")
 
 
 def _tokenized(tmp_path_factory, tokenizer_dir: Path, name: str, texts: list[str]) -> Path:

@@ -3,9 +3,30 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import torch
+
+
+def write_bpe_tokenizer(directory, texts, vocab_size: int, eos: str, bos: str) -> Path:
+    """A HF fast tokenizer (byte-level BPE, ``eos`` and ``bos`` its special tokens, ids 0 and 1) trained
+    on ``texts`` and saved in ``directory`` as transformers reads one (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos, bos],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": bos, "eos_token": eos, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return directory
 
 
 def tiny_hf_model(kind: str, directory, tokenizer_dir):

@@ -45,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # hf_models: the tests' tokenizer builder
 
 STEP_LIMITS_S = {"environment": 60, "build": 300, "pytest_gpu": 240, "kernel": 120, "train": 330, "score": 180,
                  "eval": 240, "two_gpus": 300}
@@ -223,9 +224,10 @@ def step_score(dry: bool) -> dict:
 
 def step_eval(dry: bool) -> dict:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
+
+    from hf_models import write_bpe_tokenizer
 
     hf_logging.disable_progress_bar()
 
@@ -241,14 +243,7 @@ def step_eval(dry: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data = Path(tmp) / "model", Path(tmp) / "problems.jsonl"
         data.write_text("".join(json.dumps(p) + "\n" for p in problems))
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-        tok.train_from_iterator([p["question"] + " " + p["answer"] for p in problems] * 4, trainers.BpeTrainer(
-            vocab_size=1000, special_tokens=["</s>", "<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-        model_dir.mkdir()
-        tok.save(str(model_dir / "tokenizer.json"))
-        (model_dir / "tokenizer_config.json").write_text(json.dumps(
-            {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+        write_bpe_tokenizer(model_dir, [p["question"] + " " + p["answer"] for p in problems] * 4, 1000, eos="</s>", bos="<s>")
         torch.manual_seed(0)
         config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, bos_token_id=1, eos_token_id=0, **shape)
         with torch.device(device):  # 1.1B random weights: initialised on the GPU in a blink, not for a minute on the CPU
