@@ -184,6 +184,14 @@ class TrainConfig:
     """A schedule: the fraction kept moves linearly from this to select_ratio over the selective steps."""
     select_after: int = 0
     """A warm-up: train on every token for this many steps before selecting."""
+    reference: str | None = None
+    """The reference model run online (instead of ``scores``): a rho checkpoint (run or step directory)
+    or a Hugging Face Llama/Mistral/Qwen2 directory with the run's vocabulary. Each step it scores the
+    micro-batches the step trains on, on the run's own layout, so the excess compares the two models
+    on the same context (docs/selective.md)."""
+    trace_selection: int = 0
+    """Record, for the first N steps, every trained sample's tokens, losses and kept tokens in
+    RUN/selection_trace/ (``rho analyze context`` reads them)."""
     masks: tuple[str, ...] = ()
     """Static token masks (rho select) for the --data prefixes, in the same order: only tokens with
     mask 1 are trained on (and counted)."""
@@ -209,4 +217,5 @@ class TrainConfig:
         "eval_iters": ">= 0", "save_interval": ">= 0", "log_interval": ">= 1", "tp": ">= 1", "pp": ">= 1", "dp": ">= 1", "cp": ">= 1", "virtual_pp": ">= 1",
         "loss_scale": "> 0", "initial_loss_scale": "> 0", "loss_scale_window": ">= 1", "loss_scale_hysteresis": ">= 1",
         "stop_after": ">= 1", "select_ratio": "(0, 1]", "select_ratio_start": "(0, 1]", "select_after": ">= 0", "peak_tflops": "> 0",
+        "trace_selection": ">= 0",
     }

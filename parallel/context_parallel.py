@@ -55,3 +55,25 @@ class GatherSequence(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return own_chunks(grad, ctx.cp, ctx.rank, dim=0), None
+
+
+#: a micro-batch key with this prefix holds values already cut to this CP rank's chunks (the online
+#: reference model's losses, computed on the split batch): ``split_for_context_parallel`` passes it
+#: through under its plain name
+LOCAL_PREFIX = "cp_local:"
+#: keys of a micro-batch that are not [b, s] (``[b]`` sample indices): never split
+NOT_SEQUENCE_KEYS = ("samples",)
+
+
+def split_for_context_parallel(batch: dict) -> dict:
+    """Each [b, s] tensor of a micro-batch cut to this CP rank's chunks (unchanged without CP);
+    ``LOCAL_PREFIX`` keys, already cut, lose their prefix."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    local = {k[len(LOCAL_PREFIX):]: v for k, v in batch.items() if k.startswith(LOCAL_PREFIX)}
+    kept = {k: v for k, v in batch.items() if k in NOT_SEQUENCE_KEYS}
+    rest = {k: v for k, v in batch.items() if not k.startswith(LOCAL_PREFIX) and k not in NOT_SEQUENCE_KEYS}
+    if ps.get_context_parallel_world_size() > 1:
+        rest = get_batch_on_this_cp_rank(rest)
+    return {**rest, **kept, **local}

@@ -250,17 +250,24 @@ class MicroBatches:
 
     A global batch is ``global_batch_size`` consecutive sample indices; micro-batch ``j`` of DP rank
     ``d`` holds samples ``[(j * dp + d) * mbs, +mbs)`` of it (Megatron's pretraining sampler), so the
-    union over DP ranks of a step's samples does not depend on the DP size.
+    union over DP ranks of a step's samples does not depend on the DP size. Each micro-batch carries
+    ``samples`` [b]: the global sample numbers of its rows.
+
+    ``sample_values``: {"ref_loss": [samples, seq_length] float32, ...} read by global sample number
+    (a sample score store: values of the run's own samples, ``rho score --for-run``), named
+    ``values_source`` in messages.
     """
 
     def __init__(self, dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 random_seed: int | None = None):
+                 random_seed: int | None = None, sample_values: dict | None = None, values_source: str = ""):
         self.dataset = dataset
         self.next_sample = consumed_samples
         self.mbs = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
         self.random_seed = random_seed
+        self.sample_values = sample_values or {}
+        self.values_source = values_source
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
@@ -272,6 +279,16 @@ class MicroBatches:
         keys = ("tokens", "labels", "loss_mask", "position_ids") + tuple(
             k for k in ("ref_loss", "ref_entropy", "attention_mask") if k in samples[0])  # attention_mask: [b, 1, s, s]
         batch = {key: torch.stack([s[key] for s in samples]) for key in keys}
+        batch["samples"] = torch.arange(start, start + self.mbs, dtype=torch.int64)
+        for key, values in self.sample_values.items():
+            if start + self.mbs > values.shape[0]:
+                raise StoreContentError(f"{self.values_source}: holds {values.shape[0]:,} samples; the run reads "
+                                        f"sample {start + self.mbs - 1:,}")
+            rows = numpy.array(values[start:start + self.mbs], dtype=numpy.float32)  # [b, s]
+            if not numpy.isfinite(rows[batch["loss_mask"].numpy() > 0]).all():
+                raise StoreContentError(f"{self.values_source}: a non-finite {key} in training samples {start:,}-"
+                                        f"{start + self.mbs - 1:,}; the store is damaged (verify it, or score again)")
+            batch[key] = torch.from_numpy(rows)
         if self.random_seed is not None:  # [b, s]: sample n's draws depend on (seed, n) only
             batch["random"] = torch.stack([random_draws(self.random_seed, start + i, batch["tokens"].shape[1])
                                            for i in range(self.mbs)])

@@ -222,13 +222,19 @@ def _cp():
     return None if size <= 1 else (ps.get_context_parallel_group(), size, ps.get_context_parallel_rank())
 
 
+#: what a traced micro-batch records (``make_loss_func(trace=True)``), each [b, s] but ``samples`` [b]:
+#: global sample numbers, the sample's tokens and labels, the loss mask, the training loss, what was
+#: kept, and the selection's inputs (reference loss / entropy, random draws) where the run has them
+TRACE_FIELDS = ("samples", "tokens", "labels", "loss_mask", "loss", "kept", "ref_loss", "ref_entropy", "random")
+
 #: the micro-batch keys a selection may read (``Selection.kept``'s inputs)
 SELECTION_INPUTS = ("ref_loss", "ref_entropy", "random")
 
 
-def make_loss_func(selection: Selection, batch: dict[str, torch.Tensor]):
+def make_loss_func(selection: Selection, batch: dict[str, torch.Tensor], trace: bool = False):
     """megatron's loss_func for one micro-batch: (kept loss sum, kept count, report). ``batch``:
-    its ``loss_mask`` and whichever of ``SELECTION_INPUTS`` the data carries."""
+    its ``loss_mask`` and whichever of ``SELECTION_INPUTS`` the data carries. ``trace``: the report
+    also holds the micro-batch's ``trace`` (``TRACE_FIELDS``: what was selected, from what)."""
     loss_mask = batch["loss_mask"]
     held = {key: batch[key] for key in SELECTION_INPUTS if key in batch}
 
@@ -253,7 +259,11 @@ def make_loss_func(selection: Selection, batch: dict[str, torch.Tensor]):
             ((detached - ref_term) * maskf).sum().double(),
             (ref_term * keptf).sum().double(),
         ])
-        return kept_sum, n_kept, {"report": report}
+        if not trace:
+            return kept_sum, n_kept, {"report": report}
+        record = {"samples": batch["samples"], "tokens": batch["tokens"], "labels": batch["labels"], "loss_mask": mask,
+                  "loss": detached, "kept": kept, **inputs}
+        return kept_sum, n_kept, {"report": report, "trace": {k: v.detach().cpu() for k, v in record.items()}}
 
     return loss_func
 

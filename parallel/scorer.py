@@ -5,7 +5,7 @@ length and packed ``micro_batch_size`` at a time (default: ``default_micro_batch
 micro-batch padded only to its longest window (rounded up to ``PAD_MULTIPLE``); megatron's
 forward-only schedule runs them through the TP/PP model, one call per run of equal-shape
 micro-batches. The last stage's GPTModel returns its final hidden
-states (``post_process`` is turned off after loading), and ``Scorer._scored_losses`` applies the
+states (``post_process`` is turned off after loading), and ``parallel.output_stats.OutputStats`` applies the
 vocab-parallel output layer to the positions each window scores only (a window's context positions,
 half of a sliding window, never reach the output layer), reducing the logits to (logsumexp, target
 logit) per row with cuda_ext's fused ``row_stats`` kernel, in cache-sized blocks on CPU; one
@@ -36,7 +36,8 @@ import torch
 
 from parallel.config import ModelConfig
 from parallel.distributed import Layout
-from parallel.model import ModelShape, build_model, model_shape, padded_vocab_columns
+from parallel.model import ModelShape, build_model, model_shape
+from parallel.output_stats import OutputStats
 from parallel.windows import Window, document_windows
 
 
@@ -72,13 +73,6 @@ class ScoreSink(Protocol):
 WeightLoader = Callable[[Any, ModelShape, int, int], None]
 
 
-#: on CPU the output layer's logits are made CPU_ROW_BLOCK rows x CPU_VOCAB_BLOCK ids at a time
-#: (measured on the tiny model, 32k vocabulary: 15-20 % faster than whole rows, 2x faster than
-#: materialising a micro-batch's logits)
-CPU_ROW_BLOCK = 512
-CPU_VOCAB_BLOCK = 4096
-#: on a GPU, logits of at most this many elements at a time (whole rows)
-GPU_LOGITS_ELEMENTS = 1 << 28
 #: a micro-batch is padded to its longest window rounded up to this
 PAD_MULTIPLE = 8
 #: default micro-batch, in positions (windows x window length). On the 2-core VM (tiny model,
@@ -133,15 +127,10 @@ class Scorer:
             model.cuda(torch.cuda.current_device())
         load_weights(model, shape, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
         model.eval()
-        if self.is_last:
-            # GPTModel then returns the final (normed) hidden states [s, b, h]; the output layer is
-            # applied by _scored_losses to the scored positions only
-            # tied embeddings: the output layer has no weight of its own on a first stage (megatron's
-            # shared_embedding_or_output_weight is the embedding there, the synced copy elsewhere)
-            self.output_weight = (model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights
-                                  else model.output_layer.weight)
-            model.post_process = False
-        self._row_stats = None
+        # the last stage's GPTModel returns its final hidden states; the output layer is applied to the
+        # scored positions only (a window's context positions never reach it)
+        self.output_stats = (OutputStats(model, spec.vocab_size, layout.tp, spec.sequence_parallel, spec.entropy)
+                             if self.is_last else None)
         self.model = model
 
     def _micro_batches(self, windows: list[Window]) -> list[_MicroBatch]:
@@ -180,7 +169,7 @@ class Scorer:
             hidden = model(mb.tokens.to(device, non_blocking=True), mb.positions.to(device, non_blocking=True),
                            attention_mask=None)
             if self.is_last:
-                hidden = self._scored_losses(hidden, mb.rows.to(device), mb.labels.to(device))
+                hidden = self.output_stats(hidden, mb.rows.to(device), mb.labels.to(device))
 
             def loss_func(losses):
                 return losses.sum(), torch.tensor(1, dtype=torch.int), {"losses": losses.float().cpu()}
@@ -207,97 +196,6 @@ class Scorer:
                         per_window[w] = losses
             i = j
         return per_window if self.is_last else []
-
-    def _scored_losses(self, hidden: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Per-token losses of the scored positions only.
-
-        Final hidden states [s, b, h] -> the scored rows -> this rank's slice of the output layer ->
-        (logsumexp, target logit) per row with the fused ``row_stats`` kernel -> one all-gather of
-        those two numbers per row across TP. Positions a window only uses as context never reach
-        the output layer. On CPU the logits are made in blocks of rows x vocabulary that stay in
-        cache (the logsumexp of the blocks is combined exactly as TP ranks' are); on a GPU whole
-        rows, at most ``GPU_LOGITS_ELEMENTS`` logits at a time.
-        """
-        from megatron.core import parallel_state as ps
-
-        if self.spec.sequence_parallel:  # [s/tp, b, h] on each TP rank -> the whole sequence
-            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
-
-            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-        weight = self.output_weight
-        n, v_local = h.shape[0], weight.shape[0]
-        vocab_start = ps.get_tensor_model_parallel_rank() * v_local
-        # the vocabulary's padding rows take no part, as in the training loss
-        # (parallel.model.padded_vocab_columns), so that loss - score compares like with like and a
-        # HF model's score is its own cross-entropy
-        weight = weight[:padded_vocab_columns(self.shape.vocab_size, vocab_start, v_local)[0]]
-        v_local = weight.shape[0]
-        if v_local == 0:  # a TP rank holding padding only: it adds nothing to the logsumexp
-            lse_parts, target_parts = [torch.full((n,), float("-inf"), device=h.device)], [torch.zeros(n, device=h.device)]
-        elif h.device.type == "cpu":
-            row_block = -(-n // max(1, -(-n // CPU_ROW_BLOCK)))  # even blocks of at most CPU_ROW_BLOCK
-            lse_parts, target_parts = self._row_stats_blocks(h, labels, weight, vocab_start, row_block, CPU_VOCAB_BLOCK)
-        else:
-            row_block = max(1, GPU_LOGITS_ELEMENTS // v_local)
-            lse_parts, target_parts = self._row_stats_blocks(h, labels, weight, vocab_start, row_block, v_local)
-        lse, target = torch.cat(lse_parts), torch.cat(target_parts)
-        if self.layout.tp > 1:
-            from cuda_ext.tp import gather_row_stats
-
-            lse, target = gather_row_stats(lse, target, ps.get_tensor_model_parallel_group())
-        if not self.spec.entropy:
-            return lse - target
-        return torch.stack([lse - target, self._entropies(h, weight)], dim=1)
-
-    def _entropies(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The entropy of the next-token distribution per scored row [n]: H = lse - E_p[logit], from
-        (logsumexp, expected logit) of cache-sized blocks of the vocabulary (and of TP shards), merged
-        exactly like the loss's logsumexp (``merge_expectations``). fp32 throughout."""
-        from megatron.core import parallel_state as ps
-
-        n = h.shape[0]
-        if weight.shape[0] == 0:  # a TP rank holding padding only
-            lse, expected = torch.full((n,), float("-inf"), device=h.device), torch.zeros(n, device=h.device)
-        else:
-            block = CPU_VOCAB_BLOCK if h.device.type == "cpu" else weight.shape[0]
-            rows = CPU_ROW_BLOCK if h.device.type == "cpu" else max(1, GPU_LOGITS_ELEMENTS // weight.shape[0])
-            lse_rows, expected_rows = [], []
-            for r in range(0, n, rows):
-                parts = [logit_expectation(torch.nn.functional.linear(h[r:r + rows], weight[v:v + block]))
-                         for v in range(0, weight.shape[0], block)]
-                lse_r, e_r = merge_expectations(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
-                lse_rows.append(lse_r)
-                expected_rows.append(e_r)
-            lse, expected = torch.cat(lse_rows), torch.cat(expected_rows)
-        if self.layout.tp > 1:
-            import torch.distributed as dist
-
-            group = ps.get_tensor_model_parallel_group()
-            stats = [torch.empty(2, n, device=h.device) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(stats, torch.stack([lse, expected]).contiguous(), group=group)
-            lse, expected = merge_expectations(torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats]))
-        return lse - expected
-
-    def _row_stats_blocks(self, h, labels, weight, vocab_start: int, row_block: int, vocab_block: int):
-        """(logsumexp, target logit) of ``h @ weight.T`` per row, made ``row_block`` x ``vocab_block``
-        logits at a time; blocks of the vocabulary combine like TP shards (``cuda_ext.tp``)."""
-        from cuda_ext.tp import merge_row_stats
-
-        if self._row_stats is None:
-            self._row_stats = _row_stats_kernel(h.device, weight.dtype)
-        lse_parts, target_parts = [], []
-        for r in range(0, h.shape[0], row_block):
-            hr, lr = h[r:r + row_block], labels[r:r + row_block]
-            lse_v, target_v = [], []
-            for v in range(0, weight.shape[0], vocab_block):
-                lse, t = self._row_stats(torch.nn.functional.linear(hr, weight[v:v + vocab_block]), lr, vocab_start + v)
-                lse_v.append(lse)
-                target_v.append(t)
-            lse, target = (lse_v[0], target_v[0]) if len(lse_v) == 1 else merge_row_stats(torch.stack(lse_v), torch.stack(target_v))
-            lse_parts.append(lse)
-            target_parts.append(target)
-        return lse_parts, target_parts
 
     def run(self) -> dict[str, Any]:
         import torch.distributed as dist
@@ -346,20 +244,6 @@ class Scorer:
         return result
 
 
-def logit_expectation(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [n, v] -> (logsumexp [n], expected logit under the softmax [n]), fp32."""
-    z = logits.float()
-    lse = torch.logsumexp(z, dim=-1)
-    return lse, (torch.exp(z - lse[:, None]) * z).sum(dim=-1)
-
-
-def merge_expectations(lse_parts: torch.Tensor, expected_parts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[parts, n] (logsumexp, expected logit) of disjoint vocabulary parts -> the whole row's: each
-    part's expectation weighted by its share of the probability mass, exp(lse_part - lse)."""
-    lse = torch.logsumexp(lse_parts, dim=0)
-    return lse, (torch.exp(lse_parts - lse) * expected_parts).sum(dim=0)
-
-
 def _document_values(docs: dict[int, np.ndarray], windows: list[Window], losses) -> dict[int, np.ndarray]:
     """{document: float32 [length]} from the windows' losses (every position is scored exactly once;
     NaN would mark one that was not)."""
@@ -367,18 +251,6 @@ def _document_values(docs: dict[int, np.ndarray], windows: list[Window], losses)
     for w, loss in zip(windows, losses):
         values[w.document][w.doc_positions.start:w.doc_positions.stop] = loss.numpy()
     return values
-
-
-def _row_stats_kernel(device: torch.device, dtype: torch.dtype):
-    """cuda_ext's ``row_stats`` implementation for this device, called directly: scoring needs no
-    autograd, and the custom op's wrapper costs a torch._dynamo import and ~30 us a call."""
-    from cuda_ext import dispatch
-    from cuda_ext.reference import row_stats_reference
-
-    choice = dispatch.choose(torch.device(device), dtype)
-    if choice.backend == "torch":
-        return row_stats_reference
-    return dispatch.extension(choice.backend).row_stats
 
 
 def _document(tokens, doc_index: np.ndarray, d: int) -> np.ndarray:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from parallel.context_parallel import split_for_context_parallel
 from parallel.checkpoint import AsyncSaves, CheckpointSink, load_checkpoint, save_checkpoint
 from parallel.config import ModelConfig, TrainConfig
 from parallel.data import DataSpec, MicroBatches, build_datasets
@@ -38,6 +39,7 @@ from parallel.layout import micro_batches_per_step
 from parallel.loss import Selection
 from parallel.score_functions import parse_score, score_inputs
 from parallel.model import build_model_chunks, count_parameters, layer_backend, model_features, model_shape
+from parallel.reference import ReferenceModel, ReferenceSpec, load_reference_weights, reference_features
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -87,6 +89,21 @@ class RunSpec:
     init_format: str = "rho"
     #: the tokenizer's begin-of-sequence id (recorded in checkpoints, for export), if it has one
     bos_id: int | None = None
+    #: the reference model run online on each step's micro-batches (``TrainConfig.reference``), or None
+    reference: ReferenceSpec | None = None
+    #: a sample score store (reference losses of this run's own samples) in place of ``scores``, and
+    #: its entropy store (``--select-by entropy``), or None
+    sample_scores: DatasetRef | None = None
+    sample_entropies: DatasetRef | None = None
+
+    @property
+    def reference_source(self) -> str | None:
+        """Where the selection's reference losses come from: "online", "samples", "documents", or None."""
+        if self.reference is not None:
+            return "online"
+        if self.sample_scores is not None:
+            return "samples"
+        return "documents" if self.scores else None
 
     def config_hash(self) -> str:
         text = json.dumps(self.config_snapshot, sort_keys=True)
@@ -121,8 +138,9 @@ def _params_dtype(precision: str) -> torch.dtype:
     return torch.float16 if precision == "fp16" else torch.float32
 
 
-def make_forward_step(selection):
-    """megatron's forward_step_func for a selection policy (plain LM: ``Selection()``)."""
+def make_forward_step(selection, trace: bool = False):
+    """megatron's forward_step_func for a selection policy (plain LM: ``Selection()``); ``trace``:
+    each micro-batch's report also holds what was selected (``parallel.loss.TRACE_FIELDS``)."""
     from parallel.loss import make_loss_func, token_losses
 
     def forward_step(data_iterator, model):
@@ -130,19 +148,9 @@ def make_forward_step(selection):
         # context parallelism: this rank's two chunks of every sequence (megatron's load-balanced split)
         batch = split_for_context_parallel(batch)
         output = token_losses(model, batch)
-        return output, make_loss_func(selection, batch)
+        return output, make_loss_func(selection, batch, trace)
 
     return forward_step
-
-
-def split_for_context_parallel(batch: dict) -> dict:
-    """Each [b, s] tensor of a micro-batch cut to this CP rank's chunks (unchanged without CP)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.utils import get_batch_on_this_cp_rank
-
-    if ps.get_context_parallel_world_size() == 1:
-        return batch
-    return get_batch_on_this_cp_rank({k: v for k, v in batch.items()})
 
 
 class _SigtermFlag:
@@ -164,11 +172,18 @@ class Trainer:
     ``done`` with structured payloads. ``child_setup`` runs first in every process the engine starts
     itself (an asynchronous save's writer and its results server). ``init_tensors(name)`` reads one
     tensor of the Hugging Face model a run starts from (``init_format`` "huggingface"): each rank
-    reads only its shards."""
+    reads only its shards; ``reference_tensors(name)`` the same for a Hugging Face reference model
+    (``spec.reference``). ``sample_values(prefix)`` opens a sample score store's values [samples,
+    seq_length] (``spec.sample_scores``). ``trace(step, dp_rank, record)`` receives, for the first
+    ``TrainConfig.trace_selection`` steps, each DP rank's traced micro-batches (numpy arrays of
+    ``parallel.loss.TRACE_FIELDS``, concatenated over the step's micro-batches)."""
 
     def __init__(self, spec: RunSpec, layout: Layout, checkpoints: CheckpointStore, metrics: MetricsSink | None = None,
                  on_event: Event | None = None, child_setup: Callable[[], None] | None = None,
-                 init_tensors: Callable[[str], torch.Tensor] | None = None):
+                 init_tensors: Callable[[str], torch.Tensor] | None = None,
+                 reference_tensors: Callable[[str], torch.Tensor] | None = None,
+                 sample_values: Callable[[str], Any] | None = None,
+                 trace: Callable[[int, int, dict[str, Any]], None] | None = None):
         from megatron.core import parallel_state as ps
 
         self.spec = spec
@@ -179,6 +194,9 @@ class Trainer:
         self.backend = layer_backend(local=spec.train.separate_documents)
         self.checkpoints = checkpoints
         self.init_tensors = init_tensors
+        self.reference_tensors = reference_tensors
+        self.sample_values = sample_values
+        self.trace = trace
         self.metrics = metrics
         self.on_event = on_event or (lambda kind, payload: None)
         self.run_dir = Path(spec.run_dir)
@@ -192,6 +210,8 @@ class Trainer:
                                    ratio_start=self.cfg.select_ratio_start, select_after=self.cfg.select_after,
                                    steps=self.cfg.steps)
         self._build_model_and_optimizer()
+        # built after the trained model, so that its initialisation is a plain run's
+        self.reference = self._build_reference() if spec.reference is not None else None
         # checkpoints written in the background (None: each save completes before training goes on)
         self.async_saves = AsyncSaves(child_setup) if self.cfg.async_save and self.cfg.checkpoint else None
         self.step = 0
@@ -280,6 +300,16 @@ class Trainer:
         # pre-hooks: checkpoints and evaluation first gather them synchronously
         self.param_gather_hooks = parallel_features["overlap_param_gather"] and use_dist_opt
 
+    def _build_reference(self) -> ReferenceModel:
+        """The frozen reference model on this run's layout (``parallel.reference``)."""
+        ref = self.spec.reference
+        load = lambda chunks, shape: load_reference_weights(chunks, shape, ref, self.layout.tp,  # noqa: E731
+                                                            tensors=self.reference_tensors)
+        entropy = "ref_entropy" in score_inputs(self.cfg.select_by)
+        return ReferenceModel(ref, self.spec.vocab_size, self.layout.tp, self.layout.pp, self.vp,
+                              reference_features(model_features(self.cfg)), self.params_dtype, load,
+                              backend=self.backend, entropy=entropy)
+
     @contextlib.contextmanager
     def _weights_gathered(self):
         """The block sees every rank's updated weights (a save, an evaluation): with the overlapped
@@ -317,16 +347,41 @@ class Trainer:
         )
         valid_samples = cfg.eval_iters * cfg.global_batch_size if cfg.eval_iters > 0 else 0
         self.train_ds, self.valid_ds = build_datasets(spec, cfg.steps * cfg.global_batch_size, valid_samples)
-        self.train_iter = self._iterators(self.train_ds, self.consumed_samples)
+        values, source = {}, ""
+        if self.spec.sample_scores is not None:  # reference losses of this run's own samples
+            source = self.spec.sample_scores.prefix + ".bin"
+            values["ref_loss"] = self.sample_values(self.spec.sample_scores.prefix)
+            if self.spec.sample_entropies is not None:
+                values["ref_entropy"] = self.sample_values(self.spec.sample_entropies.prefix)
+        # with the reference online, one iterator: each step's micro-batches are read once, scored by
+        # the reference, then handed to every model chunk (``train_step``)
+        self.train_iter = self._iterators(self.train_ds, self.consumed_samples, values, source,
+                                          chunks=1 if self.reference is not None else None)
 
-    def _iterators(self, dataset, consumed_samples: int):
+    def _iterators(self, dataset, consumed_samples: int, sample_values: dict | None = None, values_source: str = "",
+                   chunks: int | None = None):
         """Micro-batches from ``consumed_samples`` on: one iterator, or under the interleaved schedule
         one per model chunk (each chunk draws its own micro-batches, the same sequence)."""
         # the random control's draws: per sample, from the run's seed (the same on every layout)
         random_seed = self.cfg.seed if self.selection.selective and "random" in score_inputs(self.cfg.select_by) else None
-        make = lambda: MicroBatches(dataset, consumed_samples, self.cfg.micro_batch_size, self.dp_rank, self.layout.dp,
-                                    random_seed=random_seed)
-        return make() if self.vp == 1 else [make() for _ in range(self.vp)]
+        make = lambda: MicroBatches(dataset, consumed_samples, self.cfg.micro_batch_size, self.dp_rank, self.layout.dp,  # noqa: E731
+                                    random_seed=random_seed, sample_values=sample_values, values_source=values_source)
+        chunks = self.vp if chunks is None else chunks
+        return make() if chunks == 1 else [make() for _ in range(chunks)]
+
+    def _step_data(self):
+        """The data iterator(s) of one training step. With the reference online: the step's
+        micro-batches, read once, each given the reference's losses for its tokens (this CP rank's
+        chunks, passed through the CP split as they are), then one iterator per model chunk."""
+        if self.reference is None:
+            return self.train_iter
+        from parallel.context_parallel import LOCAL_PREFIX
+
+        batches = [next(self.train_iter) for _ in range(self.num_microbatches)]
+        values = self.reference.losses(batches, self.cfg.seq_length, self.cfg.micro_batch_size)
+        for batch, item in zip(batches, values):  # the last stage's; other stages read no reference values
+            batch.update({LOCAL_PREFIX + k: v for k, v in item.items()})
+        return iter(batches) if self.vp == 1 else [iter(batches) for _ in range(self.vp)]
 
     # ------------------------------------------------------------ checkpoints
     def _manifest(self) -> dict[str, Any]:
@@ -350,6 +405,9 @@ class Trainer:
                           "thresholds": self._shared_thresholds()},
             "scores": [dataclasses.asdict(s) for s in self.spec.scores],
             "masks": [dataclasses.asdict(m) for m in self.spec.masks],
+            **({"sample_scores": dataclasses.asdict(self.spec.sample_scores)} if self.spec.sample_scores else {}),
+            **({"reference": {"format": self.spec.reference.format, "path": self.spec.reference.path,
+                              "fingerprint": self.spec.reference.fingerprint}} if self.spec.reference else {}),
         }
 
     def _shared_thresholds(self) -> dict[str, float] | None:
@@ -455,11 +513,12 @@ class Trainer:
             dist.broadcast(total, src=last, group=ps.get_pipeline_model_parallel_group())
         return summarize(total.tolist())
 
-    def _forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool, selection=None):
+    def _forward_backward(self, data_iterator, num_microbatches: int, forward_only: bool, selection=None,
+                          trace: bool = False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         return get_forward_backward_func()(
-            forward_step_func=make_forward_step(selection if selection is not None else self.selection),
+            forward_step_func=make_forward_step(selection if selection is not None else self.selection, trace),
             data_iterator=data_iterator,
             model=self.model_chunks,
             num_microbatches=num_microbatches,
@@ -501,7 +560,10 @@ class Trainer:
         self.optimizer.zero_grad()
         self.selection.set_step(self.step)
         select_ratio = self.selection.current_ratio  # this step's (a warm-up or a schedule moves it)
-        outputs = self._forward_backward(self.train_iter, self.num_microbatches, forward_only=False)
+        trace = self.trace is not None and self.step < self.cfg.trace_selection
+        outputs = self._forward_backward(self._step_data(), self.num_microbatches, forward_only=False, trace=trace)
+        if trace:
+            self._write_trace(outputs)
         report = self._reduce_report(outputs)
         lr = self.optimizer.param_groups[0]["lr"]
         skipped = report["tokens"] == 0
@@ -534,6 +596,16 @@ class Trainer:
             "tokens_per_s": self.cfg.global_batch_size * self.cfg.seq_length / dt,
             "consumed_samples": self.consumed_samples,
         }
+
+    def _write_trace(self, outputs: list[dict[str, Any]]) -> None:
+        """The step's traced micro-batches, from the last stage's first TP rank of each DP rank."""
+        from megatron.core import parallel_state as ps
+
+        if not (self.is_last_stage and ps.get_tensor_model_parallel_rank() == 0 and outputs):
+            return
+        fields = outputs[0]["trace"].keys()
+        record = {k: torch.cat([out["trace"][k] for out in outputs]).numpy() for k in fields}
+        self.trace(self.step + 1, self.dp_rank, record)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -638,7 +710,8 @@ class Trainer:
             "selection": ({"ratio": cfg.select_ratio, "scope": cfg.select_scope, "score": cfg.select_by,
                            **({"ratio_start": cfg.select_ratio_start} if cfg.select_ratio_start is not None else {}),
                            **({"after": cfg.select_after} if cfg.select_after else {}),
-                           "scores": [s.prefix for s in self.spec.scores]} if self.selection.selective else None),
+                           "scores": [s.prefix for s in self.spec.scores],
+                           **_reference_banner(self.spec)} if self.selection.selective else None),
             "optimizer": {"name": cfg.optimizer, "kind": "distributed" if self.use_dist_opt else "fp32", "lr": cfg.lr,
                           "warmup_steps": cfg.warmup_steps, "decay_style": cfg.lr_decay_style, "min_lr": cfg.min_lr,
                           **({"wsd_decay_steps": wsd_decay_steps(cfg), "wsd_decay_style": cfg.lr_wsd_decay_style}
@@ -649,6 +722,19 @@ class Trainer:
             "config_hash": self.spec.config_hash(),
             "run_dir": str(self.run_dir),
         }
+
+
+def _reference_banner(spec: RunSpec) -> dict[str, Any]:
+    """Where the selection's reference losses come from, as the banner shows it."""
+    source = spec.reference_source
+    if source == "online":
+        return {"reference": {"source": "online", "path": spec.reference.path,
+                              "layers": spec.reference.model.num_layers, "hidden": spec.reference.model.hidden_size}}
+    if source == "samples":
+        return {"reference": {"source": "samples", "path": spec.sample_scores.prefix}}
+    if source == "documents":
+        return {"reference": {"source": "documents", "path": ", ".join(s.prefix for s in spec.scores)}}
+    return {}
 
 
 def _kernels(dtype: torch.dtype, backend) -> dict[str, str]:

@@ -11,6 +11,10 @@ Selective language modeling (scores from ``rho score`` with a reference model):
 
     rho train configs/tiny.yaml --data out/corpus --scores out/corpus.ref --select-ratio 0.6 --save runs/slm
 
+The reference model run online, on the very samples each step trains on (the excess on one context):
+
+    rho train configs/tiny.yaml --data out/corpus --reference runs/ref --select-ratio 0.6 --save runs/slm
+
 Supervised fine-tuning on the responses (rho tokenize --response-key writes PREFIX.mask), examples packed
 without attending to each other:
 
@@ -62,6 +66,8 @@ def train_command(
     eval_mask: Annotated[Optional[list[str]], typer.Option("--eval-mask", help="Static mask store per --eval-data prefix (e.g. PREFIX.mask from rho tokenize --response-key): validate only on its tokens.")] = None,
     stop_after: Annotated[Optional[int], typer.Option("--stop-after", help="End after step N with a checkpoint; the LR schedule still spans --steps.")] = None,
     scores: Annotated[Optional[list[str]], typer.Option("--scores", help="Score store (rho score) per --data prefix: selective training.")] = None,
+    reference: Annotated[Optional[str], typer.Option("--reference", help="Reference model run online on each step's micro-batches, instead of --scores: a rho checkpoint or a Hugging Face Llama/Mistral/Qwen2 directory with the run's vocabulary.")] = None,
+    trace_selection: Annotated[Optional[int], typer.Option("--trace-selection", help="Record the first N steps' samples, losses and kept tokens in RUN/selection_trace/ (for rho analyze context).")] = None,
     select_ratio: Annotated[Optional[str], typer.Option("--select-ratio", help="Train on this fraction of tokens (e.g. 0.6), or move linearly from one fraction to another over the run (1.0:0.6).")] = None,
     select_scope: Annotated[Optional[str], typer.Option("--select-scope", help="sequence (default), microbatch or batch.")] = None,
     select_by: Annotated[Optional[str], typer.Option("--select-by", help="Rank tokens by excess (default, Rho-1), reference, training, entropy or random (the control); A&B keeps tokens both choose, A|B either.")] = None,
@@ -98,7 +104,7 @@ def train_command(
         "global_batch_size": global_batch_size, "seed": seed, "save_interval": save_interval,
         "eval_interval": eval_interval, "eval_data": tuple(eval_data) if eval_data else None,
         "eval_masks": tuple(eval_mask) if eval_mask else None, "stop_after": stop_after,
-        "scores": tuple(scores) if scores else None, "masks": tuple(mask) if mask else None, **_ratio_schedule(select_ratio),
+        "scores": tuple(scores) if scores else None, "reference": reference, "trace_selection": trace_selection, "masks": tuple(mask) if mask else None, **_ratio_schedule(select_ratio),
         "select_scope": select_scope, "select_by": select_by, "select_after": select_after,
         "recompute": recompute, "sequence_parallel": sequence_parallel,
         "distributed_optimizer": distributed_optimizer, "virtual_pp": virtual_pp, "precision": precision,

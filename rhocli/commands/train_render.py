@@ -101,7 +101,14 @@ def _selection_row(sel: dict[str, Any]) -> str:
     row = f"top {ratio} by {sel.get('score', 'excess')} per {sel['scope']}"
     if sel.get("after"):
         row += f" after {sel['after']} steps on every token"
-    return row + ("; scores " + ", ".join(sel["scores"]) if sel["scores"] else "")
+    ref = sel.get("reference")
+    if not ref:
+        return row
+    return row + {
+        "online": f"; reference online: {ref['path']} ({ref['layers']} layers, hidden {ref['hidden']}), each step's samples",
+        "samples": f"; reference losses of this run's samples: {ref['path']}",
+        "documents": f"; reference losses per document (scored alone): {ref['path']}",
+    }[ref["source"]]
 
 
 def banner_rows(p: dict[str, Any]) -> list[tuple[str, str]]:

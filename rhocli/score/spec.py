@@ -10,66 +10,10 @@ would record them.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any
 
-from rhocli.core.errors import MismatchError, MissingInputError, OutputExistsError, UsageError
-
-
-@dataclasses.dataclass
-class ModelSource:
-    """What ``--model`` names: a rho checkpoint (step directory) or a Hugging Face model directory.
-
-    ``manifest`` has the fields of a rho checkpoint manifest that scoring reads (model, vocab_size,
-    tokenizer_fingerprint, eod_id, config.train.seq_length); for a HF directory they come from its
-    config.json and tokenizer file, as ``rho convert-hf --from-hf`` would record them."""
-
-    format: str  # "rho" | "huggingface"
-    path: Path
-    manifest: dict[str, Any]
-    fingerprint: str | None  # None: computed by description() (a HF model's weights are hashed)
-
-    def description(self) -> dict[str, Any]:
-        """The score store manifest's ``reference_model``."""
-        if self.format == "huggingface":
-            from rhocli.core.formats.hf import HFReader
-
-            return {"huggingface": str(self.path.resolve()), "architecture": self.manifest["model"]["architecture"],
-                    "fingerprint": self.fingerprint or HFReader(self.path).fingerprint()}
-        return {"checkpoint": str(self.path), "step": self.manifest.get("step"),
-                "config_hash": self.manifest.get("config_hash"), "fingerprint": self.fingerprint}
-
-
-def resolve_model(model: str) -> ModelSource:
-    """``--model``: a rho checkpoint (run or step directory) or a HF Llama/Mistral directory."""
-    from parallel.hf import model_config_from_hf
-    from rhocli.core.formats import checkpoint as ckpt
-    from rhocli.core.formats.hf import is_hf_model_dir, open_hf_dir
-
-    mpath = Path(model)
-    if not mpath.exists():
-        raise MissingInputError(f"--model {model}: not found")
-    if not is_hf_model_dir(mpath):
-        try:
-            step_dir = ckpt.resolve_checkpoint(model, label="--model ")
-        except MissingInputError:
-            if (mpath / ckpt.LATEST_NAME).is_file():  # a run directory whose latest step is incomplete
-                raise
-            raise MissingInputError(f"--model {model}: neither a rho checkpoint (no {ckpt.MANIFEST_NAME} or "
-                                    f"'{ckpt.LATEST_NAME}') nor a Hugging Face model directory (no config.json)") from None
-        manifest = ckpt.read_manifest(step_dir, label="--model ")
-        return ModelSource("rho", step_dir, manifest, ckpt.checkpoint_fingerprint(step_dir))
-
-    hf = open_hf_dir(model, model_config_from_hf, label="--model ")
-    manifest = {
-        "model": dataclasses.asdict(hf.model),
-        "vocab_size": hf.model.vocab_size,
-        "tokenizer_fingerprint": hf.tokenizer_fingerprint,
-        "eod_id": hf.eos_id,
-        "config": {"train": {"seq_length": hf.seq_length}},
-    }
-    return ModelSource("huggingface", hf.path, manifest, None)
+from rhocli.core.errors import MismatchError, OutputExistsError, UsageError
+from rhocli.core.model_source import resolve_model
 
 
 #: how a resume's refusal names each setting (the flags that set it)
@@ -90,6 +34,7 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
     import torch
 
     from parallel.config import ModelConfig
+    from parallel.hf import model_config_from_hf
     from parallel.layout import check_sequence_parallel, data_parallel_size, padded_vocab_size
     from parallel.model import transformer_config
     from parallel.scorer import ScoreSpec
@@ -97,7 +42,7 @@ def build_score_job(model: str, data: str, output: str, tp: int, pp: int, dp: in
     from rhocli.core.formats.tokens import TokenDataset
     from rhocli.score.job import ScoreJob
 
-    source = resolve_model(model)
+    source = resolve_model(model, "--model", model_config_from_hf)
     manifest = source.manifest
     model_cfg = ModelConfig(**manifest["model"])
     vocab = int(manifest["vocab_size"])

@@ -38,8 +38,19 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
                 from rhocli.core.formats.hf import HFReader
 
                 init_tensors = HFReader(spec.init_checkpoint).get
+            reference_tensors = None
+            if spec.reference is not None and spec.reference.format == "huggingface":
+                from rhocli.core.formats.hf import HFReader
+
+                reference_tensors = HFReader(spec.reference.path).get
+            trace = None
+            if spec.train.trace_selection:
+                from rhocli.core.formats.selection_trace import TraceWriter
+
+                trace = TraceWriter(spec.run_dir)
             summary = Trainer(spec, layout, store, metrics, on_event, child_setup=die_with_parent,
-                              init_tensors=init_tensors).run()
+                              init_tensors=init_tensors, reference_tensors=reference_tensors,
+                              sample_values=_sample_values, trace=trace).run()
             failed = False
             return summary
         except PreemptedError as err:
@@ -54,3 +65,10 @@ def run_train_rank(spec_dict: dict[str, Any], on_event=None) -> dict[str, Any] |
                         raise
     finally:
         destroy_distributed()
+
+
+def _sample_values(prefix: str):
+    """A sample score store's values [samples, seq_length], memory-mapped (read as the run goes)."""
+    from rhocli.core.formats.sample_scores import open_sample_scores
+
+    return open_sample_scores(prefix, label="--scores ").values

@@ -87,11 +87,10 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
     from parallel.layout import (check_context_parallel, check_sequence_parallel, check_virtual_pipeline,
                                  data_parallel_size, micro_batches_per_step)
     from parallel.model import model_features, transformer_config
-    from parallel.trainer import DatasetRef, RunSpec
+    from parallel.trainer import RunSpec
     from rhocli.core.formats import checkpoint as ckpt
-    from rhocli.core.formats.tokens import TokenDataset
 
-    cfg = _steps_from_epochs(train_cfg)
+    cfg = steps_from_epochs(train_cfg)
     # ---- layout (the engine's checks; their LayoutErrors name the sizes, the CLI names the flags)
     if world_size is None:
         world_size = cfg.tp * cfg.pp * cfg.cp * (cfg.dp or 1)
@@ -132,20 +131,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
                              f"{cfg.warmup_steps} (--set train.wsd_decay_steps=N)")
 
     # ---- data
-    if not cfg.data:
-        raise UsageError("no training data: pass --data PREFIX (or train.data in the config)")
-    refs, tokenizer_fp, vocab, eod, bos = [], None, None, None, None
-    for arg in cfg.data:
-        prefix, weight = parse_data_arg(arg)
-        ds = TokenDataset(prefix)
-        tok = ds.tokenizer
-        if tokenizer_fp is None:
-            tokenizer_fp, vocab, eod, bos = tok.get("fingerprint"), tok.get("vocab_size"), tok.get("eod_id"), tok.get("bos_id")
-        elif tok.get("fingerprint") != tokenizer_fp:
-            raise MismatchError(f"--data {prefix}: tokenized with another tokenizer than {cfg.data[0]} ({tok.get('fingerprint')} vs {tokenizer_fp})")
-        refs.append(DatasetRef(prefix=str(prefix), weight=weight, fingerprint=ds.fingerprint()))
-    if any(r.weight is None for r in refs) and any(r.weight is not None for r in refs):
-        raise UsageError("--data: give a weight to every prefix or to none")
+    refs, tokenizer_fp, vocab, eod, bos = resolve_run_data(cfg)
     if vocab is None:
         if model_cfg.vocab_size is None:
             raise MismatchError(f"--data {refs[0].prefix}: no rho manifest, so set model.vocab_size in {config_path}")
@@ -158,6 +144,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         )
     vocab = model_cfg.vocab_size or vocab
     model_cfg = dataclasses.replace(model_cfg, vocab_size=vocab)
+    reference = _check_reference(cfg, vocab, tokenizer_fp, num_microbatches)
 
     # ---- run directory and checkpoints
     if not cfg.save:
@@ -212,10 +199,15 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         if diff:
             raise MismatchError(f"{label} {step_dir}: model shape differs from {config_path} in {', '.join(diff)}")
         if label == "--resume":
-            _same_run(manifest, cfg, refs, step_dir)
+            _same_run(manifest, cfg, refs, step_dir, reference)
             _same_optimizer(manifest, cfg, dp, step_dir)
 
-    scores, entropies = _check_scores(cfg, refs)
+    scores, entropies = _check_scores(cfg, refs, int(eod))
+    sample_scores, sample_entropies = (scores[0], entropies[0] if entropies else None) if _is_sample(cfg) else (None, None)
+    if sample_scores is not None:
+        scores, entropies = (), ()
+    if cfg.trace_selection and cfg.cp > 1:
+        raise NotAvailableError(f"--trace-selection with --cp {cfg.cp}: the trace records whole sequences (use --cp 1)")
     masks = _check_masks(cfg.masks, refs, "--mask", "--data")
     eval_refs = _check_eval_data(cfg, tokenizer_fp, refs[0].prefix)
     eval_masks = _check_masks(cfg.eval_masks, eval_refs, "--eval-mask", "--eval-data")
@@ -239,11 +231,46 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         init_checkpoint=str(init_dir) if init_dir is not None else None,
         init_format=init_format,
         bos_id=bos,
+        reference=reference,
+        sample_scores=sample_scores,
+        sample_entropies=sample_entropies,
     )
     return spec, world_size
 
 
-def _steps_from_epochs(cfg):
+def resolve_run_data(cfg):
+    """The --data prefixes read: (DatasetRefs, tokenizer fingerprint, vocab, EOD id, BOS id), the
+    datasets checked to share one tokenizer and to be weighted all or none."""
+    from parallel.trainer import DatasetRef
+    from rhocli.core.formats.tokens import TokenDataset
+
+    if not cfg.data:
+        raise UsageError("no training data: pass --data PREFIX (or train.data in the config)")
+    refs, tokenizer_fp, vocab, eod, bos = [], None, None, None, None
+    for arg in cfg.data:
+        prefix, weight = parse_data_arg(arg)
+        ds = TokenDataset(prefix)
+        tok = ds.tokenizer
+        if tokenizer_fp is None:
+            tokenizer_fp, vocab, eod, bos = tok.get("fingerprint"), tok.get("vocab_size"), tok.get("eod_id"), tok.get("bos_id")
+        elif tok.get("fingerprint") != tokenizer_fp:
+            raise MismatchError(f"--data {prefix}: tokenized with another tokenizer than {cfg.data[0]} ({tok.get('fingerprint')} vs {tokenizer_fp})")
+        refs.append(DatasetRef(prefix=str(prefix), weight=weight, fingerprint=ds.fingerprint()))
+    if any(r.weight is None for r in refs) and any(r.weight is not None for r in refs):
+        raise UsageError("--data: give a weight to every prefix or to none")
+    return tuple(refs), tokenizer_fp, vocab, eod, bos
+
+
+def run_pipeline(cfg, refs, eod: int) -> dict[str, Any]:
+    """The data pipeline of a run (``formats.sample_scores.pipeline_record``): what fixes its samples."""
+    from rhocli.core.formats.sample_scores import pipeline_record
+
+    return pipeline_record([(r.fingerprint, r.weight) for r in refs], None if cfg.eval_data else cfg.split,
+                           cfg.seq_length, cfg.seed, cfg.steps * cfg.global_batch_size, cfg.separate_documents,
+                           cfg.pack, eod)
+
+
+def steps_from_epochs(cfg):
     """``--epochs N``: the steps that read the --data documents N times: ceil(N x samples of one pass /
     global_batch_size), a pass being tokens / seq_length samples (stream packing) or the samples whole
     documents fill (``--pack whole``). megatron's GPTDataset builds as many passes as the steps need."""
@@ -351,9 +378,90 @@ def _one_mask_per_dataset(refs, masks, eval_refs, eval_masks) -> None:
                              "here: give it the same mask in both (--mask, --eval-mask)")
 
 
-def _check_scores(cfg, refs):
+def _is_sample(cfg) -> bool:
+    from rhocli.core.formats.sample_scores import is_sample_store
+
+    return bool(cfg.scores) and any(is_sample_store(p) for p in cfg.scores)
+
+
+def _check_reference(cfg, vocab: int, tokenizer_fp: str | None, num_microbatches: int):
+    """--reference: a model the run's layout can hold, with the run's vocabulary and tokenizer, read
+    by a score function that uses a reference; its fingerprint recorded (a resume must match)."""
+    if not cfg.reference:
+        return None
+    import torch
+
+    from parallel.config import ModelConfig
+    from parallel.errors import LayoutError, ModelConfigError
+    from parallel.hf import model_config_from_hf
+    from parallel.layout import check_model_fits, check_virtual_pipeline
+    from parallel.model import model_features, transformer_config
+    from parallel.reference import ReferenceSpec, reference_features
+    from parallel.score_functions import score_inputs
+    from rhocli.core.model_source import resolve_model
+
+    if cfg.scores:
+        raise UsageError("--reference and --scores exclude each other (the reference losses come from the model run "
+                         "online, or from a store)")
+    if cfg.select_ratio is None:
+        raise UsageError("--reference needs --select-ratio (the fraction of tokens to train on)")
+    if not score_inputs(cfg.select_by) & {"ref_loss", "ref_entropy"}:
+        raise UsageError(f"--reference: --select-by {cfg.select_by} reads no reference model (drop --reference)")
+    source = resolve_model(cfg.reference, "--reference", model_config_from_hf)
+    where = f"--reference {cfg.reference}"
+    ref_model = ModelConfig(**source.manifest["model"])
+    ref_vocab = int(source.manifest["vocab_size"])
+    if ref_vocab != vocab:
+        raise MismatchError(f"{where}: vocabulary {ref_vocab} differs from the run's {vocab} (the reference must "
+                            "predict the run's tokens: the same tokenizer and vocab_size)")
+    ref_tokenizer = source.manifest.get("tokenizer_fingerprint")
+    if ref_tokenizer and tokenizer_fp and ref_tokenizer != tokenizer_fp:
+        raise MismatchError(f"{where}: trained with another tokenizer than --data")
+    if cfg.seq_length > ref_model.max_position_embeddings:
+        raise MismatchError(f"{where}: max_position_embeddings {ref_model.max_position_embeddings} is below the run's "
+                            f"seq_length {cfg.seq_length}")
+    try:  # the run's layout must split the reference too (its own layers and heads)
+        check_model_fits(ref_model, cfg.tp, cfg.pp)
+        check_virtual_pipeline(cfg.virtual_pp, cfg.pp, ref_model.num_layers, num_microbatches)
+        transformer_config(ref_model, cfg.tp, cfg.pp, torch.float32, **reference_features(model_features(cfg)))
+    except (LayoutError, ModelConfigError) as err:
+        raise MismatchError(f"{where}: the run's layout (--tp {cfg.tp} --pp {cfg.pp}"
+                            f"{f' --virtual-pp {cfg.virtual_pp}' if cfg.virtual_pp else ''}) does not fit the "
+                            f"reference model: {err}") from None
+    return ReferenceSpec(model=ref_model, format=source.format, path=str(source.path),
+                         fingerprint=source.description()["fingerprint"])
+
+
+def _check_sample_store(cfg, refs, eod: int, needs: set):
+    """--scores SAMPLE_STORE: one store for the whole blend, made for exactly this run's pipeline (and
+    its entropy store when the score reads it)."""
+    from parallel.trainer import DatasetRef
+    from rhocli.core.formats.sample_scores import first_difference, is_sample_store, read_sample_manifest
+    from rhocli.core.formats.scores import entropy_prefix
+
+    if len(cfg.scores) != 1 or not all(is_sample_store(p) for p in cfg.scores):
+        raise UsageError("--scores: a sample score store (rho score --for-run) serves the whole --data blend; give it "
+                         "alone, not beside document stores")
+    prefix = cfg.scores[0]
+    mine = run_pipeline(cfg, refs, eod)
+    out = []
+    for store in [prefix] + ([entropy_prefix(prefix)] if "ref_entropy" in needs else []):
+        if store != prefix and not Path(store + ".json").is_file():
+            raise UsageError(f"--select-by {cfg.select_by} needs {store} (the reference entropy: rho score --for-run "
+                             "--entropy)")
+        manifest = read_sample_manifest(store, label="--scores ")
+        diff = first_difference(manifest.get("pipeline") or {}, mine)
+        if diff:
+            raise MismatchError(f"--scores {store}: scores the samples of another data pipeline ({diff}); score this "
+                                "run's samples with rho score --for-run")
+        out.append(DatasetRef(prefix=str(store), weight=None, fingerprint=manifest.get("fingerprint", "")))
+    return tuple(out[:1]), tuple(out[1:])
+
+
+def _check_scores(cfg, refs, eod: int):
     """(score stores, entropy stores) for selective training: one per --data prefix, made from exactly
-    its tokens; the entropy stores (``rho score --entropy``) only when the score reads them."""
+    its tokens, or one sample store for the run's pipeline; the entropy stores (``rho score
+    --entropy``) only when the score reads them."""
     from parallel.score_functions import parse_score, score_inputs
     from rhocli.core.formats.scores import entropy_prefix
 
@@ -369,9 +477,12 @@ def _check_scores(cfg, refs):
         raise UsageError(f"--select-by {err}") from None
     needs = score_inputs(cfg.select_by)
     if not cfg.scores:
-        if needs & {"ref_loss", "ref_entropy"}:
-            raise UsageError(f"--select-by {cfg.select_by} needs --scores SCORES_PREFIX (from rho score), one per --data")
-        return (), ()  # training loss or random: no reference model
+        if needs & {"ref_loss", "ref_entropy"} and not cfg.reference:
+            raise UsageError(f"--select-by {cfg.select_by} needs --scores SCORES_PREFIX (from rho score), one per --data, "
+                             "or --reference MODEL")
+        return (), ()  # training loss or random: no reference model; or the reference run online
+    if _is_sample(cfg):
+        return _check_sample_store(cfg, refs, eod, needs)
     if len(cfg.scores) != len(refs):
         raise UsageError(f"--scores: give one score store per --data prefix ({len(refs)}), in the same order")
     stores, entropies = [], []
@@ -403,6 +514,10 @@ def _aligned_scores(prefix, ref, flag: str):
 RESUME_MAY_CHANGE = frozenset({"steps", "stop_after", "save_interval", "eval_interval", "log_interval", "checkpoint",
                                "tp", "pp", "dp", "cp", "init", "resume", "save", "data_cache", "data", "eval_data",
                                "eval_masks", "scores", "masks",
+                               # compared by content: the stores' and the reference's fingerprints (``_same_run``)
+                               "reference",
+                               # what is recorded, not what is trained
+                               "trace_selection",
                                # memory/speed features: the same math, so a resume may switch them
                                "recompute", "recompute_method", "recompute_num_layers", "recompute_modules",
                                "sequence_parallel", "virtual_pp", "overlap_grad_reduce", "overlap_param_gather",
@@ -461,7 +576,7 @@ def _check_recompute(model_cfg, cfg) -> None:
         raise NotAvailableError("train.recompute_modules layernorm needs Transformer Engine in megatron-core (not installed)")
 
 
-def _same_run(manifest: dict, cfg, refs, step_dir: Path) -> None:
+def _same_run(manifest: dict, cfg, refs, step_dir: Path, reference=None) -> None:
     """--resume continues a run exactly, so it refuses options that would make it another run (a new
     --lr, other data); the datasets are compared by content, not by the paths given."""
     saved_train = ((manifest.get("config") or {}).get("train")) or {}
@@ -472,8 +587,14 @@ def _same_run(manifest: dict, cfg, refs, step_dir: Path) -> None:
     if saved_data and saved_data != [(r.fingerprint, r.weight) for r in refs]:
         changed.append("--data: other datasets or weights than the run was trained on")
     saved_scores = [s.get("fingerprint") for s in manifest.get("scores") or []]
+    if manifest.get("sample_scores"):
+        saved_scores = [manifest["sample_scores"].get("fingerprint")]
     if saved_scores and cfg.scores and saved_scores != [_store_fingerprint(p) for p in cfg.scores]:
         changed.append("--scores: other score stores than the run selected with")
+    saved_reference = (manifest.get("reference") or {}).get("fingerprint")
+    if saved_reference and reference is not None and saved_reference != reference.fingerprint:
+        changed.append(f"--reference: another model ({reference.fingerprint[:19]}…) than the run selected with "
+                       f"({saved_reference[:19]}…)")
     if changed:
         raise MismatchError(f"--resume {step_dir}: the run's options differ ({'; '.join(changed)}); a resume continues "
                             "the run exactly, so give its options (or start a new run with --init)")
@@ -500,8 +621,11 @@ def _same_optimizer(manifest: dict, cfg, dp: int, step_dir: Path) -> None:
 
 
 def _store_fingerprint(prefix: str) -> str | None:
+    from rhocli.core.formats.sample_scores import is_sample_store, read_sample_manifest
     from rhocli.core.formats.scores import read_scores_manifest
 
+    if is_sample_store(prefix):
+        return read_sample_manifest(prefix, label="--scores ").get("fingerprint")
     return read_scores_manifest(prefix, label="--scores ").get("fingerprint")
 
 
@@ -547,7 +671,19 @@ def spec_from_dict(d: dict[str, Any]):
         init_checkpoint=d.get("init_checkpoint"),
         init_format=d.get("init_format", "rho"),
         bos_id=d.get("bos_id"),
+        reference=_reference_from_dict(d.get("reference")),
+        sample_scores=DatasetRef(**d["sample_scores"]) if d.get("sample_scores") else None,
+        sample_entropies=DatasetRef(**d["sample_entropies"]) if d.get("sample_entropies") else None,
     )
+
+
+def _reference_from_dict(d):
+    if not d:
+        return None
+    from parallel.config import ModelConfig
+    from parallel.reference import ReferenceSpec
+
+    return ReferenceSpec(**{**d, "model": ModelConfig(**d["model"])})
 
 
 def run_plan(spec, world: int) -> dict[str, Any]:
