@@ -75,10 +75,15 @@ class MemoryEstimate:
     optimizer: str
     distributed_optimizer: bool
     recompute: str
+    reference_parameters: int = 0
+    """The online reference model's parameters on that rank (``rho train --reference``; 0 without)."""
+    reference: int = 0
+    """Its weights in the training precision, plus what its forward holds at once: one micro-batch's
+    hidden states in and out of a layer and a block of output-layer logits (``OutputStats``)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + self.activations
+        return self.weights + self.gradients + self.optimizer_state + self.activations + self.reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,8 +308,27 @@ def _optimizer_bytes_per_param(optimizer: str, precision: str) -> int:
     return main_copy + moments
 
 
+def reference_bytes(reference: ModelConfig, train: TrainConfig, vocab_size: int, pipeline_rank: int,
+                    precision: str) -> tuple[int, int]:
+    """(parameters, bytes) of the online reference model on ``pipeline_rank``: its weights (no
+    gradient, no optimizer state) and its forward's working set, which is freed before the training
+    forward starts (forward only: nothing is saved for a backward)."""
+    from parallel.output_stats import GPU_LOGITS_ELEMENTS
+
+    params = rank_parameters(reference, vocab_size, train.tp, train.pp, train.virtual_pp or 1, pipeline_rank)
+    width = DTYPE_BYTES[precision]
+    tokens = train.micro_batch_size * train.seq_length // train.cp
+    hidden = 2 * tokens * reference.hidden_size * width  # a layer's input and output
+    ffn = 2 * tokens * reference.ffn_hidden_size // train.tp * width  # SwiGLU's two halves
+    logits = 0
+    if pipeline_rank == train.pp - 1:
+        vocab_local = padded_vocab_size(vocab_size, train.tp, reference.make_vocab_size_divisible_by) // train.tp
+        logits = min(tokens * vocab_local, GPU_LOGITS_ELEMENTS) * (width + FP32)
+    return params, params * width + hidden + ffn + logits
+
+
 def estimate_memory(model: ModelConfig, train: TrainConfig, vocab_size: int, dp: int,
-                    on_gpu: bool = True) -> MemoryEstimate:
+                    on_gpu: bool = True, reference: ModelConfig | None = None) -> MemoryEstimate:
     """The per-rank memory of ``train``'s layout (tp, pp, virtual_pp from ``train``, ``dp`` data-parallel
     ranks) on its most loaded pipeline rank. ``on_gpu``: size the run for CUDA devices (``precision:
     auto`` is bf16, the distributed optimizer's default is on for dp > 1, RMSNorm is fused) rather
@@ -324,11 +348,14 @@ def estimate_memory(model: ModelConfig, train: TrainConfig, vocab_size: int, dp:
         without, _ = rank_activations(model, train, vocab_size, num_microbatches, rank, "none", on_gpu)
         full_uniform = dataclasses.replace(train, recompute_method="uniform", recompute_num_layers=1)
         full, _ = rank_activations(model, full_uniform, vocab_size, num_microbatches, rank, "full", on_gpu)
+        ref_params, ref_bytes = (reference_bytes(reference, train, vocab_size, rank, precision) if reference is not None
+                                 else (0, 0))
         candidates.append(MemoryEstimate(
             pipeline_rank=rank, parameters=params, weights=params * DTYPE_BYTES[precision],
             gradients=params * FP32,  # DDP's main_grad buffer: grad_reduce_in_fp32 (parallel/trainer.py)
             optimizer_state=math.ceil(state / shards) if distributed else state,
             activations=configured, activations_no_recompute=without, activations_full_recompute=full,
             micro_batches_in_flight=in_flight, precision=precision, optimizer=train.optimizer,
-            distributed_optimizer=distributed, recompute=train.recompute))
+            distributed_optimizer=distributed, recompute=train.recompute, reference_parameters=ref_params,
+            reference=ref_bytes))
     return max(candidates, key=lambda e: (e.total, -e.pipeline_rank))

@@ -171,6 +171,10 @@ def _print_plan(plan: dict) -> None:
     table.add_row("batch", f"{plan['global_batch_size']} x {plan['seq_length']} tokens; {plan['num_microbatches']} "
                            f"micro-batches of {plan['micro_batch_size']} per DP rank")
     table.add_row("steps", f"{plan['steps']} ({plan['steps'] * plan['global_batch_size'] * plan['seq_length']:,} tokens)")
+    if plan.get("reference"):
+        words = {"online": "online (each step's samples, the run's layout)", "samples": "sample store (this run's samples)",
+                 "documents": "document stores (each document scored alone)"}
+        table.add_row("reference", f"{words[plan['reference']['source']]}: " + lit(plan["reference"]["path"]))
     table.add_row("run dir", lit(plan["run_dir"]) + (" (resume)" if plan["resume"] else ""))
     table.add_row("config hash", plan["config_hash"])
     _memory_rows(table, plan["memory"], plan["pp"], plan["dp"])
@@ -202,6 +206,8 @@ def _memory_rows(table, m: dict, pp: int, dp: int) -> None:
     table.add_row("  optimizer state", f"{_gib(m['optimizer_state'])} ({_optimizer_state_words(m)})")
     table.add_row("  activations", f"{_gib(m['activations'])} (recompute {m['recompute']}; {flight} micro-batch"
                                    f"{'es' if flight > 1 else ''} in flight)")
+    if m.get("reference"):
+        table.add_row("  reference model", f"{_gib(m['reference'])} ({m['reference_parameters']:,} parameters, forward only)")
     table.add_row("  without recompute", _gib(m["activations_no_recompute"]))
     table.add_row("  with full recompute", f"{_gib(m['activations_full_recompute'])} (one layer per checkpoint)")
     table.add_row("  total", f"{_gib(m['total'])} + CUDA context, NCCL buffers, fragmentation (~10-20 % more)")

@@ -699,7 +699,8 @@ def run_plan(spec, world: int) -> dict[str, Any]:
     cfg = spec.train
     shape = model_shape(spec.model, spec.vocab_size, cfg.tp, torch.float32)
     dp = data_parallel_size(world, cfg.tp, cfg.pp, cp=cfg.cp)
-    memory = estimate_memory(spec.model, cfg, spec.vocab_size, dp, on_gpu=True)
+    memory = estimate_memory(spec.model, cfg, spec.vocab_size, dp, on_gpu=True,
+                             reference=spec.reference.model if spec.reference is not None else None)
     return {
         "world_size": world, "tp": cfg.tp, "pp": cfg.pp, "cp": cfg.cp, "dp": dp,
         "architecture": spec.model.architecture, "parameters": count_parameters(spec.model, spec.vocab_size),
@@ -710,6 +711,9 @@ def run_plan(spec, world: int) -> dict[str, Any]:
         "num_microbatches": micro_batches_per_step(cfg.global_batch_size, cfg.micro_batch_size, dp),
         "steps": cfg.steps, "run_dir": spec.run_dir, "resume": cfg.resume, "config_hash": spec.config_hash(),
         "memory": {**dataclasses.asdict(memory), "total": memory.total},
+        "reference": ({"source": spec.reference_source, "path": spec.reference.path if spec.reference else
+                       (spec.sample_scores.prefix if spec.sample_scores else ", ".join(s.prefix for s in spec.scores))}
+                      if spec.reference_source else None),
     }
 
 
