@@ -29,17 +29,19 @@ def write_bpe_tokenizer(directory, texts, vocab_size: int, eos: str, bos: str) -
     return directory
 
 
-def tiny_hf_model(kind: str, directory, tokenizer_dir):
+def tiny_hf_model(kind: str, directory, tokenizer_dir, seed: int | None = None, **overrides):
     """A tiny random model built by transformers: ``llama`` and ``mistral`` (untied, no biases), ``llama3``
     (Llama 3.x RoPE scaling, tied embeddings), ``qwen2`` (q/k/v biases, tied embeddings); the last two with
-    a vocabulary of 501, which TP2 does not divide."""
+    a vocabulary of 501, which TP2 does not divide. ``seed`` (default: one per kind) draws the weights;
+    ``overrides`` change config fields (e.g. num_key_value_heads)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
-    torch.manual_seed({"llama": 1, "mistral": 2, "llama3": 3, "qwen2": 4}[kind])
+    torch.manual_seed({"llama": 1, "mistral": 2, "llama3": 3, "qwen2": 4}[kind] if seed is None else seed)
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
                   eos_token_id=0, bos_token_id=1)
+    common.update(overrides)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(rope_theta=10000.0, **common))
     elif kind == "mistral":

@@ -7,6 +7,8 @@ ones that read the content):
   ``.idx``/``.bin`` structure, the manifest's counts, the content fingerprint, ids below the vocabulary;
 * score store (``rho.scores``): structure, counts, fingerprint, every value finite, and the token
   dataset it names, when present, has the fingerprint it claims;
+* sample score store (``rho.sample_scores``): size, every value finite, fingerprint, and the token
+  datasets its pipeline reads, when present, have the fingerprints it claims;
 * mask store (``rho.mask``): structure, counts, fingerprint, every value 0 or 1, the token dataset;
 * checkpoint (a run or step directory): the manifest, and every file its metadata names, whole.
 """
@@ -94,6 +96,23 @@ def _store(prefix: str, result: Verified) -> None:
         check_fingerprint(prefix, store.manifest)
         result.passed.append("content fingerprint")
         _token_dataset(store.manifest, result)
+        return
+    if fmt == "rho.sample_scores":
+        from rhocli.core.formats.sample_scores import verify_sample_store
+
+        result.kind = "sample score store"
+        manifest, n = verify_sample_store(prefix)  # size, every value finite, content fingerprint
+        result.passed.append(f"structure: {manifest['samples']:,} samples x {manifest['seq_length']} positions, "
+                             f"{n:,} finite scores")
+        result.passed.append("content fingerprint")
+        from rhocli.core.formats.manifest import store_fingerprint
+
+        for named in manifest.get("datasets") or []:  # the token datasets its pipeline reads, when present
+            if Path(named["prefix"] + ".bin").is_file():
+                if store_fingerprint(named["prefix"]) != named["fingerprint"]:
+                    raise BadInputError(f"{prefix}: made for token dataset {named['prefix']} with fingerprint "
+                                        f"{named['fingerprint'][:19]}…, which has other content now")
+                result.passed.append(f"token dataset {named['prefix']} is the one scored")
         return
     if fmt == "rho.mask":
         from rhocli.core.formats.masks import read_mask_manifest
