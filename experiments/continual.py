@@ -19,8 +19,9 @@ Every stage is the real rho command line, run in this process through rho's one 
    rho train --init BASE the reference on the reference set (--reference-steps); rho score the
    noisy corpus with the reference;
 3. for each seed: from --init BASE, --steps on the noisy corpus: CLM; SLM (--select-ratio, excess,
-   microbatch scope); the random control (--select-by random at the same ratio); each validating on
-   the held-out problems every --eval-interval steps;
+   microbatch scope) with the per-document score store; SLM with the reference run online on each
+   step's samples (--reference: the excess on one context); the random control (--select-by random at
+   the same ratio); each validating on the held-out problems every --eval-interval steps;
 4. results-ratioR-Nsteps.json (curves, per-seed rows), report-....md (mean ± spread over seeds) and
    heldout_loss-....svg. ``--reuse`` with another --ratio / --steps / --seeds runs only the new arms.
 """
@@ -39,7 +40,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ARMS = ("clm", "slm", "random")
+#: slm: the reference losses from the per-document score store (each document scored alone);
+#: slm_online: the reference run online on the very samples each step trains on (rho train --reference)
+ARMS = ("clm", "slm", "slm_online", "random")
 
 
 def corrupt_numbers(text: str, rng: random.Random) -> str:
@@ -69,6 +72,8 @@ def main() -> int:
     ap.add_argument("--math-docs", type=int, default=2000)
     ap.add_argument("--noise-docs", type=int, default=1500)
     ap.add_argument("--general-share", type=float, default=0.6, help="share of WikiText paragraphs for the base model")
+    ap.add_argument("--trace-steps", type=int, default=20, help="SLM arms: steps whose selection is traced")
+    ap.add_argument("--arms", default=",".join(ARMS), help="which arms to train (comma-separated)")
     args = ap.parse_args()
 
     from rhocli.app import invoke as run_rho
@@ -125,25 +130,30 @@ def main() -> int:
     stage("train reference (from base, clean problems)", [train("reference", "reference", args.reference_steps, ["--init", base])])
     stage("score corpus", [["score", "--model", out / "runs" / "reference", "--data", out / "tokens" / "corpus",
                             "--output", out / "scores" / "corpus.reference", "-q"]])
+    # the SLM arms trace their first steps' selection (rho analyze context reads it)
+    trace = ["--trace-selection", args.trace_steps] if args.trace_steps else []
     selection = {"clm": [], "slm": ["--scores", out / "scores" / "corpus.reference", "--select-ratio", args.ratio,
-                                    "--select-scope", "microbatch"],
+                                    "--select-scope", "microbatch", *trace],
+                 "slm_online": ["--reference", out / "runs" / "reference", "--select-ratio", args.ratio,
+                                "--select-scope", "microbatch", *trace],
                  "random": ["--select-by", "random", "--select-ratio", args.ratio, "--select-scope", "microbatch"]}
     def run_name(arm, seed):  # the ratio and the steps in the name: --reuse never mistakes one run for another
         return f"{arm}{'' if arm == 'clm' else f'{args.ratio:g}'}-{args.steps}steps-s{seed}"
 
+    arms = [a for a in ARMS if a in args.arms.split(",")]
     for seed in seeds:
-        for arm in ARMS:
+        for arm in arms:
             stage(f"train {arm} seed {seed}", [train(run_name(arm, seed), "corpus", args.steps,
                                                      ["--init", base, "--seed", seed, *selection[arm]])])
 
     # ---- 4. results
-    curves = {arm: {seed: read_metrics(out / "runs" / run_name(arm, seed))["valid"] for seed in seeds} for arm in ARMS}
+    curves = {arm: {seed: read_metrics(out / "runs" / run_name(arm, seed))["valid"] for seed in seeds} for arm in arms}
     base_loss = read_metrics(base)["valid"][-1][1]
     reference_loss = read_metrics(out / "runs" / "reference")["valid"][-1][1]
     per_seed = []
     for seed in seeds:
         clm_final = curves["clm"][seed][-1][1]
-        for arm in ARMS:
+        for arm in arms:
             valid = curves[arm][seed]
             reach = steps_to_reach(valid, clm_final)
             per_seed.append({"arm": arm, "seed": seed, "final_heldout": valid[-1][1], "steps_to_clm_final": reach,
@@ -159,7 +169,7 @@ def main() -> int:
     summary = {arm: {"final_heldout": spread([r["final_heldout"] for r in per_seed if r["arm"] == arm]),
                      "steps_to_clm_final": spread([r["steps_to_clm_final"] for r in per_seed if r["arm"] == arm]),
                      "reached": sum(1 for r in per_seed if r["arm"] == arm and r["steps_to_clm_final"] is not None),
-                     "speedup": spread([r["speedup"] for r in per_seed if r["arm"] == arm])} for arm in ARMS}
+                     "speedup": spread([r["speedup"] for r in per_seed if r["arm"] == arm])} for arm in arms}
     results = {"settings": vars(args) | {"shared": str(args.shared), "output": str(args.output), "config": str(args.config)},
                "seeds": seeds, "base_heldout": base_loss, "reference_heldout": reference_loss, "per_seed": per_seed,
                "summary": summary, "curves": curves, "seconds": timings, "total_seconds": time.perf_counter() - t_all,
@@ -167,11 +177,11 @@ def main() -> int:
                          "corpus": {s: sum(1 for r in corpus if r["source"] == s) for s in ("gsm8k", "wikitext", "noise")}}}
     tag = f"ratio{args.ratio:g}-{args.steps}steps"
     (out / f"results-{tag}.json").write_text(json.dumps(results, indent=1, default=str))
-    colours = {"clm": "#1f77b4", "slm": "#d62728", "random": "#7f7f7f"}
+    colours = {"clm": "#1f77b4", "slm": "#d62728", "slm_online": "#2ca02c", "random": "#7f7f7f"}
     series, styles, series_colours = {}, {}, {}
-    for arm in ARMS:
+    for arm in arms:
         for seed in seeds:
-            name = f"{arm.upper() if arm != 'random' else 'random'} seed {seed}"
+            name = f"{arm.upper().replace('_', ' ') if arm != 'random' else 'random'} seed {seed}"
             series[name] = [(s, v) for s, v in curves[arm][seed] if s > 0]
             series_colours[name] = colours[arm]
             styles[name] = "dashed" if seed != seeds[0] else "solid"
@@ -186,7 +196,7 @@ def main() -> int:
     lines = [f"base {base_loss:.4f}, reference {reference_loss:.4f} (held-out loss); seeds {seeds}; ratio {args.ratio}",
              "", "| arm | final held-out loss (mean ± std [min, max]) | steps to CLM's final | seeds that reach it | speed-up |",
              "|---|---|---|---|---|"]
-    for arm in ARMS:
+    for arm in arms:
         s = summary[arm]
         lines.append(f"| {arm} | {fmt(s['final_heldout'])} | {fmt(s['steps_to_clm_final'], '{:.0f}')} | "
                      f"{s['reached']}/{len(seeds)} | {fmt(s['speedup'], '{:.2f}')} |")

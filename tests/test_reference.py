@@ -208,3 +208,21 @@ def test_verify_checks_a_sample_store(runs, tmp_path, capsys):
         f.write(np.float32(3.5).tobytes())
     r = run_rho(capsys, "verify", tmp_path / "s")
     assert r.exit_code != 0 and "fingerprint" in (r.stdout + r.stderr)
+
+
+def test_analyze_context_recomputes_the_selection_and_bins_it_by_position(runs, capsys, tmp_path):
+    """``rho analyze context``: the selection recomputed from the trace's training losses and a sample
+    store equals what the engine kept online (the same inputs: Jaccard 1); the kept fractions by
+    position are the trace's own, counted here with numpy."""
+    from rhocli.analyze.context import context_report
+
+    report = context_report(runs / "A", [str(runs / "samples")])
+    assert report.steps == [1, 2] and report.jaccard == [1.0, 1.0] and report.source == "online reference"
+    traces = [_trace(runs / "A", s) for s in (1, 2)]
+    kept = np.concatenate([t["kept"] for t in traces]).astype(bool)
+    assert list(report.by_position["run"]) == ["0-15", "16-31"]
+    assert report.by_position["run"]["0-15"]["kept_fraction"] == pytest.approx(kept[:, :16].mean())
+    assert report.by_position["run"]["16-31"]["kept_fraction"] == pytest.approx(kept[:, 16:].mean())
+    assert report.by_position["other"] == report.by_position["run"]
+    r = run_rho(capsys, "analyze", "context", runs / "A", "--output", tmp_path / "c.json")
+    assert r.exit_code == 0 and "0-15" in r.stdout and json.loads((tmp_path / "c.json").read_text())["steps"] == [1, 2]

@@ -6,6 +6,8 @@ CPU (scoring a token sample with each checkpoint; the analysis itself is numpy):
     rho analyze dynamics runs/clm --data out/valid --output out/dynamics --sample 20000
     rho analyze dynamics --stores out/s/step_000050 --stores out/s/step_000100 ... --output out/dynamics
     rho analyze selection runs/slm --data out/valid --reference runs/ref --output out/selection --ratio 0.6
+    rho train ... --reference runs/ref --trace-selection 20 --save runs/slm    # then:
+    rho analyze context runs/slm --scores out/corpus.ref    # what a per-document store would have kept
 
 One GPU: the same command; each checkpoint is scored by ``rho score`` on the GPU.
 
@@ -84,3 +86,39 @@ def selection_command(
         out.print(f"step {step}: kept {kept:.1%}, loss selected {sel:.3f} / unselected {unsel:.3f}, "
                   f"{overlap:.0%} of the first selection still selected")
     out.print(f"[green]wrote[/] {lit(paths['json'])} and {lit(paths['html'])}")
+
+
+@analyze_app.command("context", help="Where in its samples a selective run keeps tokens (kept fraction by position), and how a reference scored on another context would have selected (Jaccard).")
+@stage
+def context_command(
+    run: Annotated[Path, typer.Argument(help="A selective run trained with --trace-selection N.")],
+    scores: Annotated[Optional[list[str]], typer.Option("--scores", help="Another reference source to compare: the document store per --data prefix, or a sample store.")] = None,
+    step: Annotated[Optional[list[int]], typer.Option("--step", help="Traced steps to read (default: all).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the report as JSON here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --output.")] = False,
+) -> None:
+    """Kept fraction by position within the sample, and the overlap with another score source."""
+    from rich.table import Table
+
+    from rhocli.analyze.context import context_report, write_report
+    from rhocli.commands.console import lit, out
+
+    report = context_report(run, list(scores or []), list(step or []))
+    out.print(f"{lit(report.run)}: steps {report.steps[0]}-{report.steps[-1]}, {report.scope} scope, top "
+              f"{report.ratio[-1]:.0%}")
+    sources = [("run", f"kept with the run's reference ({report.source})")]
+    if report.other:
+        sources.append(("other", f"kept with {lit(report.other)}"))
+    for key, title in sources:
+        table = Table(title=title, title_justify="left")
+        for name in ("positions", "kept", "ref loss", "excess"):
+            table.add_column(name, justify="left" if name == "positions" else "right")
+        for bin_label, b in report.by_position[key].items():
+            table.add_row(bin_label, f"{b['kept_fraction']:.1%}", f"{b['ref_loss']:.3f}", f"{b['excess']:.3f}")
+        out.print(table)
+    if report.jaccard:
+        out.print(f"overlap of the kept tokens (Jaccard), per step: mean {sum(report.jaccard) / len(report.jaccard):.3f} "
+                  f"(min {min(report.jaccard):.3f}, max {max(report.jaccard):.3f})")
+    path = write_report(report, output, force)
+    if path is not None:
+        out.print(f"[green]wrote[/] {lit(path)}")
