@@ -593,6 +593,7 @@ class Trainer:
             **({"skipped": "fp16 gradient overflow"} if overflow else {}),
             **({"loss_scale": float(self.optimizer.get_loss_scale())} if self.params_dtype == torch.float16 else {}),
             "step_time_s": dt,
+            "peak_memory_bytes": _peak_memory_bytes(),
             "tokens_per_s": self.cfg.global_batch_size * self.cfg.seq_length / dt,
             "consumed_samples": self.consumed_samples,
         }
@@ -722,6 +723,16 @@ class Trainer:
             "config_hash": self.spec.config_hash(),
             "run_dir": str(self.run_dir),
         }
+
+
+def _peak_memory_bytes() -> int:
+    """This rank's peak so far: the CUDA caching allocator's peak allocation on a GPU, the process's
+    peak resident set on the CPU (Linux reports ru_maxrss in KiB)."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _reference_banner(spec: RunSpec) -> dict[str, Any]:

@@ -19,6 +19,7 @@ Comparisons run rounds of two fresh runs taking turns step by step (A B B A ...;
 other, --alternate run) and report the median over rounds of B's step time over A's, with its spread:
 
     rho bench train configs/tiny.yaml --select-ratio 0.6                 # selective vs plain step
+    rho bench train configs/tiny.yaml --reference-online                 # SLM: reference online vs a store
     rho bench train configs/tiny.yaml --vs-set train.recompute=full      # a setting's cost
     rho bench train configs/tiny.yaml --vs-source ../rho-old             # regression vs another checkout
 
@@ -102,6 +103,7 @@ def bench_train_command(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override train.KEY=VALUE / model.KEY=VALUE (both arms).")] = None,
     peak_tflops: Annotated[Optional[float], typer.Option(help="Peak TFLOP/s per device for MFU (default 989 on GPU).")] = None,
     select_ratio: Annotated[Optional[float], typer.Option("--select-ratio", help="Compare: arm B trains selectively (synthetic scores), keeping this fraction.")] = None,
+    reference_online: Annotated[bool, typer.Option("--reference-online", help="Compare SLM with its reference losses from a score store (A) and from the reference model run online (B, the model's shape), at --select-ratio (default 0.6).")] = False,
     vs_set: Annotated[Optional[list[str]], typer.Option("--vs-set", help="Compare: arm B also gets this KEY=VALUE override; repeat.")] = None,
     vs_source: Annotated[Optional[Path], typer.Option("--vs-source", help="Compare: arm B runs the rho source tree in DIR (e.g. a git worktree of an older commit).")] = None,
     alternate: Annotated[str, typer.Option("--alternate", help="Compare by turns of one step (both arms in memory at once) or of whole runs (one at a time; --vs-source).")] = "step",
@@ -112,7 +114,7 @@ def bench_train_command(
     from rhocli.core.errors import MissingInputError, UsageError
     from rhocli.train.bench import Arm, run_bench_train
 
-    comparing = select_ratio is not None or bool(vs_set) or vs_source is not None
+    comparing = select_ratio is not None or bool(vs_set) or vs_source is not None or reference_online
     if alternate not in ("step", "run"):
         raise UsageError(f"--alternate: expected step or run, got {alternate!r}")
     if vs_source is not None and alternate == "step":
@@ -127,7 +129,13 @@ def bench_train_command(
     if vs_source is not None and not (vs_source / "rhocli" / "__main__.py").is_file():
         raise MissingInputError(f"--vs-source {vs_source}: not a rho source tree (no rhocli/__main__.py)")
     arms = [Arm("A: plain")]
-    if comparing:
+    if reference_online:
+        if vs_set or vs_source is not None:
+            raise UsageError("--reference-online compares two selective arms; it takes no --vs-set or --vs-source")
+        ratio = select_ratio if select_ratio is not None else 0.6
+        arms = [Arm(f"A: SLM {ratio:g}, score store", select_ratio=ratio),
+                Arm(f"B: SLM {ratio:g}, reference online", select_ratio=ratio, reference_online=True)]
+    elif comparing:
         what = [f"selective {select_ratio:g}" if select_ratio is not None else "", *(vs_set or []),
                 f"rho at {vs_source}" if vs_source is not None else ""]
         arms.append(Arm("B: " + ", ".join(w for w in what if w), tuple(vs_set or ()),
@@ -159,6 +167,7 @@ def _train_table(reports):
     row("tokens/s", lambda x: f"{x.tokens_per_s:,.0f}  ({x.tokens_per_s_per_device:,.0f} per device)")
     row("model TFLOP/s per device", lambda x: f"{x.tflops_per_device:.2f}")
     row("MFU", lambda x: f"{x.mfu * 100:.1f} %" if x.mfu is not None else "n/a (pass --peak-tflops)")
+    row("peak memory (rank 0)", lambda x: f"{x.peak_memory_bytes / 2**20:,.0f} MiB" if x.peak_memory_bytes else "-")
     return t
 
 

@@ -51,6 +51,8 @@ class TrainBenchReport:
     mfu: float | None
     steps_measured: int
     arm: str = "plain"
+    peak_memory_bytes: int | None = None
+    """Rank 0's peak (CUDA allocator on a GPU, resident set on the CPU), the largest of the arm's runs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +65,9 @@ class Arm:
     source: Path | None = None
     select_ratio: float | None = None
     """Train selectively, keeping this fraction of tokens, on synthetic reference losses."""
+    reference_online: bool = False
+    """With ``select_ratio``: the reference losses from a reference model run online (``--reference``:
+    the trained model's shape, random weights) instead of a score store."""
 
 
 @dataclasses.dataclass
@@ -167,6 +172,20 @@ def write_synthetic_scores(token_prefix: Path, prefix: Path, seed: int = 1) -> N
     writer.publish(1, lengths)
 
 
+def write_reference_checkpoint(config: Path, workdir: Path, extra: list[str]) -> Path:
+    """A reference model for the online arm: the config's model after one step on the synthetic data
+    (random weights of the trained model's shape, the synthetic tokenizer's vocabulary)."""
+    run_dir = workdir / "reference"
+    cmd = [sys.executable, "-m", "rhocli", "train", str(config), "--data", str(workdir / "synthetic"), "--save",
+           str(run_dir), "--steps", "1", "--eval-interval", "0", "--set", "train.warmup_steps=0",
+           "--set", "train.split=100,0,0", "-q", *[a for item in extra for a in ("--set", item)]]
+    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or ["(no output)"]
+        raise WorkerError(f"benchmark reference model (one training step) failed: {lines[-1]}")
+    return run_dir
+
+
 def run_bench_train(config: Path, tp: int, pp: int, dp: int, steps: int, warmup: int,
                     extra: list[str], peak_tflops: float | None, arms: list[Arm] | None = None,
                     rounds: int = 1, alternate: str = "step") -> TrainBenchResult:
@@ -195,10 +214,13 @@ def run_bench_train(config: Path, tp: int, pp: int, dp: int, steps: int, warmup:
     workdir = Path(tempfile.mkdtemp(prefix="rho-bench-train-"))
     try:
         write_synthetic_dataset(workdir / "synthetic", vocab, tokens_needed)
-        if any(arm.select_ratio is not None for arm in arms):
+        if any(arm.select_ratio is not None and not arm.reference_online for arm in arms):
             write_synthetic_scores(workdir / "synthetic", workdir / "synthetic.ref")
+        if any(arm.reference_online for arm in arms):
+            write_reference_checkpoint(config, workdir, extra)
         runs = [_ArmRun(workdir, a, arm, config, (tp, pp, dp), steps, extra) for a, arm in enumerate(arms)]
         times: list[list[list[float]]] = [[] for _ in arms]  # [arm][round] -> step times of that run
+        peaks: list[int | None] = [None for _ in arms]
         for r in range(rounds):
             if len(arms) == 2 and alternate == "step":
                 arm_times = _alternate_steps(runs, steps, warmup, first=abba_order(r, 2)[0])
@@ -207,12 +229,15 @@ def run_bench_train(config: Path, tp: int, pp: int, dp: int, steps: int, warmup:
             else:
                 for a in abba_order(r, len(arms)):
                     times[a].append(runs[a].run(warmup))
+            for a, run in enumerate(runs):
+                peak = run.peak_memory()
+                peaks[a] = peak if peaks[a] is None or (peak or 0) > peaks[a] else peaks[a]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     devices = tp * pp * dp
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     reports = []
-    for arm, arm_times, (model_cfg, train_cfg) in zip(arms, times, configs):
+    for arm, arm_times, peak_memory, (model_cfg, train_cfg) in zip(arms, times, peaks, configs):
         arm_vocab = model_cfg.vocab_size or vocab
         seq, tokens_per_step = train_cfg.seq_length, train_cfg.global_batch_size * train_cfg.seq_length
         pooled = [t for round_times in arm_times for t in round_times]
@@ -224,7 +249,8 @@ def run_bench_train(config: Path, tp: int, pp: int, dp: int, steps: int, warmup:
             config=str(config), layout=f"tp{tp} pp{pp} dp{dp}", device=device,
             parameters=count_parameters(model_cfg, arm_vocab), tokens_per_step=tokens_per_step,
             step_time_s=step_time, tokens_per_s=tokens_per_s, tokens_per_s_per_device=tokens_per_s / devices,
-            tflops_per_device=rate["tflops"], mfu=rate["mfu"], steps_measured=len(pooled), arm=arm.label))
+            tflops_per_device=rate["tflops"], mfu=rate["mfu"], steps_measured=len(pooled), arm=arm.label,
+            peak_memory_bytes=peak_memory))
     comparison = paired_ratio_summary(times[0], times[1]) if len(arms) == 2 else None
     return TrainBenchResult(reports=reports, comparison=comparison, rounds=len(times[0]))
 
@@ -245,7 +271,9 @@ class _ArmRun:
                     "--eval-interval", "0", "--set", "train.checkpoint=false", "--set", "train.warmup_steps=1",
                     "--set", "train.split=100,0,0", "-q"]
         sets = [*extra, *arm.sets]
-        if arm.select_ratio is not None:
+        if arm.select_ratio is not None and arm.reference_online:
+            sets += [f"train.reference={workdir / 'reference'}", f"train.select_ratio={arm.select_ratio}"]
+        elif arm.select_ratio is not None:
             sets += [f"train.scores=[{workdir / 'synthetic.ref'}]", f"train.select_ratio={arm.select_ratio}"]
         for item in sets:
             self.cmd += ["--set", item]
@@ -272,6 +300,14 @@ class _ArmRun:
         lines = self.stderr_path.read_text(errors="replace").strip().splitlines() or ["(no output)"]
         where = f" (rho at {self.arm.source})" if self.arm.source is not None else ""
         return WorkerError(f"benchmark training run {self.arm.label!r} failed{where}: {lines[-1]}")
+
+    def peak_memory(self) -> int | None:
+        """Rank 0's peak memory over the run (its last step's record), if recorded."""
+        from rhocli.core.formats.metrics import MetricsLog
+
+        records = [json.loads(l) for l in MetricsLog(self.run_dir).path.read_text().splitlines() if l.strip()]
+        values = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes")]
+        return max(values) if values else None
 
     def step_times(self, warmup: int) -> list[float]:
         from rhocli.core.formats.metrics import MetricsLog
