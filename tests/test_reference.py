@@ -53,8 +53,9 @@ SELECT = ("--select-ratio", "0.6", "--trace-selection", "2", "-q")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, hf_tokenizer_dir):
     """One set of runs shared by the tests: the reference and the starting weights are two random
-    transformers Llamas; A online TP1, B online TP2PP2, C a TP1 sample store's run (stream packing);
-    D online TP2PP2 and E a TP2PP2 sample store's run with --separate-documents."""
+    transformers Llamas; A online TP1 (stopped after step 1 and resumed), B online TP2PP2, C a TP1
+    sample store's run (stream packing); D online TP2PP2 and E a TP2PP2 sample store's run with
+    --separate-documents."""
     from hf_models import tiny_hf_model
 
     d = tmp_path_factory.mktemp("reference")
@@ -68,7 +69,10 @@ def runs(tmp_path_factory, hf_tokenizer_dir):
     config.write_text(CONFIG)
     common = (config, "--data", d / "c", "--init", d / "init", *SELECT)
     separate = ("--separate-documents",)
-    rho("train", *common, "--reference", d / "ref", "--save", d / "A")
+    # A stops after step 1 and resumes: the reference has no state but its weights, so the resumed
+    # run equals C (uninterrupted, from the store) bit for bit (test_sample_store_equals_online...)
+    rho("train", *common, "--reference", d / "ref", "--save", d / "A", "--stop-after", 1)
+    rho("train", *common, "--reference", d / "ref", "--save", d / "A", "--resume")
     rho("train", *common, "--reference", d / "ref", "--save", d / "B", "--tp", 2, "--pp", 2, timeout=600)
     rho("score", "--model", d / "ref", "--for-run", config, "--data", d / "c", "-o", d / "samples", "-q")
     rho("train", *common, "--scores", d / "samples", "--save", d / "C")
@@ -129,6 +133,8 @@ def test_reference_losses_used_equal_transformers_on_the_samples(runs, run, sepa
 
 @pytest.mark.parametrize("online, store", [("A", "C"), ("D", "E")])
 def test_sample_store_equals_online_bit_for_bit(runs, online, store):
+    """At one layout the store's run selects exactly what the online run selects, and trains the same
+    (A was stopped and resumed: the online reference resumes exactly)."""
     for step in (1, 2):
         a, b = _trace(runs / online, step), _trace(runs / store, step)
         assert set(a) == set(b)
@@ -226,3 +232,18 @@ def test_analyze_context_recomputes_the_selection_and_bins_it_by_position(runs, 
     assert report.by_position["other"] == report.by_position["run"]
     r = run_rho(capsys, "analyze", "context", runs / "A", "--output", tmp_path / "c.json")
     assert r.exit_code == 0 and "0-15" in r.stdout and json.loads((tmp_path / "c.json").read_text())["steps"] == [1, 2]
+
+
+@pytest.mark.parametrize("change, words", [
+    (("--set", "model.rope_theta=20000"), "model.rope_theta was 10000.0, now 20000.0"),
+    (("--set", "model.norm_epsilon=1e-6"), "model.norm_epsilon was 1e-05, now 1e-06"),
+    (("--set", "model.init_method_std=0.01"), "model.init_method_std was 0.02, now 0.01"),
+    (("--seq-length", 64), "seq_length was 32, now 64"),
+    (("--select-by", "reference"), "select_by was 'excess', now 'reference'"),
+    (("--select-ratio", "1.0:0.6"), "select_ratio_start was None, now 1.0"),
+])
+def test_resume_refuses_any_change_to_the_numerics(runs, capsys, change, words):
+    """Issue 27: a resume compares the whole model and train configuration, not only the shape."""
+    r = run_rho(capsys, "train", runs / "config.yaml", "--data", runs / "c", "--save", runs / "A", "--resume",
+                "--steps", 3, "--reference", runs / "ref", "--select-ratio", "0.6", *change)
+    assert r.exit_code == 6 and words in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -83,6 +83,8 @@ _STARTUP_S = 120.0  # importing sympy + numpy on a cold disk can take long
 _SLACK_S = 5.0  # fork + clean-up + reply on top of wall_s before the caller gives up on a zygote
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 _PR_SET_PDEATHSIG, _PR_SET_CHILD_SUBREAPER = 1, 36
+#: tasks a worker's pids cgroup allows beyond the worker, the program and Limits.processes
+_CGROUP_SLACK = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,11 +174,14 @@ def _receive(fd: int, deadline: float | None = None) -> dict:
 
 
 class _Worker:
-    """One zygote process and its two pipes. Not thread-safe: the Sandbox lends it to one thread."""
+    """One zygote process and its two pipes. Not thread-safe: the Sandbox lends it to one thread.
+    Under OS isolation (``isolation.Isolation``) the zygote runs inside bubblewrap, with a pids
+    cgroup of its own when the caller is root."""
 
-    def __init__(self, limits: Limits, preload: tuple[str, ...], home: str):
-        self.limits, self.preload, self.home = limits, preload, home
+    def __init__(self, limits: Limits, preload: tuple[str, ...], home: str, isolation):
+        self.limits, self.preload, self.home, self.isolation = limits, preload, home, isolation
         self.proc = None
+        self.cgroup = None
         self.preloaded: list[str] = []
 
     @property
@@ -191,10 +196,12 @@ class _Worker:
         import subprocess
 
         config = {"limits": dataclasses.asdict(self.limits), "preload": list(self.preload), "home": self.home}
+        env = minimal_environment(self.home)
+        self.cgroup = self.isolation.new_cgroup()
+        argv = self.isolation.wrap([sys.executable, "-I", os.path.abspath(__file__), json.dumps(config)], env, self.cgroup)
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", os.path.abspath(__file__), json.dumps(config)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=minimal_environment(self.home), cwd=self.home, close_fds=True,
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env, cwd="/" if self.isolation.isolated else self.home, close_fds=True,
             start_new_session=True,  # a Ctrl-C on the caller's terminal is the caller's to handle
         )
 
@@ -207,6 +214,8 @@ class _Worker:
             self.kill()
             raise NotAvailableError(f"the sandbox worker ({sys.executable} -I) did not start: {err}") from None
         self.preloaded = list(message.get("preloaded", []))
+        if self.cgroup is not None:  # the worker's tasks now, the program, and the processes it may start
+            self.cgroup.limit(self.cgroup.tasks() + 1 + self.limits.processes + _CGROUP_SLACK)
 
     def run(self, program: str) -> Execution:
         if not self.alive():
@@ -235,8 +244,10 @@ class _Worker:
         self.ready()
 
     def kill(self, child: int | None = None) -> None:
-        """SIGKILL the zygote and the program it was running (its process group: it called setsid)."""
-        if isinstance(child, int) and child > 0:
+        """SIGKILL the zygote and the program it was running (its process group: it called setsid).
+        Under isolation ``child`` is a PID of the worker's namespace, meaningless here: killing bubblewrap
+        ends its PID namespace, and with it every process inside."""
+        if isinstance(child, int) and child > 0 and not self.isolation.isolated:
             _kill_group(child)
         if self.proc is not None:
             self.proc.kill()
@@ -247,6 +258,10 @@ class _Worker:
                 except OSError:
                     pass
             self.proc = None
+        if self.cgroup is not None:
+            _wait_empty(self.cgroup)
+            self.cgroup.remove()
+            self.cgroup = None
 
     def close(self) -> None:
         """Closing stdin ends the zygote's loop; kill it if it is still busy after a moment."""
@@ -266,7 +281,7 @@ class Sandbox:
     PROGRAM. ``run`` is thread-safe; ``run_many`` spreads programs over the workers, results in order."""
 
     def __init__(self, limits: Limits = Limits(), preload: tuple[str, ...] = ("math", "sympy", "numpy"),
-                 workers: int = 1):
+                 workers: int = 1, isolation=None):
         from rhocli.core.errors import NotAvailableError, UsageError
 
         if os.name != "posix" or not hasattr(os, "fork") or not hasattr(os, "setsid"):
@@ -275,9 +290,14 @@ class Sandbox:
             raise UsageError(f"the sandbox needs at least one worker, got {workers}")
         import queue
 
+        from rhocli.eval.isolation import INSIDE_HOME, choose_isolation
+
         self.limits = limits
-        self._home = os.path.realpath(tempfile.mkdtemp(prefix="rho-sandbox-"))
-        self._workers = [_Worker(limits, tuple(preload), self._home) for _ in range(workers)]
+        #: the OS isolation of the workers (default: bubblewrap, refused where it is not available)
+        self.isolation = isolation if isolation is not None else choose_isolation()
+        # isolated, the working directories are in the worker's private tmpfs: nothing on this host
+        self._home = INSIDE_HOME if self.isolation.isolated else os.path.realpath(tempfile.mkdtemp(prefix="rho-sandbox-"))
+        self._workers = [_Worker(limits, tuple(preload), self._home, self.isolation) for _ in range(workers)]
         self._idle: queue.Queue = queue.Queue()
         self._closed = False
         try:
@@ -314,7 +334,8 @@ class Sandbox:
         self._closed = True
         for worker in self._workers:
             worker.close()
-        shutil.rmtree(self._home, ignore_errors=True)
+        if not self.isolation.isolated:
+            shutil.rmtree(self._home, ignore_errors=True)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -428,6 +449,14 @@ def _wait_exit(pid: int, deadline: float) -> bool:
     finally:
         if pidfd is not None:
             os.close(pidfd)
+
+
+def _wait_empty(cgroup, timeout: float = 5.0) -> None:
+    """Until every task of a killed worker's cgroup has exited (the kernel reaps a PID namespace's
+    processes once its init is gone)."""
+    deadline = time.monotonic() + timeout
+    while cgroup.tasks() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _kill_group(pgid: int) -> None:

@@ -199,7 +199,7 @@ def build_run_spec(model_cfg, train_cfg, config_path: Path, force: bool = False,
         if diff:
             raise MismatchError(f"{label} {step_dir}: model shape differs from {config_path} in {', '.join(diff)}")
         if label == "--resume":
-            _same_run(manifest, cfg, refs, step_dir, reference)
+            _same_run(manifest, cfg, refs, step_dir, reference, model_cfg)
             _same_optimizer(manifest, cfg, dp, step_dir)
 
     scores, entropies = _check_scores(cfg, refs, int(eod))
@@ -576,13 +576,18 @@ def _check_recompute(model_cfg, cfg) -> None:
         raise NotAvailableError("train.recompute_modules layernorm needs Transformer Engine in megatron-core (not installed)")
 
 
-def _same_run(manifest: dict, cfg, refs, step_dir: Path, reference=None) -> None:
+def _same_run(manifest: dict, cfg, refs, step_dir: Path, reference=None, model_cfg=None) -> None:
     """--resume continues a run exactly, so it refuses options that would make it another run (a new
-    --lr, other data); the datasets are compared by content, not by the paths given."""
+    --lr, other data, another RoPE base or norm epsilon: every model option, not only the shape); the
+    datasets are compared by content, not by the paths given."""
     saved_train = ((manifest.get("config") or {}).get("train")) or {}
     mine = config_to_dict(cfg)
     changed = [f"{k} was {saved_train[k]!r}, now {mine[k]!r}" for k in sorted(mine)
                if k not in RESUME_MAY_CHANGE and k in saved_train and saved_train[k] != mine[k]]
+    if model_cfg is not None:
+        saved_model, my_model = manifest.get("model") or {}, dataclasses.asdict(model_cfg)
+        changed += [f"model.{k} was {saved_model[k]!r}, now {my_model[k]!r}" for k in sorted(my_model)
+                    if k in saved_model and saved_model[k] != my_model[k]]
     saved_data = [(d.get("fingerprint"), d.get("weight")) for d in manifest.get("datasets") or []]
     if saved_data and saved_data != [(r.fingerprint, r.weight) for r in refs]:
         changed.append("--data: other datasets or weights than the run was trained on")
