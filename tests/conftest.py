@@ -70,6 +70,18 @@ def tiny_data(tmp_path_factory, hf_tokenizer_dir) -> Path:
     return _tokenized(tmp_path_factory, hf_tokenizer_dir, "tiny_data", texts)
 
 
+@pytest.fixture(scope="session")
+def program_isolation():
+    """The OS isolation rho eval runs generated programs under (bubblewrap); the tests that run
+    programs skip where the machine has none (.ci/run installs bubblewrap)."""
+    from rhocli.eval.isolation import _probe
+
+    isolation, why = _probe()
+    if isolation is None:
+        pytest.skip(f"generated programs need OS isolation, which this machine lacks ({why})")
+    return isolation
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:

@@ -88,7 +88,7 @@ class ReplayGenerator:
 
 
 @pytest.mark.slow
-def test_tora_loop_replays_the_released_trajectories(tmp_path):
+def test_tora_loop_replays_the_released_trajectories(tmp_path, program_isolation):
     """The ToRA loop (prompt, stop at ```output, run the program in the sandbox, append its output,
     continue, at most 4 programs) rebuilds the released Rho-Math-7B-interpreter generations from the
     model's own words: the whole text equals the harness's ``code`` for >= 90 % of the problems (the

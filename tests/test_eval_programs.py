@@ -11,7 +11,8 @@ from rhocli.core.formats.eval_outputs import read_outputs
 from rhocli.eval.programs import executed_blocks, output_text, pal_program, tora_program
 from rhocli.eval.sandbox import Execution, Limits, Sandbox
 
-pytestmark = pytest.mark.slow
+# every test here runs generated programs: under bubblewrap, as rho eval does
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("program_isolation")]
 
 MODELS = ("rho-math-1b-interpreter-v0.1", "rho-math-7b-interpreter-v0.1")
 HARNESS_TIMEOUT = "timeout_decorator.timeout_decorator.TimeoutError: 'Timed Out'"  # the harness's words

@@ -17,6 +17,9 @@ from rhocli.core.errors import NotAvailableError
 from rhocli.eval import sandbox as sandbox_module
 from rhocli.eval.sandbox import MEMORY, OUTPUT, TIMEOUT, WORKER_DIED, Limits, Sandbox
 
+# every test here runs generated programs: under bubblewrap, as rho eval does
+pytestmark = pytest.mark.usefixtures("program_isolation")
+
 LIMITS = Limits(wall_s=3, memory_mb=256, output_bytes=1_000_000)
 SECRET = "RHO_SANDBOX_TEST_SECRET"
 PRINT_SESSION = "import os\nprint(os.getsid(0), flush=True)\n"

@@ -111,6 +111,7 @@ def eval_command(
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="A rho checkpoint's tokenizer file, when its data's is not found.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="pal/tora: wall-clock seconds per program.")] = 5.0,
     memory_mb: Annotated[int, typer.Option("--memory-mb", help="pal/tora: memory per program (MB).")] = 1024,
+    unsafe_no_isolation: Annotated[bool, typer.Option("--unsafe-no-isolation", help="pal/tora: where bubblewrap cannot isolate the generated programs, run them anyway, without operating-system isolation (unsafe: a program can reach this machine).")] = False,
     regrade: Annotated[Optional[str], typer.Option("--regrade", help="Re-grade this outputs jsonl (the harness's schema) instead of generating.")] = None,
     lm_eval: Annotated[Optional[str], typer.Option("--lm-eval", help="Run lm-evaluation-harness tasks (comma-separated) on MODEL instead (pip install 'rho\\[eval]').")] = None,
     include_path: Annotated[Optional[str], typer.Option("--include-path", help="--lm-eval: a directory of local task YAMLs.")] = None,
@@ -156,7 +157,7 @@ def eval_command(
                           question_key=question_key, answer_key=answer_key, limit=limit,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend, tp=tp,
                           device=device, dtype=dtype, tokenizer=tokenizer, timeout_s=timeout,
-                          memory_mb=memory_mb, force=force)
+                          memory_mb=memory_mb, force=force, unsafe_no_isolation=unsafe_no_isolation)
     renderer = EvalRenderer(quiet)
     try:
         metrics = evaluate(options, export_hf, renderer)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from pathlib import Path
 
 from rhocli.core.errors import OutputExistsError, UsageError
@@ -29,20 +28,20 @@ def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
     from rhocli.core.formats.hf import open_hf_dir
     from rhocli.core.launch import single_rank_env
 
+    from rhocli.core.formats.staging import StagedDirectory
+
     hf = open_hf_dir(hf_dir, model_config_from_hf)
     src, cfg = hf.path, hf.model
     dest = Path(out)
-    if dest.exists() and not force:
+    if os.path.lexists(dest) and not force:
         raise OutputExistsError(f"{dest}: already exists; pass --force to replace it")
 
     single_rank_env()
     init_distributed(1, 1, seed=0)
-    tmp = dest.parent / f".rho-tmp-{dest.name}"
     try:
         shape = model_shape(cfg, cfg.vocab_size, 1, torch.float32)
         model = build_model(cfg, shape, 1, 1, True, True, weights_loaded=True)  # the HF tensors fill every weight
         load_hf_into_model(model, hf.reader.get, cfg, shape.padded_vocab_size, torch.float32, source=str(src))
-        shutil.rmtree(tmp, ignore_errors=True)
         fields = {
             "consumed_samples": 0,
             "layout": {"tp": 1, "pp": 1, "dp": 1},
@@ -58,12 +57,10 @@ def import_hf(hf_dir: str, out: str, force: bool = False) -> dict:
             "config_hash": None,
             "source": {"huggingface": str(src.resolve()), "architecture": cfg.architecture},
         }
-        save_checkpoint(CheckpointStore(tmp), 0, [model], None, fields)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        # the output's lock, a uniquely named staging directory, published whole (formats.staging)
+        with StagedDirectory(dest, force) as tmp:
+            save_checkpoint(CheckpointStore(tmp), 0, [model], None, fields)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         destroy_distributed()
     return {"output": str(dest), "architecture": cfg.architecture, "layers": cfg.num_layers, "vocab": cfg.vocab_size}
 
@@ -81,7 +78,7 @@ def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str 
     from parallel.hf import hf_config, hf_tensors_from_checkpoint
     from rhocli.core.formats import checkpoint as ckpt
     from rhocli.core.formats.hf import MAX_SHARD_BYTES, write_safetensors
-    from rhocli.core.formats.staging import check_outputs_free
+    from rhocli.core.formats.staging import StagedDirectory, check_outputs_free
     from rhocli.convert.tokenizer import hf_tokenizer, save_tokenizer, tokenizer_source
 
     if dtype not in DTYPES:
@@ -97,10 +94,8 @@ def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str 
     # built (and checked against the vocabulary) before anything is written
     tok = hf_tokenizer(tok_source, vocab, bos, eos) if tok_source is not None else None
     torch_dtype = getattr(torch, DTYPES[dtype])
-    tmp = dest.parent / f".rho-tmp-{dest.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    # the output's lock, a uniquely named staging directory, published whole (formats.staging)
+    with StagedDirectory(dest, force) as tmp:
         def load(name: str):
             return ckpt.load_model_tensors(step_dir, [name])[name]
 
@@ -109,10 +104,5 @@ def export_hf(ckpt_path: str, out_dir: str, dtype: str = "bf16", tokenizer: str 
         hf_config(cfg, vocab, bos, eos, DTYPES[dtype]).save_pretrained(tmp)
         GenerationConfig(bos_token_id=bos, eos_token_id=eos).save_pretrained(tmp)
         tok_files = save_tokenizer(tok, tmp) if tok is not None else []
-        if dest.exists():
-            shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {"output": str(dest), "shards": shards, "tokenizer_files": tok_files,
             "tokenizer": str(tok_source) if tok_source is not None else None}

@@ -33,6 +33,8 @@ class EvalOptions:
     timeout_s: float = 5.0
     memory_mb: int = 1024
     force: bool = False
+    #: run generated programs without operating-system isolation where none is available (unsafe)
+    unsafe_no_isolation: bool = False
 
 
 def _check(o: EvalOptions) -> None:
@@ -55,6 +57,7 @@ def _check(o: EvalOptions) -> None:
 def evaluate(o: EvalOptions, export: Callable[..., dict], on_event: Callable[[dict], None]) -> dict[str, Any]:
     """Run the eval ``o`` describes; returns its metrics (also in ``OUTPUT/metrics.json``)."""
     from rhocli.core.fingerprint import file_sha256
+    from rhocli.eval.isolation import choose_isolation
     from rhocli.eval.model import hf_model_dir, model_identity
     from rhocli.eval.run import EvalJob, run_eval
     from rhocli.eval.sandbox import Limits, Sandbox
@@ -70,14 +73,18 @@ def evaluate(o: EvalOptions, export: Callable[..., dict], on_event: Callable[[di
                 "shots": prompt.shots, "max_new_tokens": o.max_new_tokens, "limit": o.limit,
                 "timeout_s": o.timeout_s, "memory_mb": o.memory_mb,
                 "question_key": o.question_key, "answer_key": o.answer_key}
+    uses_programs = prompt.style in PROGRAM_STYLES
+    # programs run only under OS isolation (or the explicit unsafe opt-in): decided before anything is written
+    isolation = choose_isolation(o.unsafe_no_isolation) if uses_programs else None
+    if isolation is not None:
+        settings["isolation"] = isolation.describe()
     job = EvalJob(problems, prompt, o.output, o.max_new_tokens, o.batch_size, settings, o.force)
     o.output.mkdir(parents=True, exist_ok=True)
-    uses_programs = prompt.style in PROGRAM_STYLES
     with hf_model_dir(o.model, o.output, export, _export_dtype(o), o.tokenizer) as model_dir:
         generator = _generator(o, model_dir)
         if not uses_programs:
             return run_eval(job, generator, None, on_event)
-        with Sandbox(limits, workers=2) as sandbox:
+        with Sandbox(limits, workers=2, isolation=isolation) as sandbox:
             return run_eval(job, generator, sandbox, on_event)
 
 

@@ -78,3 +78,92 @@ class StagedOutput:
                     if d == self.created:
                         break
                 self.created = None
+
+
+class StagedDirectory:
+    """A directory output (a converted checkpoint, an exported HF model) published whole.
+
+    ``with StagedDirectory(dest, force, flag) as tmp:`` holds ``dest``'s output lock (``DEST.rho-lock``:
+    a second rho on the same output is refused, naming the holder), builds into a hidden sibling with a
+    unique name, and on success moves it into place. Nothing it did not create is deleted: an output
+    that appeared at ``dest`` during the run is kept and the run refused; with ``force`` the old output
+    is renamed aside first and removed only once the new one is in place (renamed back if the move
+    fails). A kill in between leaves the old output in ``.rho-replaced-NAME-*``, which the next run on
+    ``dest`` puts back before anything else."""
+
+    def __init__(self, dest: str | Path, force: bool, label: str = ""):
+        self.dest = Path(dest)
+        self.force = force
+        self.label = label
+        self.tmp: Path | None = None
+        self._lock = None
+
+    def _asides(self) -> list[Path]:
+        return sorted(self.dest.parent.glob(f".rho-replaced-{self.dest.name}-*"))
+
+    def __enter__(self) -> Path:
+        from rhocli.core.lock import OutputLock
+
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"{self.label}{self.dest.parent}: cannot create output directory ({err.strerror})") from err
+        self._lock = OutputLock(self.dest.with_name(self.dest.name + ".rho-lock"), f"{self.label}{self.dest}")
+        self._lock.acquire()
+        try:
+            asides = self._asides()
+            if asides and not os.path.lexists(self.dest):  # a --force swap was killed midway: the old output returns
+                os.rename(asides[-1], self.dest)
+            if os.path.lexists(self.dest) and not self.force:
+                raise OutputExistsError(f"{self.label}{self.dest}: already exists; pass --force to replace it")
+            try:
+                self.tmp = Path(tempfile.mkdtemp(prefix=f".rho-tmp-{self.dest.name}-", dir=self.dest.parent))
+            except OSError as err:
+                raise UsageError(f"{self.label}{self.dest.parent}: output directory is not writable ({err.strerror})") from err
+        except BaseException:
+            self._lock.release()
+            raise
+        return self.tmp
+
+    def _publish(self) -> None:
+        _fault_pause("RHO_FAULT_SLEEP_IN_PUBLISH")
+        if os.path.lexists(self.dest):
+            if not self.force:
+                raise OutputExistsError(f"{self.label}{self.dest}: appeared while rho was writing it; it is kept and "
+                                        "nothing was published (pass --force to replace it)")
+            aside = Path(tempfile.mkdtemp(prefix=f".rho-replaced-{self.dest.name}-", dir=self.dest.parent))
+            os.rmdir(aside)  # a unique name, free for the rename
+            os.rename(self.dest, aside)
+            _fault_pause("RHO_FAULT_SLEEP_IN_SWAP")
+            try:
+                os.rename(self.tmp, self.dest)
+            except BaseException:
+                os.rename(aside, self.dest)
+                raise
+            shutil.rmtree(aside) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
+            return
+        try:
+            os.rename(self.tmp, self.dest)  # fails on a non-empty directory that appeared meanwhile
+        except OSError as err:
+            raise OutputExistsError(f"{self.label}{self.dest}: appeared while rho was writing it; it is kept and "
+                                    f"nothing was published ({err.strerror})") from None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._publish()
+        finally:
+            if self.tmp is not None and self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+            self._lock.release()
+
+
+def _fault_pause(variable: str) -> None:
+    """Test hook: VARIABLE=SECONDS holds a publish at its most delicate moment, so that a test can kill
+    the process exactly there. Unset in normal use."""
+    seconds = os.environ.get(variable)
+    if seconds:
+        import time
+
+        time.sleep(float(seconds))
