@@ -431,8 +431,51 @@ def test_damaged_scores_are_refused_with_the_file_named(corpus, tmp_path):
     assert not (tmp_path / "m.json").exists()
     r = rho("train", config, "--data", d / "c", "--init", d / "ref", "--scores", tmp_path / "bad", "--select-ratio", "0.6",
             "--save", tmp_path / "run", "--steps", 2, "-q", check=False)
-    assert r.returncode == 4 and f"{tmp_path / 'bad'}.bin: " in r.stderr and "non-finite" in r.stderr, r.stderr
+    # train hashes every store it reads before any worker starts (issue 27): the edit is named there
+    assert r.returncode == 4 and f"--scores {tmp_path / 'bad'}: content fingerprint" in r.stderr, r.stderr
     assert not (tmp_path / "run" / "latest").exists()
+
+
+def test_stores_edited_after_they_were_written_are_refused_where_they_are_used(corpus, tmp_path, capsys):
+    """Issue 27: a manifest is not trusted. train and select hash the content of every store they read
+    against its manifest before anything uses it: a score store with one value doubled (still a
+    plausible loss), token data changed in place, a .idx of other documents of the same size."""
+    import shutil
+
+    d, config = corpus
+    for name in ("c", "c.ref"):
+        for ext in (".bin", ".idx", ".json"):
+            shutil.copy(f"{d / name}{ext}", f"{tmp_path / name}{ext}")
+    train = ("train", config, "--data", tmp_path / "c", "--save", tmp_path / "run", "--steps", 2, "--dry-run")
+    assert run_rho(capsys, *train, "--scores", tmp_path / "c.ref", "--select-ratio", "0.6").exit_code == 0
+    values = np.fromfile(tmp_path / "c.ref.bin", dtype=np.float32)
+    values[100] *= 2
+    values.tofile(tmp_path / "c.ref.bin")
+    r = run_rho(capsys, *train, "--scores", tmp_path / "c.ref", "--select-ratio", "0.6")
+    assert r.exit_code == 4 and f"--scores {tmp_path / 'c.ref'}: content fingerprint" in r.stderr, r.stderr
+    r = run_rho(capsys, "select", "--scores", tmp_path / "c.ref", "--score", "reference", "--ratio", "0.5",
+                "--output", tmp_path / "m")
+    assert r.exit_code == 4 and "content fingerprint" in r.stderr and not (tmp_path / "m.json").exists(), r.stderr
+    tokens = np.fromfile(tmp_path / "c.bin", dtype=np.uint16)
+    tokens[10] = (tokens[10] + 1) % 400
+    tokens.tofile(tmp_path / "c.bin")
+    r = run_rho(capsys, *train)
+    assert r.exit_code == 4 and f"--data {tmp_path / 'c'}: content fingerprint" in r.stderr, r.stderr
+    shutil.copy(d / "c.bin", tmp_path / "c.bin")
+    # the .idx of other documents of the same size: megatron's layout (a 34-byte header, int32 lengths,
+    # int64 byte pointers) with the boundary between documents 0 and 1 moved by one token; consistent
+    idx = bytearray((tmp_path / "c.idx").read_bytes())
+    n = int(np.frombuffer(bytes(idx[18:26]), dtype=np.int64)[0])
+    lengths = np.frombuffer(bytes(idx[34:34 + 4 * n]), dtype=np.int32).copy()
+    pointers = np.frombuffer(bytes(idx[34 + 4 * n:34 + 12 * n]), dtype=np.int64).copy()
+    lengths[0] += 1
+    lengths[1] -= 1
+    pointers[1] += 2  # uint16 tokens
+    idx[34:34 + 12 * n] = lengths.tobytes() + pointers.tobytes()
+    (tmp_path / "c.idx").write_bytes(bytes(idx))
+    r = run_rho(capsys, *train)
+    assert r.exit_code == 4 and f"--data {tmp_path / 'c'}: content fingerprint" in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_verify_reads_everything_and_resume_checks_the_checkpoint(corpus, tmp_path, capsys):

@@ -136,16 +136,19 @@ def run_select(cfg: SelectConfig) -> SelectSummary:
     # both outputs are checked before either is written: a refused report must not leave a new mask
     check_outputs_free([Path(cfg.output + ext) for ext in (".bin", ".idx", ".json")]
                        + ([Path(cfg.report)] if cfg.report else []), cfg.force)
+    from rhocli.core.formats.manifest import check_fingerprint
     from rhocli.core.formats.masks import write_mask_store
     from rhocli.core.formats.scores import entropy_prefix, open_scores
 
     ref_store = open_scores(cfg.scores, "--scores ")
+    check_fingerprint(cfg.scores, ref_store.manifest, "--scores ")  # the content, not only its manifest
     ref_manifest, lengths, ref = ref_store.manifest, ref_store.lengths, ref_store.values
     token_fp = (ref_manifest.get("token_dataset") or {}).get("fingerprint")
     aligned = {"--scores": ref}
 
     def companion(flag: str, prefix: str):  # another store of exactly these tokens
         store = open_scores(prefix, f"{flag} ")
+        check_fingerprint(prefix, store.manifest, f"{flag} ")
         if (store.manifest.get("token_dataset") or {}).get("fingerprint") != token_fp or not np.array_equal(store.lengths, lengths):
             raise MismatchError(f"{flag} {prefix}: scores other tokens than --scores {cfg.scores}")
         return store.values

@@ -250,6 +250,7 @@ def resolve_run_data(cfg):
     for arg in cfg.data:
         prefix, weight = parse_data_arg(arg)
         ds = TokenDataset(prefix)
+        verify_content(prefix, ds.manifest, "--data ")
         tok = ds.tokenizer
         if tokenizer_fp is None:
             tokenizer_fp, vocab, eod, bos = tok.get("fingerprint"), tok.get("vocab_size"), tok.get("eod_id"), tok.get("bos_id")
@@ -332,6 +333,7 @@ def _check_eval_data(cfg, tokenizer_fp, first_prefix):
     for arg in cfg.eval_data:
         prefix, weight = parse_data_arg(arg)
         ds = TokenDataset(prefix)
+        verify_content(prefix, ds.manifest, "--eval-data ")
         if ds.tokenizer.get("fingerprint") != tokenizer_fp:
             raise MismatchError(f"--eval-data {prefix}: tokenized with another tokenizer than --data {first_prefix}")
         out.append(DatasetRef(prefix=str(prefix), weight=weight, fingerprint=ds.fingerprint()))
@@ -357,6 +359,7 @@ def _check_masks(masks, refs, flag: str, data_flag: str):
     out = []
     for prefix, ref in zip(masks, refs):
         manifest = read_mask_manifest(prefix, label=f"{flag} ")
+        verify_content(prefix, manifest, f"{flag} ")
         if manifest.get("kept") == 0:
             raise UsageError(f"{flag} {prefix}: keeps no token (kept 0 of {manifest.get('tokens')}); nothing to learn from")
         made_for = (manifest.get("token_dataset") or {}).get("fingerprint")
@@ -376,6 +379,16 @@ def _one_mask_per_dataset(refs, masks, eval_refs, eval_masks) -> None:
         if ref.prefix in train and train[ref.prefix] != mine:
             raise UsageError(f"--eval-data {ref.prefix} is also --data, with mask {train[ref.prefix]} there and {mine} "
                              "here: give it the same mask in both (--mask, --eval-mask)")
+
+
+def verify_content(prefix: str, manifest: dict | None, label: str) -> None:
+    """A store read by this run is what its manifest says, byte for byte: its content hashed once
+    here, before any step uses it (an edit in place, a .idx of another dataset). A store without a
+    manifest (Megatron-LM's) has nothing to be checked against."""
+    from rhocli.core.formats.manifest import check_fingerprint
+
+    if manifest and manifest.get("fingerprint"):
+        check_fingerprint(prefix, manifest, label)
 
 
 def _is_sample(cfg) -> bool:
@@ -436,7 +449,8 @@ def _check_sample_store(cfg, refs, eod: int, needs: set):
     """--scores SAMPLE_STORE: one store for the whole blend, made for exactly this run's pipeline (and
     its entropy store when the score reads it)."""
     from parallel.trainer import DatasetRef
-    from rhocli.core.formats.sample_scores import first_difference, is_sample_store, read_sample_manifest
+    from rhocli.core.formats.sample_scores import (check_sample_fingerprint, first_difference, is_sample_store,
+                                                   read_sample_manifest)
     from rhocli.core.formats.scores import entropy_prefix
 
     if len(cfg.scores) != 1 or not all(is_sample_store(p) for p in cfg.scores):
@@ -450,6 +464,7 @@ def _check_sample_store(cfg, refs, eod: int, needs: set):
             raise UsageError(f"--select-by {cfg.select_by} needs {store} (the reference entropy: rho score --for-run "
                              "--entropy)")
         manifest = read_sample_manifest(store, label="--scores ")
+        check_sample_fingerprint(store, manifest, "--scores ")
         diff = first_difference(manifest.get("pipeline") or {}, mine)
         if diff:
             raise MismatchError(f"--scores {store}: scores the samples of another data pipeline ({diff}); score this "
@@ -502,6 +517,7 @@ def _aligned_scores(prefix, ref, flag: str):
     from rhocli.core.formats.scores import read_scores_manifest
 
     manifest = read_scores_manifest(prefix, label=f"{flag} ")
+    verify_content(prefix, manifest, f"{flag} ")
     made_from = (manifest.get("token_dataset") or {}).get("fingerprint")
     if made_from != ref.fingerprint:
         raise MismatchError(f"{flag} {prefix}: scores token dataset {made_from}, not --data {ref.prefix} ({ref.fingerprint})")

@@ -252,11 +252,19 @@ class SampleScoreWriter:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
+def check_sample_fingerprint(prefix: str | Path, manifest: dict[str, Any], label: str = "") -> None:
+    """The .bin still hashes to the manifest's fingerprint (reads every byte once)."""
+    from rhocli.core.fingerprint import sha256_files
+
+    content = sha256_files([paths(prefix)[0]])
+    if content != manifest.get("fingerprint"):
+        raise BadInputError(f"{label}{prefix}.bin: content fingerprint {content[:19]}… differs from its manifest's "
+                            f"{str(manifest.get('fingerprint'))[:19]}…; the file was changed after it was written")
+
+
 def verify_sample_store(prefix: str | Path) -> tuple[dict[str, Any], int]:
     """Every value finite and the content fingerprint the manifest's (reads every byte once, in
     blocks); returns (manifest, values checked). Raises BadInputError naming the first problem."""
-    from rhocli.core.fingerprint import sha256_files
-
     store = open_sample_scores(prefix)
     for r in range(0, store.values.shape[0], BLOCK_ROWS):
         block = np.asarray(store.values[r:r + BLOCK_ROWS])
@@ -265,8 +273,5 @@ def verify_sample_store(prefix: str | Path) -> tuple[dict[str, Any], int]:
             row, col = np.argwhere(bad)[0]
             raise BadInputError(f"{prefix}.bin: a non-finite value at sample {r + int(row):,}, position {int(col)}; "
                                 f"the store is damaged (score it again)")
-    content = sha256_files([paths(prefix)[0]])
-    if content != store.manifest.get("fingerprint"):
-        raise BadInputError(f"{prefix}: content fingerprint {content[:19]}… differs from its manifest's "
-                            f"{str(store.manifest.get('fingerprint'))[:19]}…; the files were changed after they were written")
+    check_sample_fingerprint(prefix, store.manifest)
     return store.manifest, int(store.values.size)
