@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Protocol
+
+from parallel.errors import CheckpointWriteError
 
 import torch
 
@@ -99,15 +102,43 @@ def save_checkpoint(store: CheckpointSink, step: int, model_chunks, optimizer, f
         async_saves.schedule(store, step, state, tmp, manifest)
         return store.step_dir(step)
     use_in_process_write_results()
-    # dist_checkpointing wants an empty directory; per-rank RNG states go in beside its files after.
-    dist_checkpointing.save(state, str(tmp))
-    _save_rng_state(tmp, rank)
+    try:
+        # dist_checkpointing wants an empty directory; per-rank RNG states go in beside its files after.
+        dist_checkpointing.save(state, str(tmp))
+        _save_rng_state(tmp, rank)
+    except BaseException as err:  # torch's CheckpointException is a BaseException
+        problem = None if isinstance(err, (KeyboardInterrupt, SystemExit)) else storage_problem(tmp)
+        if problem is None:  # not the storage: a bug (or an interrupt), raised as it is
+            raise
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"{tmp}: checkpoint of step {step} not written ({problem}); the previous "
+                                   "checkpoint and 'latest' are untouched") from err
     _fault_injection_pause()
     dist.barrier()
     if rank == 0:
         store.publish(step, manifest)
     dist.barrier()
     return store.step_dir(step)
+
+
+#: below this much free space, a failed write is taken to be a full filesystem (torch's writers report
+#: a short write as "unexpected pos", without the errno)
+FULL_BELOW_BYTES = 64 * 2**20
+
+
+def storage_problem(path: Path) -> str | None:
+    """Why the filesystem of ``path`` refuses writes, if it does: read-only, or (nearly) full."""
+    try:
+        stat = os.statvfs(path if path.exists() else path.parent)
+    except OSError:
+        return None
+    if stat.f_flag & os.ST_RDONLY:
+        return "read-only filesystem"
+    free = stat.f_bavail * stat.f_frsize
+    if free < FULL_BELOW_BYTES:
+        return f"no space left on device: {free / 2**20:.1f} MiB free"
+    return None
 
 
 def _save_rng_state(tmp: Path, rank: int) -> None:

@@ -66,3 +66,9 @@ class UnsupportedModelError(EngineError, ValueError):
 
 class WeightsMismatchError(EngineError):
     """Weights that do not fit the model built from their config (shapes, missing tensors)."""
+
+
+class CheckpointWriteError(EngineError):
+    """A checkpoint could not be written: the storage refused it (full, read-only). The partial
+    checkpoint is removed; the previous one and ``latest`` are untouched."""
+

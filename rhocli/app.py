@@ -118,8 +118,10 @@ def invoke(argv: list[str]) -> None:
 
 def message_for(err: BaseException) -> str:
     """The one line shown for ``err``: its text, with the engine's sizes named by their flags."""
+    from rhocli.core.errors import one_line
+
     render = getattr(err, "render", None)
-    return render(SIZE_FLAGS) if callable(render) else str(err)
+    return render(SIZE_FLAGS) if callable(render) else one_line(err)
 
 
 def report(err: Exception) -> int:

@@ -9,6 +9,9 @@ code ``exit_code_for`` gives. docs/errors.md lists every class and must stay in 
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class RhoError(Exception):
     """Base class of every error a user can cause. ``str(err)`` is the one line shown to the user."""
@@ -94,6 +97,13 @@ class Interrupted(RhoError):
     exit_code = 130
 
 
+class StorageError(RhoError):
+    """An output cannot be written where it goes: no space left, a read-only filesystem, permission
+    denied. The partial output is removed; what was there before is untouched."""
+
+    exit_code = 14
+
+
 class Terminated(RhoError):
     """SIGTERM outside training (training saves and exits with Preempted): 128 + 15, cleaned up."""
 
@@ -106,6 +116,7 @@ INTERNAL_ERROR_EXIT_CODE = 1
 CATEGORIES: tuple[type[RhoError], ...] = (
     UsageError, MissingInputError, BadInputError, OutputExistsError, MismatchError, NotAvailableError,
     ConfigError, LoadError, WorkerError, NonFiniteError, Preempted, InUseError, Interrupted, Terminated,
+    StorageError,
 )
 EXIT_CODES: dict[str, int] = {cls.__name__: cls.exit_code for cls in CATEGORIES}
 
@@ -120,19 +131,49 @@ ENGINE_ERRORS: dict[str, type[RhoError]] = {
     "parallel.errors.StoreContentError": BadInputError,
     "parallel.errors.UnsupportedModelError": BadInputError,
     "parallel.errors.WeightsMismatchError": LoadError,
+    "parallel.errors.CheckpointWriteError": StorageError,
     "cuda_ext.errors.KernelUnavailableError": NotAvailableError,
 }
 
 
 def category_for(err: BaseException) -> type[RhoError] | None:
-    """The RhoError category of ``err`` (itself, or its ENGINE_ERRORS entry); None for a bug."""
+    """The RhoError category of ``err`` (itself, or its ENGINE_ERRORS entry; an operating-system
+    error of the storage, ``storage_cause``, is a StorageError); None for a bug."""
     if isinstance(err, RhoError):
         return type(err)
     for cls in type(err).__mro__:
         category = ENGINE_ERRORS.get(f"{cls.__module__}.{cls.__qualname__}")
         if category is not None:
             return category
+    if storage_cause(err) is not None:
+        return StorageError
     return None
+
+
+#: errnos that say the storage refused a write (not a bug of rho's): no space, quota, read-only
+#: filesystem, permission denied, a file too large for the filesystem
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def storage_cause(err: BaseException) -> OSError | None:
+    """The OSError of the storage behind ``err`` (itself, or what it was raised from), if any."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """The line a user sees for a categorised error: its text, or for a storage error the path and
+    the cause ("/data/out.bin: No space left on device")."""
+    cause = storage_cause(err) if not isinstance(err, RhoError) else None
+    if cause is None:
+        return str(err)
+    where = cause.filename if cause.filename is not None else "an output"
+    return f"{where}: {cause.strerror or os.strerror(cause.errno)} (nothing partial is kept; what was there is untouched)"
 
 
 def exit_code_for(err: BaseException) -> int:

@@ -67,7 +67,7 @@ def run_stage(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None
 def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | None, error_dir: str) -> Any:
     """Entry point of each process the launcher starts (module level: spawn imports it). Whatever ends
     it is reported in one line and an exit code, never a traceback (``RHO_DEBUG=1`` shows a bug's)."""
-    from rhocli.core.errors import category_for, exit_code_for
+    from rhocli.core.errors import category_for, exit_code_for, one_line
     from rhocli.core.processes import TerminatedSignal, die_with_parent, stacks_on_sigusr1, terminate_as_interrupt
 
     die_with_parent()  # no rank outlives a kill -9 of the launching rho
@@ -89,7 +89,7 @@ def launched_rank(entry: Entry, spec_dict: dict[str, Any], renderer_cls: type | 
         sys.exit(143)
     except Exception as err:
         if category_for(err) is not None:
-            report_error(error_dir, exit_code_for(err), str(err))
+            report_error(error_dir, exit_code_for(err), one_line(err))
             sys.exit(exit_code_for(err))
         report_error(error_dir, 1, f"internal error on rank {os.environ.get('RANK')}: {type(err).__name__}: {err}")
         if os.environ.get("RHO_DEBUG", "") not in ("", "0"):
@@ -191,7 +191,8 @@ def run_ranks(world: int, entry: Entry, spec_dict: dict[str, Any], renderer_cls:
     import torch.multiprocessing as torch_mp
 
     # the workers' error reports, removed however the run ends
-    error_dir = tempfile.mkdtemp(prefix="rho-launch-")
+    _remove_dead_launchers_dirs()
+    error_dir = tempfile.mkdtemp(prefix=f"rho-launch-{os.getpid()}-")
     received: list[int] = []
     ranks: list = []
 
@@ -309,6 +310,20 @@ def _failure(error_dir: str, failures: dict[int, int]):
         summary = ", ".join(f"rank {r}: exit {c}" for r, c in sorted(failures.items())) or "no exit codes"
         return WorkerError(f"a worker died without a message ({summary})")
     return error_for(*reported)
+
+
+def _remove_dead_launchers_dirs() -> None:
+    """The error directories of launchers that were killed (SIGKILL: no clean-up ran), found by the
+    PID in their name: removed by the next launcher. A live launcher's is left alone."""
+    import psutil
+
+    for path in Path(tempfile.gettempdir()).glob("rho-launch-*-*"):
+        try:
+            pid = int(path.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not psutil.pid_exists(pid):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def report_error(error_dir: str, code: int, message: str) -> None:

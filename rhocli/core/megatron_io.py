@@ -39,6 +39,8 @@ def quiet_megatron() -> None:
                     r".*torch.distributed is disabled, unavailable or uninitialized.*"):
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # a checkpoint writer's failure is logged there before it is raised; rho reports it, in one line
+    logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async").setLevel(logging.CRITICAL)
 
 
 @contextlib.contextmanager

@@ -99,6 +99,6 @@ table {{ border-collapse: collapse; }} td {{ padding: .2em .8em; border-bottom: 
 """
     if path.exists() and not force:
         raise OutputExistsError(f"{path}: report already exists; pass --force to replace it")
-    with StagedOutput([path], force=force) as stage:
+    with StagedOutput([path], force=force) as stage, stage.staged_writes():
         stage.path(path).write_text(page, encoding="utf-8")
         stage.commit()

@@ -220,7 +220,7 @@ def run_tokenize(
     totals = {"documents": 0, "tokens": 0, "text_bytes": 0}
     steady = {"t0": None, "t1": None, "documents": 0, "tokens": 0, "text_bytes": 0}
 
-    with StagedOutput(outputs, force=cfg.force) as stage:
+    with StagedOutput(outputs, force=cfg.force) as stage, stage.staged_writes():
         with SignalsStayWithMainThread():  # the executor's threads and the import thread: no signals
             pool = _start_workers(workers, options)
             # Only now start the thread importing megatron-core: the workers are forked from a process

@@ -26,7 +26,7 @@ def write_mask_store(output: str | Path, mask: np.ndarray, lengths: np.ndarray, 
     """Publish ``mask`` [tokens] bool, split into documents of ``lengths``; the manifest is the store's
     fingerprint, then ``fields``. Returns the manifest."""
     outputs = list(store_paths(output))
-    with StagedOutput(outputs, force=force) as stage:
+    with StagedOutput(outputs, force=force) as stage, stage.staged_writes():
         manifest = write_mask_files([stage.path(p) for p in outputs], mask, lengths, fields)
         stage.commit()
     return manifest

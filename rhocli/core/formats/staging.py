@@ -9,12 +9,34 @@ and never destroys what the user had.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from rhocli.core.errors import OutputExistsError, UsageError
+
+
+def _unwritable(err: OSError, otherwise: type) -> type:
+    """StorageError (its own exit code) when the OS refused the write, else ``otherwise``."""
+    from rhocli.core.errors import STORAGE_ERRNOS, StorageError
+
+    return StorageError if err.errno in STORAGE_ERRNOS else otherwise
+
+
+@contextlib.contextmanager
+def writing_to(path: str | Path):
+    """A storage OSError raised in the block without a file name gets ``path`` as its file name, so
+    the one line a user sees says which output could not be written."""
+    from rhocli.core.errors import STORAGE_ERRNOS
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno in STORAGE_ERRNOS and err.filename is None:
+            err.filename = str(path)
+        raise
 
 
 def check_outputs_free(paths: list[Path], force: bool, what: str = "output") -> None:
@@ -42,19 +64,24 @@ class StagedOutput:
             try:
                 self.parent.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise UsageError(f"{self.parent}: cannot create output directory ({err.strerror})") from err
+                raise _unwritable(err, UsageError)(f"{self.parent}: cannot create output directory ({err.strerror})") from err
             #: the directory made for the output (the caller says so); removed again if the work fails
             self.created = missing[-1]
         check_outputs_free(self.final_paths, self.force)
         try:
             self.tmpdir = Path(tempfile.mkdtemp(prefix=f".rho-tmp-{self.final_paths[0].name}-", dir=self.parent))
         except OSError as err:
-            raise UsageError(f"{self.parent}: output directory is not writable ({err.strerror})") from err
+            raise _unwritable(err, UsageError)(f"{self.parent}: output directory is not writable ({err.strerror})") from err
         return self
 
     def path(self, final: Path) -> Path:
         assert self.tmpdir is not None
         return self.tmpdir / Path(final).name
+
+    def staged_writes(self):
+        """Context for the work that writes the staged files: a storage error there (no space, a
+        read-only filesystem) names the output it was writing when the OS did not name a file."""
+        return writing_to(self.final_paths[0])
 
     def commit(self) -> None:
         """Move every staged file into place; the last one listed is moved last (make it the manifest)."""
@@ -107,7 +134,8 @@ class StagedDirectory:
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UsageError(f"{self.label}{self.dest.parent}: cannot create output directory ({err.strerror})") from err
+            raise _unwritable(err, UsageError)(f"{self.label}{self.dest.parent}: cannot create output directory "
+                                               f"({err.strerror})") from err
         self._lock = OutputLock(self.dest.with_name(self.dest.name + ".rho-lock"), f"{self.label}{self.dest}")
         self._lock.acquire()
         try:
@@ -119,7 +147,8 @@ class StagedDirectory:
             try:
                 self.tmp = Path(tempfile.mkdtemp(prefix=f".rho-tmp-{self.dest.name}-", dir=self.dest.parent))
             except OSError as err:
-                raise UsageError(f"{self.label}{self.dest.parent}: output directory is not writable ({err.strerror})") from err
+                raise _unwritable(err, UsageError)(f"{self.label}{self.dest.parent}: output directory is not writable "
+                                                   f"({err.strerror})") from err
         except BaseException:
             self._lock.release()
             raise
