@@ -126,7 +126,8 @@ def _score_run_samples(model, config: Path, data, sets: list[str], output: str, 
     sample store of its samples."""
     from rhocli.core.launch import world_from_env
     from rhocli.score.samples import build_sample_score_job, run_sample_scoring
-    from rhocli.train.spec import load_run_configs, resolve_run_data, run_pipeline, steps_from_epochs
+    from rhocli.train.selection_inputs import run_pipeline
+    from rhocli.train.spec import load_run_configs, resolve_run_data, steps_from_epochs
 
     _, train_cfg = load_run_configs(config, {"data": tuple(data) if data else None}, sets)
     train_cfg = steps_from_epochs(train_cfg)
