@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # hf_models: the tests' tokenizer builder
 
-STEP_LIMITS_S = {"environment": 60, "build": 300, "pytest_gpu": 240, "kernel": 120, "train": 330, "score": 180,
-                 "eval": 240, "two_gpus": 300}
+STEP_LIMITS_S = {"environment": 60, "build": 300, "pytest_gpu": 240, "kernel": 120, "train": 330, "reference": 240,
+                 "score": 180, "eval": 240, "two_gpus": 300}
 TARGETS = {"tokens_per_s_per_gpu": 45_000, "slm_overhead_max": 0.03, "kernel_fraction_of_copy_min": 0.75}
 
 
@@ -202,6 +202,32 @@ def step_train(dry: bool) -> dict:
     }
 
 
+def step_reference(dry: bool) -> dict:
+    """SLM with the reference run online (``rho train --reference``: the reference model on the GPU in
+    bf16, scoring each step's micro-batches) against SLM from a score store, paired: the step-time
+    ratio and each arm's peak GPU memory."""
+    from rhocli.train.bench import Arm, run_bench_train
+
+    if dry:
+        config, sets, steps, warmup, rounds = ROOT / "configs" / "tiny.yaml", [], 3, 1, 1
+    else:
+        config = ROOT / "configs" / "tinyllama-1.1b.yaml"
+        sets, steps, warmup, rounds = ["train.global_batch_size=16", "train.micro_batch_size=4"], 8, 3, 2
+    extra = [a for s in sets for a in ("--set", s)]
+    result = run_bench_train(config, 1, 1, 1, steps, warmup, extra, None, rounds=rounds, alternate="run",
+                             arms=[Arm("slm 0.6, store", select_ratio=0.6),
+                                   Arm("slm 0.6, reference online", select_ratio=0.6, reference_online=True)])
+    store, online = result.reports
+    return {
+        "config": config.name, "overrides": sets, "device": store.device, "rounds": result.rounds,
+        "store": {"step_s": store.step_time_s, "tokens_per_s_per_gpu": round(store.tokens_per_s_per_device),
+                  "peak_memory_bytes": store.peak_memory_bytes},
+        "online": {"step_s": online.step_time_s, "tokens_per_s_per_gpu": round(online.tokens_per_s_per_device),
+                   "peak_memory_bytes": online.peak_memory_bytes},
+        "online_over_store_step_time": round(result.comparison.median, 4),
+    }
+
+
 def step_score(dry: bool) -> dict:
     from rhocli.train.bench import write_synthetic_dataset
     from rhocli.core.formats.tokens import TOKENS
@@ -294,7 +320,8 @@ def _rho(*args) -> None:
 
 
 STEPS = {"environment": step_environment, "build": step_build, "pytest_gpu": step_pytest_gpu, "kernel": step_kernel,
-         "train": step_train, "score": step_score, "eval": step_eval, "two_gpus": step_two_gpus}
+         "train": step_train, "reference": step_reference, "score": step_score, "eval": step_eval,
+         "two_gpus": step_two_gpus}
 
 
 # ---------------------------------------------------------------------------------------- driver
