@@ -16,7 +16,10 @@ def write_score_store(prefix: Path, token_prefix: Path, values_per_doc: list[np.
     for v in values_per_doc:
         builder.add_document(v.astype(np.float32), [len(v)])
     builder.finalize(str(prefix) + ".idx")
+    from rhocli.core.formats.manifest import store_fingerprint
+
+    # the content's own fingerprint: rho train and rho select hash every store they read
     Path(str(prefix) + ".json").write_text(json.dumps({
-        "format": "rho.scores", "format_version": 1, "fingerprint": "sha256:test",
+        "format": "rho.scores", "format_version": 1, "fingerprint": store_fingerprint(prefix),
         "token_dataset": {"prefix": str(token_prefix), "fingerprint": fingerprint},
     }))

@@ -23,7 +23,7 @@ def test_dry_run_of_the_gpu_acceptance_script(tmp_path):
     report = json.loads((tmp_path / "out" / "gpu-acceptance.json").read_text())
     steps = report["steps"]
     assert proc.returncode == 0, (proc.stderr[-3000:], {n: s.get("error", s["status"]) for n, s in steps.items()})
-    assert report["dry_run"] and list(steps) == ["environment", "build", "pytest_gpu", "kernel", "train", "score", "eval",
+    assert report["dry_run"] and list(steps) == ["environment", "build", "pytest_gpu", "kernel", "train", "reference", "score", "eval",
                                                   "two_gpus"]
     assert steps["environment"]["layer_backend"] == {"layer_spec": "local", "attention": "sdpa", "on_gpu": False}
     if shutil.which("nvcc"):  # ptxas' report parsed: every kernel, for every logits dtype, uses registers

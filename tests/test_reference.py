@@ -72,7 +72,7 @@ def runs(tmp_path_factory, hf_tokenizer_dir):
     # A stops after step 1 and resumes: the reference has no state but its weights, so the resumed
     # run equals C (uninterrupted, from the store) bit for bit (test_sample_store_equals_online...)
     rho("train", *common, "--reference", d / "ref", "--save", d / "A", "--stop-after", 1)
-    rho("train", *common, "--reference", d / "ref", "--save", d / "A", "--resume")
+    rho("train", config, "--data", d / "c", *SELECT, "--reference", d / "ref", "--save", d / "A", "--resume")
     rho("train", *common, "--reference", d / "ref", "--save", d / "B", "--tp", 2, "--pp", 2, timeout=600)
     rho("score", "--model", d / "ref", "--for-run", config, "--data", d / "c", "-o", d / "samples", "-q")
     rho("train", *common, "--scores", d / "samples", "--save", d / "C")

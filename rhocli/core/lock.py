@@ -61,8 +61,12 @@ class OutputLock:
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
+            # the record is written first and linked into place (link fails if the lock exists): a
+            # competitor never reads a lock that is still empty
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._record()) + "\n")
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, self.path)
             except FileExistsError:
                 holder = self._holder()
                 if holder is None:
@@ -78,8 +82,8 @@ class OutputLock:
                 who = (f"PID {holder.get('pid')} on {holder.get('host')}" if holder else "an unreadable lock")
                 raise InUseError(f"{self.what}: in use by another rho ({who}, {self.path}); wait for it to end, "
                                  f"or remove {self.path} if no rho runs there") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(self._record()) + "\n")
+            finally:
+                tmp.unlink(missing_ok=True)
             self.held = True
             return
         raise InUseError(f"{self.what}: could not take {self.path} (several processes are competing for it)")
