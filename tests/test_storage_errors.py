@@ -55,7 +55,7 @@ def readonly_fs():
 
 
 def test_a_full_disk_in_tokenize_is_one_line_and_leaves_nothing(full_fs, tmp_path, hf_tokenizer_dir, capsys):
-    write_jsonl(tmp_path / "big.jsonl", [{"text": "word " * 4000} for _ in range(300)])
+    write_jsonl(tmp_path / "big.jsonl", [{"text": "word " * 4000} for _ in range(120)])
     r = run_rho(capsys, "tokenize", tmp_path / "big.jsonl", "-t", hf_tokenizer_dir, "-o", full_fs / "out" / "c", "-w", "1")
     assert r.exit_code == 14 and r.stderr.count("\n") == 1, r.stderr
     assert f"{full_fs / 'out' / 'c.bin'}: No space left on device" in r.stderr

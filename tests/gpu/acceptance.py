@@ -208,11 +208,10 @@ def step_reference(dry: bool) -> dict:
     ratio and each arm's peak GPU memory."""
     from rhocli.train.bench import Arm, run_bench_train
 
-    if dry:
-        config, sets, steps, warmup, rounds = ROOT / "configs" / "tiny.yaml", [], 3, 1, 1
-    else:
-        config = ROOT / "configs" / "tinyllama-1.1b.yaml"
-        sets, steps, warmup, rounds = ["train.global_batch_size=16", "train.micro_batch_size=4"], 8, 3, 2
+    if dry:  # the online reference on CPU: tests/test_reference.py; this bench arm: docs/selective.md's figures
+        return {"skipped": "dry run: measured on a GPU only"}
+    config = ROOT / "configs" / "tinyllama-1.1b.yaml"
+    sets, steps, warmup, rounds = ["train.global_batch_size=16", "train.micro_batch_size=4"], 8, 3, 2
     extra = [a for s in sets for a in ("--set", s)]
     result = run_bench_train(config, 1, 1, 1, steps, warmup, extra, None, rounds=rounds, alternate="run",
                              arms=[Arm("slm 0.6, store", select_ratio=0.6),
