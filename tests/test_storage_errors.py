@@ -19,39 +19,42 @@ from train_utils import rho, write_tiny_config
 pytestmark = pytest.mark.slow
 
 
-def _mount(options: str):
-    path = Path("/tmp") / f"rho-fs-{uuid.uuid4().hex[:10]}"
-    path.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if proc.returncode != 0:
+@pytest.fixture
+def tmpfs():
+    """``tmpfs(options)``: a tmpfs mounted for the test (skipped where mounting is not allowed),
+    unmounted after it."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        path = Path("/tmp") / f"rho-fs-{uuid.uuid4().hex[:10]}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            path.rmdir()
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=False)
         path.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
-    return path
 
 
 @pytest.fixture
-def full_fs():
-    path = _mount("size=700k")
-    yield path
-    subprocess.run(["umount", str(path)], check=False)
-    path.rmdir()
+def full_fs(tmpfs):
+    return tmpfs("size=700k")
 
 
 @pytest.fixture
-def checkpoint_fs():
+def checkpoint_fs(tmpfs):
     """Room for one checkpoint of the tiny model (~1 MB), not two."""
-    path = _mount("size=1600k")
-    yield path
-    subprocess.run(["umount", str(path)], check=False)
-    path.rmdir()
+    return tmpfs("size=1600k")
 
 
 @pytest.fixture
-def readonly_fs():
-    path = _mount("ro,size=1m")
-    yield path
-    subprocess.run(["umount", str(path)], check=False)
-    path.rmdir()
+def readonly_fs(tmpfs):
+    return tmpfs("ro,size=1m")
 
 
 def test_a_full_disk_in_tokenize_is_one_line_and_leaves_nothing(full_fs, tmp_path, hf_tokenizer_dir, capsys):

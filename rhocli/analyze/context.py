@@ -97,18 +97,14 @@ def _run_manifest(run: Path) -> dict[str, Any]:
 
 def other_values(run: Path, manifest: dict[str, Any], other: list[str], samples: np.ndarray) -> tuple[np.ndarray, str]:
     """The other store's reference losses [n, s] for global samples ``samples`` of the run."""
-    from rhocli.core.formats.sample_scores import first_difference, is_sample_store, open_sample_scores
+    from rhocli.core.formats.sample_scores import (first_difference, is_sample_store, open_sample_scores,
+                                                   pipeline_record)
 
     train = manifest["config"]["train"]
     if len(other) == 1 and is_sample_store(other[0]):
         store = open_sample_scores(other[0], label="--scores ")
-        from rhocli.core.formats.sample_scores import pipeline_record
-
         datasets = manifest.get("datasets") or []
-        mine = pipeline_record([(d["fingerprint"], d["weight"]) for d in datasets],
-                               None if train.get("eval_data") else train["split"], train["seq_length"], train["seed"],
-                               train["steps"] * train["global_batch_size"], train.get("separate_documents", False),
-                               train.get("pack", "stream"), manifest["eod_id"])
+        mine = pipeline_record(train, [(d["fingerprint"], d["weight"]) for d in datasets], manifest["eod_id"])
         diff = first_difference(store.manifest.get("pipeline") or {}, mine)
         if diff:
             raise MismatchError(f"--scores {other[0]}: scores the samples of another data pipeline ({diff})")

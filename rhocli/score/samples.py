@@ -69,7 +69,7 @@ def build_sample_score_job(model: str, train_cfg, refs, tokenizer_fp: str | None
     from parallel.hf import model_config_from_hf
     from parallel.layout import check_sequence_parallel, data_parallel_size, micro_batches_per_step, padded_vocab_size
     from parallel.model import transformer_config
-    from rhocli.core.formats.sample_scores import ENTROPY_VALUE, LOSS_VALUE, SampleScoreWriter
+    from rhocli.core.formats.sample_scores import SampleScoreWriter
     from rhocli.core.formats.scores import entropy_prefix
 
     source = resolve_model(model, "--model", model_config_from_hf)
@@ -127,8 +127,7 @@ def build_sample_score_job(model: str, train_cfg, refs, tokenizer_fp: str | None
     job = SampleScoreJob(reference=reference, vocab_size=vocab, data=data, samples=pipeline["samples"],
                          valid_samples=valid_samples, global_batch_size=train_cfg.global_batch_size,
                          micro_batch_size=mbs, tp=tp, pp=pp, sequence_parallel=sequence_parallel, entropy=entropy,
-                         output=str(output), manifest_fields={**fields, "value": LOSS_VALUE}, settings=settings)
-    job.manifest_fields["entropy_value"] = ENTROPY_VALUE if entropy else None
+                         output=str(output), manifest_fields=fields, settings=settings)
     return job, world_size
 
 
@@ -136,7 +135,7 @@ def _writers(job: SampleScoreJob):
     from rhocli.core.formats.sample_scores import ENTROPY_VALUE, LOSS_VALUE, SampleScoreWriter
     from rhocli.core.formats.scores import entropy_prefix
 
-    fields = {k: v for k, v in job.manifest_fields.items() if k not in ("value", "entropy_value")}
+    fields = job.manifest_fields
     writers = {"ref_loss": SampleScoreWriter(job.output, fields, job.settings, LOSS_VALUE)}
     if job.entropy:
         writers["ref_entropy"] = SampleScoreWriter(entropy_prefix(job.output), {**fields, "losses": job.output},

@@ -13,19 +13,24 @@ from rhocli.core.errors import MismatchError, UsageError
 
 def run_pipeline(cfg, refs, eod: int) -> dict[str, Any]:
     """The data pipeline of a run (``formats.sample_scores.pipeline_record``): what fixes its samples."""
+    from rhocli.core.config import config_to_dict
     from rhocli.core.formats.sample_scores import pipeline_record
 
-    return pipeline_record([(r.fingerprint, r.weight) for r in refs], None if cfg.eval_data else cfg.split,
-                           cfg.seq_length, cfg.seed, cfg.steps * cfg.global_batch_size, cfg.separate_documents,
-                           cfg.pack, eod)
+    return pipeline_record(config_to_dict(cfg), [(r.fingerprint, r.weight) for r in refs], eod)
 
 
 def verify_content(prefix: str, manifest: dict | None, label: str) -> None:
     """A store read by this run is what its manifest says, byte for byte: its content hashed once
     here, before any step uses it (an edit in place, a .idx of another dataset). A store without a
-    manifest (Megatron-LM's) has nothing to be checked against."""
+    manifest (Megatron-LM's) has nothing to be checked against. Under torchrun every process builds
+    the run's spec: only rank 0 reads the bytes (the others read the same files; a refusal there ends
+    the job, torchrun stopping the other processes), not every rank of every node at once."""
+    import os
+
     from rhocli.core.formats.manifest import check_fingerprint
 
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     if manifest and manifest.get("fingerprint"):
         check_fingerprint(prefix, manifest, label)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from rhocli.core.errors import BadInputError, MismatchError
+from rhocli.core.errors import BadInputError
 from rhocli.core.formats.manifest import ManifestType
 
 SAMPLE_SCORES = ManifestType("rho.sample_scores", 1, "sample score store")
@@ -53,20 +53,21 @@ def is_sample_store(prefix: str | Path) -> bool:
         return False
 
 
-def pipeline_record(datasets: list[tuple[str, float | None]], split: str | None, seq_length: int, seed: int,
-                    samples: int, separate_documents: bool, pack: str, eod_id: int) -> dict[str, Any]:
-    """What fixes a run's training samples, in the order a difference is reported: the datasets (by
-    content fingerprint, with their weights), the document split (None: every document, validation
-    on data of its own), the sequence length, the data seed, the number of samples (megatron's
-    GPTDataset shuffles over as many epochs as it needs), the packing and the end-of-document id."""
+def pipeline_record(train: dict[str, Any], datasets: list[tuple[str, float | None]], eod_id: int) -> dict[str, Any]:
+    """What fixes a run's training samples, from its train configuration as a dict (a TrainConfig's
+    ``config_to_dict``, or a checkpoint manifest's ``config.train``) and its datasets (fingerprint,
+    weight), in the order a difference is reported: the datasets, the document split (None: every
+    document, validation on data of its own), the sequence length, the data seed, the number of
+    samples (megatron's GPTDataset shuffles over as many epochs as it needs), the packing and the
+    end-of-document id."""
     return {
         "datasets": [{"fingerprint": fp, "weight": w} for fp, w in datasets],
-        "split": split,
-        "seq_length": int(seq_length),
-        "seed": int(seed),
-        "samples": int(samples),
-        "separate_documents": bool(separate_documents),
-        "pack": pack,
+        "split": None if train.get("eval_data") else train["split"],
+        "seq_length": int(train["seq_length"]),
+        "seed": int(train["seed"]),
+        "samples": int(train["steps"]) * int(train["global_batch_size"]),
+        "separate_documents": bool(train.get("separate_documents", False)),
+        "pack": train.get("pack", "stream"),
         "eod_id": int(eod_id),
     }
 
@@ -146,8 +147,6 @@ class SampleScoreWriter:
     Rank 0 calls ``prepare`` first and ``publish`` last; the ranks that hold values call ``write``;
     every writer calls ``step_done`` after each step (its DP rank's progress)."""
 
-    SETTINGS_NAME = "settings.json"
-
     def __init__(self, output: str | Path, manifest_fields: dict[str, Any] | None = None,
                  settings: dict[str, Any] | None = None, value: str = LOSS_VALUE):
         self.output = str(output)
@@ -168,27 +167,16 @@ class SampleScoreWriter:
 
     def check_resume(self, names: dict[str, str]) -> None:
         """Before resuming: the unfinished run's settings are this run's."""
-        path = self.work / self.SETTINGS_NAME
-        try:
-            recorded = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise MismatchError(f"{self.work}: no record of the settings this unfinished run used ({path}); "
-                                "pass --force to start over") from None
-        detail = "; ".join(f"{names.get(k, k)} was {recorded.get(k)!r}, now {self.settings[k]!r}"
-                           for k in self.settings if recorded.get(k) != self.settings[k])
-        if detail:
-            raise MismatchError(f"{self.work}: cannot resume with other settings ({detail}); resume with the original "
-                                "ones, or pass --force to start over")
+        from rhocli.core.formats.scores import recorded_work_settings, refuse_other_settings
+
+        refuse_other_settings(self.work, recorded_work_settings(self.work), self.settings, names)
 
     def prepare(self, samples: int, seq_length: int) -> None:
         """Rank 0, before any value: the work folder, its settings and the values file at full size
         (a sparse file: no block is written until a row is)."""
-        self.work.mkdir(parents=True, exist_ok=True)
-        settings = self.work / self.SETTINGS_NAME
-        if not settings.exists():
-            tmp = settings.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.settings, indent=2) + "\n")
-            os.replace(tmp, settings)
+        from rhocli.core.formats.scores import write_work_settings
+
+        write_work_settings(self.work, self.settings)
         size = samples * seq_length * 4
         if not self._bin.exists() or self._bin.stat().st_size != size:
             with open(self._bin, "wb") as f:

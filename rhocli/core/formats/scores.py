@@ -88,14 +88,45 @@ def open_scores(prefix: str | Path, label: str = "") -> ScoreStore:
     return ScoreStore(str(prefix), manifest, lengths, values)
 
 
+#: the settings an unfinished scoring run was started with, in its work folder (``--resume`` compares)
+WORK_SETTINGS_NAME = "settings.json"
+
+
+def write_work_settings(work: Path, settings: dict[str, Any]) -> None:
+    """The work folder, with the settings of the run that starts it (kept by a resumed run)."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / WORK_SETTINGS_NAME
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+def recorded_work_settings(work: Path) -> dict[str, Any]:
+    """The settings an unfinished run recorded; MismatchError when there is no readable record."""
+    path = work / WORK_SETTINGS_NAME
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise MismatchError(f"{work}: no record of the settings this unfinished run used ({path}); "
+                            "pass --force to start over") from None
+
+
+def refuse_other_settings(work: Path, recorded: dict[str, Any], settings: dict[str, Any], names: dict[str, str]) -> None:
+    """A resume continues only with the settings the values were made with; ``names`` words each one."""
+    detail = "; ".join(f"{names.get(k, k)} was {recorded.get(k)!r}, now {settings[k]!r}"
+                       for k in settings if recorded.get(k) != settings[k])
+    if detail:
+        raise MismatchError(f"{work}: cannot resume with other settings ({detail}); "
+                            "resume with the original ones, or pass --force to start over")
+
+
 class ScoreStoreWriter:
     """Where ``rho score`` writes: shards in ``OUTPUT.rho-work/``, then the published store.
 
     Every rank may ask ``is_done``; the rank that holds a shard's losses calls ``write_shard``; rank
     0 calls ``prepare`` first and ``publish`` last.
     """
-
-    SETTINGS_NAME = "settings.json"
 
     def __init__(self, output: str | Path, manifest_fields: dict[str, Any] | None = None,
                  settings: dict[str, Any] | None = None):
@@ -110,12 +141,7 @@ class ScoreStoreWriter:
         """Before resuming: every finished shard is still what was written (one that is not is scored
         again), and the unfinished run's settings are this run's, or its shards and the new ones would
         be two different stores in one. ``names`` says how to call each setting."""
-        path = self.work / self.SETTINGS_NAME
-        try:
-            recorded = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raise MismatchError(f"{self.work}: no record of the settings this unfinished run used ({path}); "
-                                "pass --force to start over") from None
+        recorded = recorded_work_settings(self.work)
         for marker in sorted(self.work.glob("shard_*.done")):  # a damaged shard is scored again
             try:
                 intact = json.loads(marker.read_text())["fingerprint"] == store_fingerprint(marker.with_suffix(""))
@@ -123,12 +149,7 @@ class ScoreStoreWriter:
                 intact = False
             if not intact:
                 marker.unlink()
-        changed = [names.get(k, k) for k in self.settings if recorded.get(k) != self.settings[k]]
-        if changed:
-            detail = "; ".join(f"{names.get(k, k)} was {recorded.get(k)!r}, now {self.settings[k]!r}"
-                               for k in self.settings if recorded.get(k) != self.settings[k])
-            raise MismatchError(f"{self.work}: cannot resume with other settings ({detail}); "
-                                "resume with the original ones, or pass --force to start over")
+        refuse_other_settings(self.work, recorded, self.settings, names)
 
     @property
     def final_paths(self) -> tuple[Path, Path, Path]:
@@ -139,12 +160,7 @@ class ScoreStoreWriter:
 
     def prepare(self) -> None:
         """Rank 0, before any shard: the work folder, with the settings of the run that starts it."""
-        self.work.mkdir(parents=True, exist_ok=True)
-        settings = self.work / self.SETTINGS_NAME
-        if not settings.exists():
-            tmp = settings.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.settings, indent=2) + "\n")
-            os.replace(tmp, settings)
+        write_work_settings(self.work, self.settings)
 
     def is_done(self, shard: int) -> bool:
         return self._shard(shard).with_suffix(".done").exists()
